@@ -1,0 +1,105 @@
+"""One command line for the training runtime: ``python -m training <command>``.
+
+The same CLI runs as a local subprocess (embedded default) and inside the training
+container (``DockerOperator``). Every command ends by printing one line
+``RESULT {json}``: the small result the Airflow task pushes to XCom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+RESULT_PREFIX = "RESULT "
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (or resume) a run's model")
+    train.add_argument("--processed-root", required=True)
+    train.add_argument("--run-root", required=True)
+    train.add_argument("--config", type=_json_arg, default={}, help="JSON object of TrainConfig fields")
+
+    evaluate = commands.add_parser("evaluate", help="metrics on val/test, threshold chosen on val")
+    evaluate.add_argument("--processed-root", required=True)
+    evaluate.add_argument("--run-root", required=True)
+    evaluate.add_argument("--strategy", default="youden", choices=["youden", "sensitivity", "f1"])
+    evaluate.add_argument("--target-sensitivity", type=float, default=0.95)
+    evaluate.add_argument("--n-boot", type=int, default=1000)
+    evaluate.add_argument("--as-of", default=None)
+    evaluate.add_argument("--external", action="append", default=[], help="RAW_ROOT::DROP_ID, repeatable")
+
+    gradcam = commands.add_parser("gradcam", help="Grad-CAM heatmaps and lesion focus on the test split")
+    gradcam.add_argument("--processed-root", required=True)
+    gradcam.add_argument("--run-root", required=True)
+    gradcam.add_argument("--threshold", type=_json_arg, required=True, help="the evaluate step's XCom payload")
+    gradcam.add_argument("--as-of", default=None)
+    gradcam.add_argument("--layer", default=None)
+    gradcam.add_argument("--plusplus", action="store_true")
+
+    report = commands.add_parser("report", help="one self-contained report.html for the run")
+    report.add_argument("--run-root", required=True)
+    report.add_argument("--threshold", type=_json_arg, required=True)
+
+    predict = commands.add_parser("predict", help="score a folder of images with a trained model")
+    predict.add_argument("--model", required=True, help="path or URI of model.keras")
+    predict.add_argument("--input", required=True, help="folder or URI of images (bare, or a drop in either layout)")
+    predict.add_argument("--output", required=True, help="folder or URI for predictions.csv")
+    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument("--overlays", action="store_true", help="also write a Grad-CAM overlay per image")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.command == "train":
+        from training.train import TrainConfig, run_training
+
+        config = TrainConfig.from_dict({"processed_root": args.processed_root, "run_root": args.run_root, **args.config})
+        return run_training(config)
+    if args.command == "evaluate":
+        from training.tasks import evaluate_run
+
+        return evaluate_run(args.processed_root, args.run_root, strategy=args.strategy, target_sensitivity=args.target_sensitivity,
+                            n_boot=args.n_boot, as_of=args.as_of, external=args.external)
+    if args.command == "gradcam":
+        from training.tasks import gradcam_run
+
+        return gradcam_run(args.processed_root, args.run_root, args.threshold, as_of=args.as_of, layer_name=args.layer, plusplus=args.plusplus)
+    if args.command == "report":
+        from training.tasks import report_run
+
+        return report_run(args.run_root, args.threshold)
+    if args.command == "predict":
+        from training.predict import predict_folder
+
+        return predict_folder(args.model, args.input, args.output, threshold=args.threshold, overlays=args.overlays)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # Expected failures (bad data, missing inputs) get one clear line, not a stack trace.
+        print(f"error: {args.command}: {error}", file=sys.stderr)
+        return 2
+    print(RESULT_PREFIX + json.dumps(result, sort_keys=True, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

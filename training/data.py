@@ -1,0 +1,104 @@
+"""Training inputs from the preprocessed shards: in-memory arrays and tf.data pipelines.
+
+Every reader starts from a manifest (never from a folder listing), and every shard is
+checked against the manifest's checksum before use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from melanoma.manifest import load_split, read_verified_shard, select_shards
+from melanoma.records import IMAGE_SIZE
+from melanoma.storage import Storage
+
+
+@dataclass
+class SplitArrays:
+    """images: uint8 (N,224,224,3); labels: int32 (N,); records: N dicts."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    records: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def load_arrays(storage: Storage, manifest: dict, split: str, *, augmented: bool = False, limit: int | None = None) -> SplitArrays:
+    """One split in memory (about 150 KB an image); ``augmented`` adds the augmented copies.
+
+    ``limit`` keeps the first ``limit`` lesions' images in manifest order (demo/test runs).
+    """
+    kinds = ("original", "augmented") if augmented else ("original",)
+    shard = load_split(storage, manifest, [split], kinds)
+    keep = np.arange(len(shard))
+    if limit is not None and len(shard) > limit:
+        keep = _first_lesions(shard.records, limit)
+    records = [shard.records[i] for i in keep]
+    return SplitArrays(shard.images[keep], np.array([r["label"] for r in records], np.int32), records)
+
+
+def _first_lesions(records: list[dict], limit: int) -> np.ndarray:
+    """Indices of whole lesions (originals and their augmented copies together) up to ``limit`` images."""
+    chosen: list[int] = []
+    by_lesion: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_lesion.setdefault(record["lesion_id"], []).append(index)
+    for indices in by_lesion.values():
+        if len(chosen) + len(indices) > limit:
+            break
+        chosen.extend(indices)
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def class_weights(labels: np.ndarray, mode: str | dict = "balanced") -> dict[int, float]:
+    """Loss weights per class: ``"balanced"`` = n / (2 * n_class) from the training labels,
+    ``"seed"`` = the reference's 0.5 / 28.5, or an explicit ``{0: w0, 1: w1}``."""
+    if isinstance(mode, dict):
+        return {int(k): float(v) for k, v in mode.items()}
+    if mode == "seed":
+        return {0: 0.5, 1: 28.5}
+    if mode == "balanced":
+        counts = np.bincount(labels.astype(np.int64), minlength=2)
+        if counts.min() == 0:
+            raise ValueError(f"training labels hold one class only ({counts.tolist()}): cannot weight classes")
+        return {k: float(len(labels) / (2 * counts[k])) for k in (0, 1)}
+    if mode == "none":
+        return {0: 1.0, 1: 1.0}
+    raise ValueError(f"unknown class weight mode {mode!r} (balanced, seed, none or a dict)")
+
+
+def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmented: bool, batch_size: int, shuffle: bool, seed: int = 0):
+    """A tf.data pipeline over shards: parallel shard reads, shuffle, batch, prefetch.
+
+    Yields (images uint8 (B,224,224,3), labels float32 (B,)). Shards are read lazily, so
+    the whole training set never needs to sit in memory at once.
+    """
+    import tensorflow as tf
+
+    entries = select_shards(manifest, splits, ("original", "augmented") if augmented else ("original",))
+    if not entries:
+        raise ValueError(f"no shards for splits {splits} in manifest version {manifest.get('version')}")
+    by_key = {e["key"]: e for e in entries}
+
+    def read(key):
+        shard = read_verified_shard(storage, by_key[key.decode() if isinstance(key, bytes) else key])
+        for image, record in zip(shard.images, shard.records):
+            yield image, np.float32(record["label"])
+
+    signature = (tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE, 3), tf.uint8), tf.TensorSpec((), tf.float32))
+    keys = tf.data.Dataset.from_tensor_slices(sorted(by_key))
+    if shuffle:
+        keys = keys.shuffle(len(by_key), seed=seed, reshuffle_each_iteration=True)
+    dataset = keys.interleave(
+        lambda key: tf.data.Dataset.from_generator(read, args=(key,), output_signature=signature),
+        cycle_length=min(4, len(by_key)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=not shuffle,
+    )
+    if shuffle:
+        dataset = dataset.shuffle(2048, seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

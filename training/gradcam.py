@@ -1,0 +1,365 @@
+"""Grad-CAM and Grad-CAM++ for the melanoma classifier, and how well the maps sit on the lesion.
+
+Grad-CAM (Selvaraju et al., 2017) weights the feature maps of a convolutional layer by the
+gradient of the class score and keeps the positive part; Grad-CAM++ (Chattopadhay et al.,
+2018) replaces the plain gradient average by pixel-wise weights so that several separate
+regions of evidence are not drowned by the largest one.
+
+A map that "looks right" is not evidence, so every test image with a segmentation mask is
+also scored: the share of the map's energy inside the lesion (compare it with the lesion's
+share of the image, which is what a uniform map would get) and the pointing game (does the
+hottest pixel fall inside the lesion). Images without a mask are counted, never scored.
+
+Outcomes use the rule of the evaluation step: an image is called melanoma when
+``probability >= threshold``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import statistics
+import time
+from typing import Any, Callable, Iterable
+
+import cv2
+import numpy as np
+
+OUTCOMES = ("TP", "FP", "FN", "TN")
+CLASS_NAMES = {1: "melanoma", 0: "other"}
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def _score_model(model, layer_name: str) -> tuple[Any, Callable]:
+    """A model giving (feature maps (N,h,w,C), head input) and the function head input -> logit (N,).
+
+    We differentiate the sigmoid's pre-activation logit, not the probability: d sigmoid(z)/dz =
+    p(1-p) vanishes as p nears 0 or 1, so confidently classified images (the ones most worth
+    explaining) would get gradients that are mostly float32 rounding noise. The logit's
+    gradient has the same direction without that squashing factor.
+    """
+    import keras
+
+    conv_output = model.get_layer(layer_name).output
+    head = model.layers[-1]
+    sigmoid_head = getattr(head, "activation", None) is keras.activations.sigmoid
+    if sigmoid_head and isinstance(head, keras.layers.Dense):
+        # The logit is the Dense layer without its activation; recompute it from the layer's
+        # own weights so nothing is copied and the model is left untouched.
+        def to_logit(features):
+            logit = keras.ops.matmul(features, head.kernel)
+            return logit + head.bias if head.use_bias else logit
+
+        outputs, score_input = [conv_output, head.input], to_logit
+    elif sigmoid_head and isinstance(head, keras.layers.Activation):
+        outputs, score_input = [conv_output, head.input], lambda logit: logit
+    else:
+        # No sigmoid we know how to undo: the output is taken as the score itself.
+        outputs, score_input = [conv_output, model.outputs[0]], lambda score: score
+
+    def to_score(head_input):
+        score = score_input(head_input)
+        if score.shape[-1] != 1:
+            raise ValueError(f"expected one melanoma score per image, got shape {tuple(score.shape)}")
+        return keras.ops.reshape(score, (-1,))
+
+    return keras.Model(model.inputs, outputs), to_score
+
+
+def _channel_weights(maps: np.ndarray, grads: np.ndarray, plusplus: bool) -> np.ndarray:
+    """Per-channel weights (N,C) from feature maps and score gradients, both (N,h,w,C)."""
+    if not plusplus:
+        return grads.mean(axis=(1, 2))
+    # Grad-CAM++ with the exponential score trick (Chattopadhay et al., eq. 19): for
+    # Y = exp(S) the 2nd and 3rd derivatives are powers of the first, so
+    # alpha = g^2 / (2 g^2 + sum_ab A_ab g^3). The exp(S) factor scales every weight of an
+    # image alike and disappears in the per-image normalisation.
+    g2, g3 = grads**2, grads**3
+    denominator = 2.0 * g2 + maps.sum(axis=(1, 2), keepdims=True) * g3
+    alpha = g2 / np.where(denominator != 0.0, denominator, 1.0)
+    return (alpha * np.maximum(grads, 0.0)).sum(axis=(1, 2))
+
+
+def _normalise(cams: np.ndarray) -> np.ndarray:
+    """Scale each map (N,h,w) to peak 1; a map with no positive evidence stays all zero."""
+    peaks = cams.max(axis=(1, 2), keepdims=True)
+    return np.where(peaks > 0, cams / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
+
+
+def gradcam_heatmaps(
+    model, images: np.ndarray, layer_name: str, *, batch_size: int = 32, plusplus: bool = False
+) -> np.ndarray:
+    """Grad-CAM (or Grad-CAM++) maps of the melanoma score for a batch of images.
+
+    model: functional Keras model, images (N,H,W,3) -> one score per image (N,1).
+    images: (N,H,W,3) uint8 or float, as the model takes them (it preprocesses internally).
+    layer_name: the convolutional layer whose maps are weighted (usually the last one).
+    Returns float32 (N,h,w) in [0,1] at that layer's resolution; use :func:`upsample_heatmap`
+    for image resolution. Each map is scaled to peak 1; a map with no positive evidence is 0.
+    """
+    import tensorflow as tf
+
+    grad_model, to_score = _score_model(model, layer_name)
+    heatmaps = []
+    for start in range(0, len(images), batch_size):
+        batch = tf.convert_to_tensor(np.asarray(images[start : start + batch_size]), dtype=tf.float32)
+        with tf.GradientTape() as tape:
+            maps, head_input = grad_model(batch, training=False)
+            scores = to_score(head_input)
+        # Gradient of the summed scores: in inference mode an image's score depends only on
+        # its own feature maps, so this is each image's own gradient, in one backward pass.
+        grads = tape.gradient(scores, maps)
+        maps, grads = maps.numpy().astype(np.float64), grads.numpy().astype(np.float64)
+        weights = _channel_weights(maps, grads, plusplus)
+        cams = np.maximum(np.einsum("nhwc,nc->nhw", maps, weights), 0.0)
+        heatmaps.append(_normalise(cams))
+    if not heatmaps:
+        _, h, w, _ = grad_model.outputs[0].shape
+        return np.zeros((0, h or 0, w or 0), np.float32)
+    return np.concatenate(heatmaps)
+
+
+def upsample_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a heatmap (h,w) to size (H,W); returns float32 (H,W) in [0,1]."""
+    height, width = size
+    # cv2 takes (width, height); INTER_LINEAR samples at pixel centres, so the map is not shifted.
+    resized = cv2.resize(np.asarray(heatmap, np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.clip(resized, 0.0, 1.0)
+
+
+def overlay_heatmap(
+    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: int = cv2.COLORMAP_JET
+) -> np.ndarray:
+    """Blend a colour-mapped heatmap (H,W) in [0,1] over an RGB image uint8 (H,W,3); returns uint8 (H,W,3)."""
+    if image.shape[:2] != heatmap.shape or image.ndim != 3:
+        raise ValueError(f"image {image.shape} and heatmap {heatmap.shape} differ in size")
+    levels = np.round(np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)
+    colours = cv2.applyColorMap(levels, colormap)[..., ::-1]  # OpenCV colour maps are BGR
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- lesion focus
+
+
+def lesion_focus(heatmap: np.ndarray, mask: np.ndarray) -> dict:
+    """How much of a heatmap (H,W) falls on the lesion mask (H,W) (bool, or uint8 with >0 = lesion).
+
+    Returns ``energy_inside``: share of the heatmap's sum inside the lesion (None for an all-zero
+    map, which points nowhere); ``pointing_hit``: whether the hottest pixel (first in row-major
+    order on ties) is inside the lesion (None for an all-zero map); ``lesion_area_share``: the
+    lesion's share of the image, i.e. the ``energy_inside`` a uniform map would get.
+    """
+    heatmap = np.asarray(heatmap, np.float64)
+    lesion = np.asarray(mask) > 0
+    if heatmap.shape != lesion.shape:
+        raise ValueError(f"heatmap {heatmap.shape} and mask {lesion.shape} differ in size")
+    if not lesion.any():
+        raise ValueError("empty lesion mask: there is nothing to score the heatmap against")
+    total = float(heatmap.sum())
+    area_share = float(lesion.mean())
+    if total <= 0.0:
+        return {"energy_inside": None, "pointing_hit": None, "lesion_area_share": area_share}
+    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return {
+        "energy_inside": float(heatmap[lesion].sum()) / total,
+        "pointing_hit": bool(lesion[peak]),
+        "lesion_area_share": area_share,
+    }
+
+
+def outcome(label: int, probability: float, threshold: float) -> str:
+    """TP/FP/FN/TN of one image; melanoma is predicted when ``probability >= threshold``."""
+    predicted = probability >= threshold
+    if int(label) == 1:
+        return "TP" if predicted else "FN"
+    return "FP" if predicted else "TN"
+
+
+def _group_stats(rows: list[dict]) -> dict:
+    """Counts and focus statistics of one group of per-image rows (see :func:`summarise_focus`)."""
+    scored = [r for r in rows if r.get("energy_inside") is not None]
+    energies = [float(r["energy_inside"]) for r in scored]
+    return {
+        "n": len(rows),
+        "n_without_mask": sum(1 for r in rows if not r.get("has_mask")),
+        "n_scored": len(scored),
+        "energy_inside_mean": statistics.fmean(energies) if energies else None,
+        "energy_inside_median": statistics.median(energies) if energies else None,
+        "lesion_area_share_mean": statistics.fmean(float(r["lesion_area_share"]) for r in scored) if scored else None,
+        "pointing_hit_rate": statistics.fmean(1.0 if r["pointing_hit"] else 0.0 for r in scored) if scored else None,
+    }
+
+
+def summarise_focus(rows: Iterable[dict]) -> dict:
+    """Lesion-focus statistics overall, per class and per outcome.
+
+    rows: one dict per image with ``label`` (1 = melanoma), ``outcome`` (TP/FP/FN/TN),
+    ``has_mask``, and from :func:`lesion_focus` ``energy_inside``, ``pointing_hit``,
+    ``lesion_area_share`` (None when the image has no mask or an all-zero map).
+    Each group reports ``n`` images, ``n_without_mask``, ``n_scored`` (mask and non-empty map),
+    mean/median energy share, mean lesion area share and the pointing-game hit rate
+    (None where nothing was scored).
+    """
+    rows = list(rows)
+    return {
+        "n_images": len(rows),
+        "n_without_mask": sum(1 for r in rows if not r.get("has_mask")),
+        "n_empty_heatmap": sum(1 for r in rows if r.get("has_mask") and r.get("energy_inside") is None),
+        "overall": _group_stats(rows),
+        "by_class": {name: _group_stats([r for r in rows if int(r["label"]) == label]) for label, name in CLASS_NAMES.items()},
+        "by_outcome": {name: _group_stats([r for r in rows if r["outcome"] == name]) for name in OUTCOMES},
+    }
+
+
+def select_gallery(rows: Iterable[dict], threshold: float, per_group: int = 3) -> list[dict]:
+    """Images worth looking at: per outcome, the ``per_group`` most confident and ``per_group`` borderline.
+
+    rows: dicts with at least ``image_id``, ``label`` and ``probability``.
+    Most confident means farthest from the threshold on the predicted side (highest
+    probability for TP/FP, lowest for FN/TN); borderline means closest to the threshold.
+    Returns copies of the rows with ``outcome`` and ``selection`` ("most confident" or
+    "borderline") added, in the order TP, FP, FN, TN; an image is listed once.
+    """
+    by_outcome: dict[str, list[dict]] = {name: [] for name in OUTCOMES}
+    for row in rows:
+        by_outcome[outcome(row["label"], float(row["probability"]), threshold)].append(row)
+    gallery, seen = [], set()
+    for name, group in by_outcome.items():
+        # image_id breaks ties so the selection is the same on every run.
+        confident = sorted(group, key=lambda r: (-abs(float(r["probability"]) - threshold), str(r["image_id"])))
+        borderline = sorted(group, key=lambda r: (abs(float(r["probability"]) - threshold), str(r["image_id"])))
+        for selection, ranked in (("most confident", confident), ("borderline", borderline)):
+            taken = 0
+            for row in ranked:
+                if taken == per_group:
+                    break
+                if row["image_id"] in seen:
+                    continue
+                seen.add(row["image_id"])
+                gallery.append(dict(row, outcome=name, selection=selection))
+                taken += 1
+    return gallery
+
+
+# --------------------------------------------------------------------------- pipeline step
+
+FOCUS_COLUMNS = (
+    "image_id", "lesion_id", "dx", "label", "probability", "outcome",
+    "has_mask", "energy_inside", "pointing_hit", "lesion_area_share",
+)  # fmt: skip
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def _safe_name(image_id: str) -> str:
+    """A storage-key-safe file stem for an image id (ids are data, not trusted paths)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(image_id)).lstrip(".") or "_"
+
+
+def _focus_csv(rows: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=FOCUS_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in FOCUS_COLUMNS})
+    return buffer.getvalue().encode()
+
+
+def run_gradcam(
+    model,
+    shard,
+    predictions: dict[str, float],
+    threshold_payload: dict,
+    out_storage,
+    out_prefix: str,
+    *,
+    layer_name: str | None = None,
+    plusplus: bool = False,
+) -> dict:
+    """Heatmaps and lesion focus for every image of ``shard`` (the test split); writes the artefacts.
+
+    predictions: image_id -> melanoma probability from the evaluation step (every image of the
+    shard must have one; the outcomes must match the ones evaluation reported).
+    threshold_payload: the evaluation XCom, of which ``threshold``, ``strategy`` and
+    ``chosen_on`` are used.
+    Writes under ``out_prefix``: ``lesion_focus.csv`` (one row per image),
+    ``gradcam_summary.json`` (threshold used, method, speed, focus summary, gallery) and
+    ``overlays/<image_id>.png`` (original | overlay) for the gallery images.
+    Returns a small JSON-able dict for XCom.
+    """
+    if layer_name is None:
+        from training.model import last_conv_layer_name
+
+        layer_name = last_conv_layer_name(model)
+    threshold = float(threshold_payload["threshold"])
+    missing = [r["image_id"] for r in shard.records if r["image_id"] not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no prediction, e.g. {missing[:3]}")
+
+    started = time.perf_counter()
+    heatmaps = gradcam_heatmaps(model, shard.images, layer_name, plusplus=plusplus)
+    elapsed = time.perf_counter() - started
+
+    size = shard.images.shape[1:3]
+    rows = []
+    for record, heatmap, mask in zip(shard.records, heatmaps, shard.masks):
+        probability = float(predictions[record["image_id"]])
+        row = {key: record.get(key) for key in ("image_id", "lesion_id", "dx", "label")}
+        row.update(probability=probability, outcome=outcome(record["label"], probability, threshold))
+        # A record without a mask carries an all-zero one: it is counted, never scored.
+        row["has_mask"] = bool(record.get("has_mask")) and bool(mask.any())
+        focus = lesion_focus(upsample_heatmap(heatmap, size), mask) if row["has_mask"] else {}
+        row.update({key: focus.get(key) for key in ("energy_inside", "pointing_hit", "lesion_area_share")})
+        rows.append(row)
+
+    index = {record["image_id"]: i for i, record in enumerate(shard.records)}
+    gallery = select_gallery(rows, threshold)
+    overlay_keys = []
+    for entry in gallery:
+        i = index[entry["image_id"]]
+        image = shard.images[i]
+        overlay = overlay_heatmap(image, upsample_heatmap(heatmaps[i], size))
+        key = f"{out_prefix}/overlays/{_safe_name(entry['image_id'])}.png"
+        out_storage.write_bytes(key, _png_bytes(np.concatenate([image, overlay], axis=1)))
+        entry["overlay_key"] = key
+        overlay_keys.append(key)
+
+    focus_key, summary_key = f"{out_prefix}/lesion_focus.csv", f"{out_prefix}/gradcam_summary.json"
+    focus = summarise_focus(rows)
+    speed = len(rows) / elapsed if elapsed > 0 and rows else None
+    summary = {
+        "method": "gradcam++" if plusplus else "gradcam",
+        "layer_name": layer_name,
+        "heatmap_shape": list(heatmaps.shape[1:]),
+        "threshold": threshold,
+        "strategy": threshold_payload.get("strategy"),
+        "chosen_on": threshold_payload.get("chosen_on"),
+        "positive_rule": "probability >= threshold",
+        "n_images": len(rows),
+        "heatmaps_per_s": speed,
+        "focus": focus,
+        "gallery": gallery,
+    }
+    out_storage.write_bytes(focus_key, _focus_csv(rows))
+    out_storage.write_bytes(summary_key, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    return {
+        "threshold": threshold,
+        "strategy": summary["strategy"],
+        "method": summary["method"],
+        "n_images": len(rows),
+        "n_without_mask": focus["n_without_mask"],
+        "energy_inside_mean": focus["overall"]["energy_inside_mean"],
+        "pointing_hit_rate": focus["overall"]["pointing_hit_rate"],
+        "heatmaps_per_s": speed,
+        "keys": {"lesion_focus": focus_key, "summary": summary_key, "overlays": overlay_keys},
+    }
