@@ -17,6 +17,7 @@ Outcomes use the rule of the evaluation step: an image is called melanoma when
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -51,7 +52,8 @@ def _score_model(model, layer_name: str) -> tuple[Any, Callable]:
         # The logit is the Dense layer without its activation; recompute it from the layer's
         # own weights so nothing is copied and the model is left untouched.
         def to_logit(features):
-            logit = keras.ops.matmul(features, head.kernel)
+            # Under mixed precision the head keeps float32 weights while features may be float16.
+            logit = keras.ops.matmul(keras.ops.cast(features, head.kernel.dtype), head.kernel)
             return logit + head.bias if head.use_bias else logit
 
         outputs, score_input = [conv_output, head.input], to_logit
@@ -262,8 +264,15 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 
 
 def _safe_name(image_id: str) -> str:
-    """A storage-key-safe file stem for an image id (ids are data, not trusted paths)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(image_id)).lstrip(".") or "_"
+    """A storage-key-safe file stem for an image id (ids are data, not trusted paths).
+
+    Ids that had to be changed get a short hash of the original, so two ids never share a file.
+    """
+    text = str(image_id)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")
+    if safe == text:
+        return safe
+    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _focus_csv(rows: list[dict]) -> bytes:

@@ -53,6 +53,10 @@ class UnsafePickleError(pickle.UnpicklingError):
     """The file asked the unpickler for something a plain state dict never contains."""
 
 
+class WeightsUnavailableError(RuntimeError):
+    """Requested pretrained weights could not be found or loaded; the message says what to set."""
+
+
 class TorchFileFormatError(ValueError):
     """The file is not a PyTorch state dict this reader understands."""
 
@@ -178,6 +182,10 @@ def _tensor_to_array(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.nda
         last = ref.offset + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride))
         if last >= flat.size:
             raise TorchFileFormatError("tensor view reaches past the end of its storage")
+    if int(np.prod(ref.shape, dtype=np.float64)) > flat.size:
+        # Stride-0 views could otherwise expand a tiny file into terabytes; state dicts
+        # never hold broadcast views.
+        raise TorchFileFormatError("tensor has more elements than its storage (broadcast view)")
     view = np.lib.stride_tricks.as_strided(
         flat[ref.offset :] if 0 not in ref.shape else flat[:0],
         shape=ref.shape,
@@ -209,7 +217,7 @@ def _storage_refs(obj: Any) -> dict[str, _StorageRef]:
     return {v.storage.key: v.storage for v in obj.values() if isinstance(v, _TensorRef)}
 
 
-def _read_legacy(handle: BinaryIO) -> dict[str, np.ndarray]:
+def _read_legacy(handle: BinaryIO, file_size: int) -> dict[str, np.ndarray]:
     """Parse the pre-1.6 layout: magic, protocol, sys info, state dict, storage keys, data."""
     magic = _NoGlobalsUnpickler(handle).load()
     if magic != _LEGACY_MAGIC_NUMBER:
@@ -226,15 +234,19 @@ def _read_legacy(handle: BinaryIO) -> dict[str, np.ndarray]:
     storages: dict[str, np.ndarray] = {}
     for key in keys:
         key = str(key)
-        if key not in refs:
-            raise TorchFileFormatError(f"storage {key} is listed but never used")
+        if key not in refs or key in storages:
+            raise TorchFileFormatError(f"storage {key} is unused or listed twice")
         ref = refs[key]
-        (numel,) = struct.unpack("<q", handle.read(8))
+        header = handle.read(8)
+        if len(header) != 8:
+            raise TorchFileFormatError(f"file truncated before storage {key}")
+        (numel,) = struct.unpack("<q", header)
         if numel != ref.numel:
             raise TorchFileFormatError(f"storage {key}: {numel} elements, expected {ref.numel}")
-        data = handle.read(numel * ref.dtype.itemsize)
-        if len(data) != numel * ref.dtype.itemsize:
+        nbytes = numel * ref.dtype.itemsize
+        if nbytes > file_size - handle.tell():
             raise TorchFileFormatError(f"file truncated inside storage {key}")
+        data = handle.read(nbytes)
         storages[key] = np.frombuffer(data, dtype=ref.dtype)
     missing = set(refs) - set(storages)
     if missing:
@@ -277,4 +289,4 @@ def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         with zipfile.ZipFile(path) as archive:
             return _read_zip(archive)
     with open(path, "rb") as handle:
-        return _read_legacy(handle)
+        return _read_legacy(handle, path.stat().st_size)

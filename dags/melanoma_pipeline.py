@@ -1,0 +1,148 @@
+"""Melanoma detection pipeline: new dermoscopic image drops in, an explained classifier out.
+
+plan -> (short-circuit when no new drop) -> preprocess (Spark) -> augment (Spark) -> train
+-> evaluate (threshold chosen on validation, pushed to XCom) -> gradcam (reads it) -> report
+
+This file only wires tasks; the logic lives in ``melanoma`` (Spark-side and Airflow-side
+helpers) and ``training`` (the model CLI, run as a subprocess or in its container). Nothing
+heavy is imported at parse time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import Param, dag, get_current_context, task
+
+from melanoma.airflow_ops import PARAM_DEFAULTS, resolve_run, run_training_cli, setting, storage_env
+
+SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
+PLAN = "ti.xcom_pull(task_ids='plan')"
+
+
+class MelanomaSparkSubmitOperator(SparkSubmitOperator):
+    """spark-submit with object-store credentials injected at run time (never templated)."""
+
+    def execute(self, context):
+        self.env_vars = {**(self.env_vars or {}), **storage_env()}
+        return super().execute(context)
+
+
+def spark_conf() -> dict[str, str]:
+    python = setting("spark_python", sys.executable)
+    return {"spark.pyspark.python": python, "spark.pyspark.driver.python": python, "spark.ui.showConsoleProgress": "false"}
+
+
+@dag(
+    dag_id="melanoma_pipeline",
+    schedule="@daily",
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    tags=["melanoma", "spark", "keras"],
+    default_args={"retries": 2, "retry_delay": dt.timedelta(minutes=2), "retry_exponential_backoff": True},
+    doc_md=__doc__,
+    params={
+        "drops": Param(PARAM_DEFAULTS["drops"], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+                       description="Drop ids to process (folders under the raw root). Empty: the drops dated in the run's data interval (scheduled/backfill) or every drop (manual)."),
+        "backbone": Param(PARAM_DEFAULTS["backbone"], enum=["efficientnet_lite0", "resnet50"], description="ImageNet backbone under the seed's head."),
+        "weights": Param(PARAM_DEFAULTS["weights"], type="string", minLength=1, description="'imagenet' or a weights file path/URI. Never silently random."),
+        "epochs": Param(PARAM_DEFAULTS["epochs"], type="integer", minimum=1, maximum=500, description="Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10."),
+        "fine_tune_epochs": Param(PARAM_DEFAULTS["fine_tune_epochs"], type="integer", minimum=0, maximum=200, description="Phase 2 epochs fine-tuning the last blocks at lr 1e-5 (0 = skip)."),
+        "fine_tune_blocks": Param(PARAM_DEFAULTS["fine_tune_blocks"], type="integer", minimum=1, maximum=8, description="How many of the backbone's last blocks phase 2 unfreezes."),
+        "class_weight": Param(PARAM_DEFAULTS["class_weight"], enum=["balanced", "seed", "none"], description="balanced: from training labels; seed: the reference's 0.5/28.5."),
+        "max_train_images": Param(PARAM_DEFAULTS["max_train_images"], type="integer", minimum=0, description="Cap on training images, whole lesions (0 = all). For quick demo runs."),
+        "threshold_strategy": Param(PARAM_DEFAULTS["threshold_strategy"], enum=["youden", "sensitivity", "f1"], description="How evaluate picks the threshold on the validation split."),
+        "target_sensitivity": Param(PARAM_DEFAULTS["target_sensitivity"], type="number", exclusiveMinimum=0, maximum=1, description="Used by the 'sensitivity' strategy."),
+        "n_boot": Param(PARAM_DEFAULTS["n_boot"], type="integer", minimum=100, maximum=20000, description="Lesion bootstrap resamples for the 95% intervals."),
+        "external_drops": Param(PARAM_DEFAULTS["external_drops"], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+                                description="Drops under the raw root to report as external test sets."),
+    },
+)
+def melanoma_pipeline():
+    @task
+    def plan() -> dict:
+        """Resolve roots, run key and the drops this run owns."""
+        context = get_current_context()
+        dag_run = context["dag_run"]
+        return resolve_run(
+            dict(context["params"]),
+            run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
+            run_id=dag_run.run_id,
+            logical_date=context.get("logical_date"),
+            interval_start=context.get("data_interval_start"),
+            interval_end=context.get("data_interval_end"),
+        )
+
+    @task.short_circuit
+    def has_new_drops(run: dict) -> bool:
+        """Skip Spark and training when this run brings no new drop."""
+        print(f"drops selected: {run['drops']}; new: {run['new_drops']}")
+        return bool(run["new_drops"])
+
+    common_args = ["--processed-root", "{{ %s['data_root'] }}" % PLAN, "--logical-date", "{{ %s['as_of'] }}" % PLAN]
+    preprocess = MelanomaSparkSubmitOperator(
+        task_id="preprocess",
+        conn_id="spark_default",
+        application=str(SPARK_JOBS / "preprocess.py"),
+        name="melanoma-preprocess",
+        application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | join(',') }}", *common_args],
+        conf=spark_conf(),
+        execution_timeout=dt.timedelta(hours=2),
+    )
+    augment = MelanomaSparkSubmitOperator(
+        task_id="augment",
+        conn_id="spark_default",
+        application=str(SPARK_JOBS / "augment.py"),
+        name="melanoma-augment",
+        application_args=common_args,
+        conf=spark_conf(),
+        execution_timeout=dt.timedelta(hours=1),
+    )
+
+    @task(execution_timeout=dt.timedelta(hours=12))
+    def train(run: dict) -> dict:
+        """Train (or resume) the run's model with the configured runner."""
+        args = ["train", "--processed-root", run["data_root"], "--run-root", run["run_root"], "--config", json.dumps(run["train_config"])]
+        return run_training_cli(args, get_current_context())
+
+    @task(execution_timeout=dt.timedelta(hours=2))
+    def evaluate(run: dict, trained: dict) -> dict:
+        """Metrics on val/test; the threshold chosen on val is this task's XCom."""
+        args = ["evaluate", "--processed-root", run["data_root"], "--run-root", run["run_root"],
+                "--strategy", run["threshold_strategy"], "--target-sensitivity", str(run["target_sensitivity"]),
+                "--n-boot", str(run["n_boot"])]
+        args += ["--as-of", run["as_of"]] if run["as_of"] else []
+        for external in run["external"]:
+            args += ["--external", external]
+        return run_training_cli(args, get_current_context())
+
+    @task(execution_timeout=dt.timedelta(hours=2))
+    def gradcam(run: dict, threshold: dict) -> dict:
+        """Grad-CAM on the test split at the threshold pulled from evaluate's XCom."""
+        args = ["gradcam", "--processed-root", run["data_root"], "--run-root", run["run_root"], "--threshold", json.dumps(threshold)]
+        args += ["--as-of", run["as_of"]] if run["as_of"] else []
+        return run_training_cli(args, get_current_context())
+
+    @task
+    def report(run: dict, threshold: dict, heatmaps: dict) -> dict:
+        """One self-contained HTML report; its location feeds the task's extra link."""
+        result = run_training_cli(["report", "--run-root", run["run_root"], "--threshold", json.dumps(threshold)], get_current_context())
+        get_current_context()["ti"].xcom_push(key="report_url", value=result["report_uri"])
+        print(f"report: {result['report_uri']}")
+        return result
+
+    run = plan()
+    gate = has_new_drops(run)
+    trained = train(run)
+    threshold = evaluate(run, trained)
+    heatmaps = gradcam(run, threshold)
+    run >> gate >> preprocess >> augment >> trained
+    report(run, threshold, heatmaps)
+
+
+melanoma_pipeline()

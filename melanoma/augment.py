@@ -1,0 +1,111 @@
+"""Deterministic augmentation of (image, mask) pairs for the augmented training copies.
+
+Each copy's random draw is seeded from ``sha256(f"{image_id}:{copy_index}")``, so a rerun
+of the augment job writes byte-identical shards, and two copies of one image differ. The
+geometric part (flips, rotation, zoom) is one affine warp applied to the image (bilinear)
+and to its mask (nearest, so the mask stays in {0, 255}), keeping them aligned; brightness
+applies to the image only. Pure numpy + OpenCV: it runs inside Spark executors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from melanoma.records import IMAGE_SIZE
+
+#: What the augment job does, recorded in the manifest's ``augmentation`` field.
+AUGMENT_PARAMS = {
+    "version": 1,
+    "seed": "first 8 bytes of sha256(f'{image_id}:{copy_index}'), big-endian, numpy default_rng",
+    "hflip_probability": 0.5,
+    "vflip_probability": 0.5,
+    "rotation_degrees": [0.0, 360.0],  # uniform: dermoscopy has no canonical "up"
+    "zoom": [0.9, 1.2],  # uniform; > 1 zooms in
+    "brightness": [0.8, 1.2],  # uniform factor on every channel, image only
+    "border": "reflect_101",  # skin continues past the edge; black corners would be a new cue
+    "image_interpolation": "bilinear",
+    "mask_interpolation": "nearest",
+    "augmented_id": "{image_id}_aug{copy_index}",
+}
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """One copy's draw: flips, rotation in degrees (counter-clockwise), zoom, brightness factor."""
+
+    hflip: bool
+    vflip: bool
+    angle: float
+    zoom: float
+    brightness: float
+
+
+def augmented_image_id(image_id: str, copy_index: int) -> str:
+    """Id of the ``copy_index``-th augmented copy of ``image_id``."""
+    return f"{image_id}_aug{copy_index}"
+
+
+def sample_params(image_id: str, copy_index: int) -> AugmentParams:
+    """The draw for one copy, a pure function of (image_id, copy_index)."""
+    digest = hashlib.sha256(f"{image_id}:{copy_index}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+    low_rot, high_rot = AUGMENT_PARAMS["rotation_degrees"]
+    return AugmentParams(
+        hflip=bool(rng.random() < AUGMENT_PARAMS["hflip_probability"]),
+        vflip=bool(rng.random() < AUGMENT_PARAMS["vflip_probability"]),
+        angle=float(rng.uniform(low_rot, high_rot)),
+        zoom=float(rng.uniform(*AUGMENT_PARAMS["zoom"])),
+        brightness=float(rng.uniform(*AUGMENT_PARAMS["brightness"])),
+    )
+
+
+def affine_matrix(params: AugmentParams, width: int, height: int) -> np.ndarray:
+    """(2, 3) source->destination matrix: flips, then rotation and zoom about the centre.
+
+    Uses pixel-centre coordinates ((w-1)/2, (h-1)/2), so a pure flip maps pixels exactly
+    onto pixels.
+    """
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    flip = np.array(
+        [
+            [-1.0 if params.hflip else 1.0, 0.0, (width - 1) if params.hflip else 0.0],
+            [0.0, -1.0 if params.vflip else 1.0, (height - 1) if params.vflip else 0.0],
+            [0.0, 0.0, 1.0],
+        ]
+    )
+    rotate = np.vstack([cv2.getRotationMatrix2D((cx, cy), params.angle, params.zoom), [0.0, 0.0, 1.0]])
+    return (rotate @ flip)[:2]
+
+
+def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 (H, W, 3) scaled by ``factor``, saturating at 255 (a lookup table: exact and fast)."""
+    table = np.clip(np.rint(np.arange(256) * factor), 0, 255).astype(np.uint8)
+    return cv2.LUT(image, table)
+
+
+def apply_augment(image: np.ndarray, mask: np.ndarray, params: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
+    """Warp image uint8 (H, W, 3) and mask uint8 (H, W) alike; brighten the image only."""
+    height, width = mask.shape
+    matrix = affine_matrix(params, width, height)
+    warped = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    warped_mask = cv2.warpAffine(mask, matrix, (width, height), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    return adjust_brightness(warped, params.brightness), warped_mask
+
+
+def augment_pair(image: np.ndarray, mask: np.ndarray, image_id: str, copy_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented copy: image uint8 (224, 224, 3), mask uint8 (224, 224) -> same shapes.
+
+    Identical arguments give identical outputs; a mask of zeros (image without a mask)
+    stays zeros.
+    """
+    if image.dtype != np.uint8 or image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"image must be uint8 ({IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {image.dtype} {image.shape}")
+    if mask.dtype != np.uint8 or mask.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"mask must be uint8 ({IMAGE_SIZE}, {IMAGE_SIZE}), got {mask.dtype} {mask.shape}")
+    if copy_index < 0:
+        raise ValueError(f"copy_index must be >= 0, got {copy_index}")
+    return apply_augment(image, mask, sample_params(image_id, copy_index))

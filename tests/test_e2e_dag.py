@@ -1,0 +1,110 @@
+"""End to end: `airflow dags test` over ~200 real HAM10000 images on a real S3 endpoint (moto).
+
+Real Airflow (SQLite), real Spark (local[2]), real boto3 over HTTP, real images, the real
+EfficientNet-Lite0 ImageNet weights. Asserts what each stage wrote and that the threshold
+`evaluate` pushed to XCom is the one `gradcam` used.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+
+import boto3
+import pytest
+
+from melanoma.demo import airflow_env, run_dag
+
+pytestmark = pytest.mark.e2e
+
+DROP_ID = "ham-2026-01-01"
+
+
+def pick_images(metadata_rows: list[dict], n_melanoma: int = 60, n_other: int = 140) -> list[dict]:
+    """Whole lesions, deterministically: melanoma lesions up to ``n_melanoma`` images, others up to ``n_other``."""
+    by_lesion: dict[str, list[dict]] = {}
+    for row in metadata_rows:
+        by_lesion.setdefault(row["lesion_id"], []).append(row)
+    chosen, counts = [], {True: 0, False: 0}
+    limits = {True: n_melanoma, False: n_other}
+    for lesion_id in sorted(by_lesion):
+        rows = by_lesion[lesion_id]
+        melanoma = rows[0]["dx"] == "mel"
+        if counts[melanoma] + len(rows) <= limits[melanoma]:
+            chosen += rows
+            counts[melanoma] += len(rows)
+    return chosen
+
+
+def upload_drop(s3, bucket: str, ham10000_dir) -> list[dict]:
+    with open(ham10000_dir / "HAM10000_metadata.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    chosen = pick_images(rows)
+    prefix = f"raw/{DROP_ID}"
+    for row in chosen:
+        image_id = row["image_id"]
+        s3.upload_file(str(ham10000_dir / "images" / f"{image_id}.jpg"), bucket, f"{prefix}/HAM10000_images_part_1/{image_id}.jpg")
+        s3.upload_file(str(ham10000_dir / "masks" / f"{image_id}_segmentation.png"), bucket, f"{prefix}/masks/{image_id}_segmentation.png")
+    # Two bad inputs: a truncated JPEG with its row, and a row whose image never arrived.
+    good = (ham10000_dir / "images" / f"{chosen[0]['image_id']}.jpg").read_bytes()
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/HAM10000_images_part_2/ISIC_9999999.jpg", Body=good[: len(good) // 3])
+    extra = [dict(chosen[0], lesion_id="HAM_9999999", image_id="ISIC_9999999"), dict(chosen[0], lesion_id="HAM_9999998", image_id="ISIC_9999998")]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(chosen + extra)
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/HAM10000_metadata.csv", Body=buffer.getvalue().encode())
+    return chosen
+
+
+def read_json(s3, bucket: str, key: str) -> dict:
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=s3_env["MELANOMA_S3_ENDPOINT_URL"])
+    chosen = upload_drop(s3, s3_bucket, ham10000_dir)
+    env = airflow_env(tmp_path / "airflow", f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/raw", s3_env)
+    conf = {"backbone": "efficientnet_lite0", "epochs": 8, "n_boot": 100}
+    result = run_dag(env, conf, logical_date="2026-01-01T00:00:00+00:00")
+    (tmp_path / "dags_test.log").write_text(result.stdout)
+    assert result.returncode == 0, result.stdout[-6000:]
+
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket) for o in page.get("Contents", [])]
+    manifests = sorted(k for k in keys if k.startswith("data/processed/manifest-"))
+    assert len(manifests) == 2, manifests  # preprocess, then augment
+    manifest = read_json(s3, s3_bucket, manifests[-1])
+    accounting = manifest["accounting"][DROP_ID]
+    assert accounting["inputs"] == len(chosen) + 2
+    assert accounting["written"] == len(chosen)
+    assert accounting["quarantined"] == 2
+    quarantine = [json.loads(line) for line in s3.get_object(Bucket=s3_bucket, Key=f"data/{accounting['quarantine_key']}")["Body"].read().splitlines()]
+    assert {(q["item"], q["reason"]) for q in quarantine} == {("ISIC_9999999", "truncated"), ("ISIC_9999998", "missing-image")}
+    for shard in manifest["shards"]:
+        assert f"data/{shard['key']}" in keys
+    n_train_mel = manifest["counts"]["train"]["1"]
+    assert manifest["augmented_counts"]["train"]["1"] == 2 * n_train_mel > 0
+    assert manifest["augmented_counts"]["val"] == {"0": 0, "1": 0} and manifest["augmented_counts"]["test"] == {"0": 0, "1": 0}
+
+    run_prefix = "data/runs/manual__20260101T000000Z"
+    for key in ["model/model.keras", "model/history.json", "model/config.json", "model/provenance.json",
+                "eval/metrics.json", "eval/predictions.csv", "gradcam/gradcam_summary.json", "report.html"]:
+        assert f"{run_prefix}/{key}" in keys, key
+    assert any(k.startswith(f"{run_prefix}/eval/") and k.endswith(".png") for k in keys)
+    assert any(k.startswith(f"{run_prefix}/gradcam/overlays/") for k in keys)
+    metrics = read_json(s3, s3_bucket, f"{run_prefix}/eval/metrics.json")
+    provenance = read_json(s3, s3_bucket, f"{run_prefix}/model/provenance.json")
+    assert provenance["backbone"] == "efficientnet_lite0" and provenance.get("weights_sha256")
+
+    # The threshold travelled by XCom: read what evaluate pushed from Airflow's own database.
+    db = sqlite3.connect(tmp_path / "airflow" / "airflow.db")
+    xcoms = {task: json.loads(value) for task, value in db.execute(
+        "select task_id, value from xcom where dag_id='melanoma_pipeline' and key='return_value'")}
+    pushed = xcoms["evaluate"]
+    assert pushed["chosen_on"] == "val" and pushed["strategy"] == "youden"
+    assert pushed["threshold"] == metrics["threshold"]["value"]
+    summary = read_json(s3, s3_bucket, f"{run_prefix}/gradcam/gradcam_summary.json")
+    assert summary["threshold"] == pushed["threshold"]
+    assert xcoms["gradcam"]["threshold"] == pushed["threshold"]

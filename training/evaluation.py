@@ -1,0 +1,391 @@
+"""Evaluation of model predictions: threshold chosen on validation, reported on test.
+
+Input rows (one per image, e.g. from :func:`read_predictions_csv`) carry ``image_id``,
+``lesion_id``, ``split`` (train / val / test / external), ``label`` (1 melanoma, 0 other),
+``dx``, ``probability``, ``age`` (float or None), ``sex``, ``localization`` and ``source``.
+Validation rows only choose the threshold; test rows are what is reported. Rows with split
+``external`` are grouped by ``source`` into external sets, next to the sets passed in
+``external=``.
+
+metrics.json schema (the dict returned by :func:`evaluate_predictions`)
+-----------------------------------------------------------------------
+Ratios with a zero denominator, and AUROC/AUPRC of a one-class set, are ``null``.
+An *estimate* is ``{"value", "ci_low", "ci_high"}``: a 95% percentile bootstrap interval
+resampling lesions (all images of a drawn lesion together), ``null`` bounds when it
+cannot be computed. *binary* is the dict of :func:`training.metrics.binary_metrics`:
+``threshold, n, accuracy, sensitivity, specificity, ppv, npv, f1, tn, fp, fn, tp``.
+
+- ``schema_version``: 1.
+- ``counts``: ``{"train"|"val"|"test": {"images", "lesions", "melanoma"}, "external":
+  {name: {...}}}``.
+- ``lesions_in_multiple_splits``: number of lesion ids found in more than one of
+  train/val/test (should be 0: otherwise test results are leaked); ``warnings``: list of
+  human-readable strings (empty when nothing is wrong).
+- ``threshold``: ``{"value", "strategy", "target_sensitivity"`` (null unless strategy is
+  "sensitivity"), ``"chosen_on": "val"``, ``"val"``: binary at the threshold plus
+  ``auroc``, ``auprc``, ``prevalence``, ``n_images``, ``n_lesions``}.
+- ``test``: a *set block* at the validation threshold:
+
+  - ``n_images``, ``n_lesions``, ``n_melanoma``, ``prevalence``;
+  - ``auroc``, ``auprc``: estimates; ``sensitivity``, ``specificity``: estimates at the
+    chosen threshold;
+  - ``at_threshold``: binary at the chosen threshold; ``at_0.5``: binary at 0.5;
+  - ``calibration``: ``{"brier", "ece", "n_bins", "curve": {"bin_lower", "bin_upper",
+    "mean_predicted", "fraction_positive", "count"}}`` (non-empty equal-width bins);
+  - ``subgroups``: ``{"sex"|"age_band"|"localization": {value: {"n", "n_melanoma",
+    "auroc", "sensitivity", "specificity", "small"}}}`` at the chosen threshold;
+  - ``bootstrap``: ``{"method", "n_boot", "alpha", "seed", "n_skipped": {metric: int}}``;
+  - ``curves`` (test only): ``{"roc": {"fpr", "tpr"}, "pr": {"recall", "precision"},
+    "score_histogram": {"edges", "melanoma", "other"}}`` for the plots;
+  - ``note``: present when the set holds a single class.
+
+- ``optimistic_test_youden``: ``{"optimistic": true, "chosen_on": "test", "strategy":
+  "youden", "warning", "threshold", "at_threshold": binary}``: the threshold picked on
+  the test set itself, as the reference did. Biased upward; for comparison only.
+- ``external``: ``{name: set block}`` (without ``curves``) at the validation threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from training import metrics as m
+
+SCHEMA_VERSION = 1
+COLUMNS = ("image_id", "lesion_id", "split", "label", "dx", "probability", "age", "sex", "localization", "source")
+INTERNAL_SPLITS = ("train", "val", "test")
+EXTERNAL_SPLIT = "external"
+ALPHA = 0.05
+CALIBRATION_BINS = 10
+OPTIMISTIC_WARNING = (
+    "Threshold chosen on the test set itself (the reference's method). The metrics at it "
+    "are optimistically biased and are not the result; see 'test' for the threshold "
+    "chosen on validation."
+)
+
+
+def _optional_text(value: str) -> str | None:
+    value = value.strip()
+    return value or None
+
+
+def read_predictions_csv(source: str | os.PathLike | bytes) -> list[dict]:
+    """Parse a predictions CSV (a path, or its bytes) into typed rows.
+
+    Returns one dict per row with the :data:`COLUMNS`: ``label`` int in {0, 1},
+    ``probability`` float (NaN is kept; evaluation refuses it with the image ids), ``age``
+    float or None, ``sex``/``localization``/``dx``/``source`` str or None when empty, the
+    ids and ``split`` as str. Missing columns or unparsable values raise ``ValueError``
+    with the line number.
+    """
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(f"predictions CSV lacks column(s) {', '.join(missing)}")
+    rows = []
+    for raw in reader:
+        line = reader.line_num
+        try:
+            label = int(raw["label"])
+            probability = float(raw["probability"])
+            age = float(raw["age"]) if raw["age"].strip() else None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"predictions CSV line {line}: {exc}") from None
+        if label not in (0, 1):
+            raise ValueError(f"predictions CSV line {line}: label must be 0 or 1, got {label}")
+        rows.append(
+            {
+                "image_id": raw["image_id"],
+                "lesion_id": raw["lesion_id"],
+                "split": raw["split"].strip(),
+                "label": label,
+                "dx": _optional_text(raw["dx"]),
+                "probability": probability,
+                "age": age,
+                "sex": _optional_text(raw["sex"]),
+                "localization": _optional_text(raw["localization"]),
+                "source": _optional_text(raw["source"]),
+            }
+        )
+    return rows
+
+
+def _arrays(rows: Sequence[dict], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """labels (n,), probabilities (n,), lesion ids (n,) of one set, checked."""
+    ids = [r["image_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        seen, dupes = set(), []
+        for i in ids:
+            if i in seen:
+                dupes.append(i)
+            seen.add(i)
+        raise ValueError(f"{name}: image_id repeated: {', '.join(map(str, dupes[:5]))}")
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    scores = np.array([float(r["probability"]) for r in rows], dtype=np.float64)
+    bad = [r["image_id"] for r, p in zip(rows, scores) if not math.isfinite(p)]
+    if bad:
+        raise ValueError(
+            f"{name}: {len(bad)} row(s) have a non-finite probability, e.g. {', '.join(map(str, bad[:5]))}"
+        )
+    missing = [r["image_id"] for r in rows if r.get("lesion_id") in (None, "")]
+    if missing:
+        # Lumping them into one pseudo-lesion would distort the lesion bootstrap.
+        raise ValueError(f"{name}: {len(missing)} row(s) lack a lesion_id, e.g. {', '.join(map(str, missing[:5]))}")
+    lesions = np.array([str(r["lesion_id"]) for r in rows], dtype=object)
+    return labels, scores, lesions
+
+
+def _count(rows: Sequence[dict]) -> dict:
+    return {
+        "images": len(rows),
+        "lesions": len({r["lesion_id"] for r in rows}),
+        "melanoma": sum(int(r["label"]) for r in rows),
+    }
+
+
+def _partition(
+    rows: Iterable[dict], external: Mapping[str, Sequence[dict]] | None
+) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    internal: dict[str, list[dict]] = {split: [] for split in INTERNAL_SPLITS}
+    from_rows: dict[str, list[dict]] = defaultdict(list)
+    unknown = set()
+    for row in rows:
+        split = row["split"]
+        if split in internal:
+            internal[split].append(row)
+        elif split == EXTERNAL_SPLIT:
+            from_rows[row.get("source") or EXTERNAL_SPLIT].append(row)
+        else:
+            unknown.add(split)
+    if unknown:
+        raise ValueError(f"unknown split value(s) {sorted(map(str, unknown))}; expected {INTERNAL_SPLITS + (EXTERNAL_SPLIT,)}")
+    externals = dict(from_rows)
+    for name, set_rows in (external or {}).items():
+        if name in externals:
+            raise ValueError(f"external set {name!r} given both in rows (split 'external') and in external=")
+        externals[name] = list(set_rows)
+    return internal, externals
+
+
+def _estimate(value: float | None, ci: m.BootstrapCI | None) -> dict:
+    return {
+        "value": value,
+        "ci_low": ci.low if ci else None,
+        "ci_high": ci.high if ci else None,
+    }
+
+
+def _evaluate_set(
+    rows: Sequence[dict],
+    name: str,
+    threshold: float,
+    *,
+    n_boot: int,
+    seed: int,
+    min_subgroup_count: int,
+    with_curves: bool,
+) -> dict:
+    """The set block of the module docstring, at ``threshold``."""
+    if not rows:
+        raise ValueError(f"{name}: no rows")
+    labels, scores, lesions = _arrays(rows, name)
+    n_pos = int(labels.sum())
+    both_classes = 0 < n_pos < labels.size
+    at_threshold = m.binary_metrics(labels, scores, threshold)
+    block: dict = {
+        "n_images": int(labels.size),
+        "n_lesions": len(set(lesions.tolist())),
+        "n_melanoma": n_pos,
+        "prevalence": n_pos / labels.size,
+    }
+
+    point = {"sensitivity": at_threshold["sensitivity"], "specificity": at_threshold["specificity"]}
+    cis: dict[str, m.BootstrapCI | None] = {"auroc": None, "auprc": None, "sensitivity": None, "specificity": None}
+    if both_classes:
+        point.update(m.ranking_metrics(labels, scores))
+        metric_fns = {
+            "auroc": roc_auc_score,
+            "auprc": average_precision_score,
+            "sensitivity": lambda y, s: m.binary_metrics(y, s, threshold)["sensitivity"],
+            "specificity": lambda y, s: m.binary_metrics(y, s, threshold)["specificity"],
+        }
+        # Same seed for every metric: the intervals come from the same resamples.
+        cis = {
+            key: m.lesion_bootstrap_ci(labels, scores, lesions, fn, n_boot=n_boot, alpha=ALPHA, seed=seed)
+            for key, fn in metric_fns.items()
+        }
+    else:
+        point.update(auroc=None, auprc=None)
+        block["note"] = (
+            f"only class {1 if n_pos else 0} present: AUROC/AUPRC are undefined and no bootstrap "
+            "interval is computed"
+        )
+    for key in ("auroc", "auprc", "sensitivity", "specificity"):
+        block[key] = _estimate(point[key], cis[key])
+    block["at_threshold"] = at_threshold
+    block["at_0.5"] = m.binary_metrics(labels, scores, 0.5)
+    block["calibration"] = {
+        "brier": m.brier_score(labels, scores),
+        "ece": m.expected_calibration_error(labels, scores, CALIBRATION_BINS),
+        "n_bins": CALIBRATION_BINS,
+        "curve": m.reliability_curve(labels, scores, CALIBRATION_BINS),
+    }
+    block["subgroups"] = m.subgroup_metrics(
+        labels,
+        scores,
+        {
+            "sex": [r.get("sex") for r in rows],
+            "age_band": m.age_bands([r.get("age") for r in rows]),
+            "localization": [r.get("localization") for r in rows],
+        },
+        threshold,
+        min_count=min_subgroup_count,
+    )
+    block["bootstrap"] = {
+        "method": "percentile; lesions resampled with replacement, all images of a drawn lesion together",
+        "n_boot": n_boot,
+        "alpha": ALPHA,
+        "seed": seed,
+        "n_skipped": {key: ci.n_skipped for key, ci in cis.items() if ci is not None},
+    }
+    if with_curves and both_classes:
+        block["curves"] = m.curve_points(labels, scores)
+    return block
+
+
+def evaluate_predictions(
+    rows: Sequence[dict],
+    *,
+    strategy: str = "youden",
+    target_sensitivity: float = 0.95,
+    n_boot: int = 1000,
+    external: Mapping[str, Sequence[dict]] | None = None,
+    seed: int = 0,
+    min_subgroup_count: int = 30,
+) -> dict:
+    """Build the metrics document described in the module docstring.
+
+    Parameters
+    ----------
+    rows : prediction rows (see the module docstring); must include val and test rows,
+        each set holding both classes.
+    strategy, target_sensitivity : passed to :func:`training.metrics.choose_threshold`
+        on the validation rows.
+    n_boot : bootstrap resamples per interval (lesion-level).
+    external : optional ``{name: rows}`` of external test sets.
+    seed : bootstrap seed.
+    min_subgroup_count : subgroups smaller than this are flagged ``small``.
+    """
+    internal, externals = _partition(rows, external)
+    val_rows, test_rows = internal["val"], internal["test"]
+    if not val_rows or not test_rows:
+        raise ValueError(f"need val and test rows, got {len(val_rows)} val and {len(test_rows)} test")
+
+    warnings = []
+    lesion_splits: dict[str, set[str]] = defaultdict(set)
+    for split, split_rows in internal.items():
+        for row in split_rows:
+            lesion_splits[str(row["lesion_id"])].add(split)
+    leaked = sorted(lesion for lesion, splits in lesion_splits.items() if len(splits) > 1)
+    if leaked:
+        warnings.append(
+            f"{len(leaked)} lesion(s) appear in more than one of train/val/test, e.g. "
+            f"{', '.join(leaked[:5])}: the test set is not independent"
+        )
+
+    val_labels, val_scores, val_lesions = _arrays(val_rows, "val")
+    try:
+        threshold = m.choose_threshold(val_labels, val_scores, strategy, target_sensitivity)
+        val_ranking = m.ranking_metrics(val_labels, val_scores)
+    except ValueError as exc:
+        raise ValueError(f"val split: {exc}") from None
+    test_labels, test_scores, _ = _arrays(test_rows, "test")
+    try:
+        optimistic = m.choose_threshold(test_labels, test_scores, "youden")
+    except ValueError as exc:
+        raise ValueError(f"test split: {exc}") from None
+
+    common = {"n_boot": n_boot, "seed": seed, "min_subgroup_count": min_subgroup_count}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "counts": {
+            **{split: _count(split_rows) for split, split_rows in internal.items()},
+            "external": {name: _count(set_rows) for name, set_rows in externals.items()},
+        },
+        "lesions_in_multiple_splits": len(leaked),
+        "warnings": warnings,
+        "threshold": {
+            "value": threshold,
+            "strategy": strategy,
+            "target_sensitivity": target_sensitivity if strategy == "sensitivity" else None,
+            "chosen_on": "val",
+            "val": {
+                **m.binary_metrics(val_labels, val_scores, threshold),
+                **val_ranking,
+                "n_images": int(val_labels.size),
+                "n_lesions": len(set(val_lesions.tolist())),
+            },
+        },
+        "test": _evaluate_set(test_rows, "test", threshold, with_curves=True, **common),
+        "optimistic_test_youden": {
+            "optimistic": True,
+            "chosen_on": "test",
+            "strategy": "youden",
+            "warning": OPTIMISTIC_WARNING,
+            "threshold": optimistic,
+            "at_threshold": m.binary_metrics(test_labels, test_scores, optimistic),
+        },
+        "external": {
+            name: _evaluate_set(set_rows, f"external set {name!r}", threshold, with_curves=False, **common)
+            for name, set_rows in externals.items()
+        },
+    }
+
+
+def write_evaluation(metrics: dict, out_dir: Path, rows: Sequence[dict] | None = None) -> list[Path]:
+    """Write ``metrics.json`` and the plots of :func:`training.plots.plot_all` to ``out_dir``.
+
+    ``rows``, when given, are passed to ``plot_all`` (curves drawn from the raw test
+    scores); otherwise the plots use the curve data stored in ``metrics``. Returns the
+    written paths, ``metrics.json`` first. The JSON is strict (no NaN/Infinity).
+    """
+    from training.plots import plot_all  # matplotlib only when plots are written
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "metrics.json"
+    json_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return [json_path, *plot_all(metrics, rows, out_dir)]
+
+
+def xcom_payload(metrics: dict, metrics_uri: str) -> dict:
+    """The small summary handed to downstream Airflow tasks; the full document stays at
+    ``metrics_uri``.
+
+    Returns ``{"threshold", "strategy", "target_sensitivity", "chosen_on", "val":
+    {"sensitivity", "specificity"}, "test": {"auroc", "auprc", "sensitivity",
+    "specificity"}, "metrics_uri"}``; test sensitivity/specificity are at the validation
+    threshold.
+    """
+    choice = metrics["threshold"]
+    test = metrics["test"]
+    return {
+        "threshold": choice["value"],
+        "strategy": choice["strategy"],
+        "target_sensitivity": choice["target_sensitivity"],
+        "chosen_on": choice["chosen_on"],
+        "val": {key: choice["val"][key] for key in ("sensitivity", "specificity")},
+        "test": {key: test[key]["value"] for key in ("auroc", "auprc", "sensitivity", "specificity")},
+        "metrics_uri": metrics_uri,
+    }

@@ -1,0 +1,465 @@
+"""Metric functions for the melanoma classifier, in the style of ``sklearn.metrics``.
+
+Plain functions of arrays, no state. Shared conventions:
+
+- ``labels``: int array of shape (n_samples,), 1 = melanoma, 0 = other.
+- ``scores``: float array of shape (n_samples,), the predicted melanoma probability.
+- An image is called positive when ``score >= threshold``. Thresholds returned by
+  :func:`choose_threshold` are score values taken from ``roc_curve``, so this convention
+  reproduces exactly the ROC point they were chosen at.
+- A ratio whose denominator is zero (sensitivity without melanoma, PPV without any positive
+  call, ...) is ``None``: 0 would read as a failure and NaN is not valid JSON.
+
+Invalid input raises ``ValueError`` naming the problem: arrays that are not 1-D or differ in
+length, labels outside {0, 1}, NaN or infinite scores, and a single class where a ranking
+metric or a threshold choice needs both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+THRESHOLD_STRATEGIES = ("youden", "sensitivity", "f1")
+#: Age bands of :func:`age_bands`: (lower bound inclusive, name); the last is open-ended.
+AGE_BANDS = ((0.0, "<30"), (30.0, "30-44"), (45.0, "45-59"), (60.0, "60-74"), (75.0, "75+"))
+UNKNOWN = "unknown"
+#: A subgroup with fewer cases than this in either class is flagged ``small``.
+MIN_CLASS_COUNT = 5
+
+
+def _check_inputs(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    *,
+    need_both_classes: bool = False,
+    probabilities: bool = False,
+    what: str = "this metric",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert; returns labels as int64 and scores as float64, both (n_samples,)."""
+    y = np.asarray(labels)
+    try:
+        s = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"scores must be numeric: {exc}") from None
+    if y.ndim != 1 or s.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D, got shapes {y.shape} and {s.shape}")
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.shape[0]} != {s.shape[0]}")
+    if y.size == 0:
+        raise ValueError("labels and scores are empty")
+    try:
+        binary = np.isin(y, (0, 1))
+    except TypeError:
+        binary = np.zeros(y.shape, dtype=bool)
+    if not binary.all():
+        bad = sorted({repr(v) for v in y[~binary].tolist()})[:5]
+        raise ValueError(f"labels must be 0 or 1, found {', '.join(bad)}")
+    y = y.astype(np.int64)
+    nan = np.isnan(s)
+    if nan.any():
+        raise ValueError(
+            f"scores contain {int(nan.sum())} NaN value(s) (first at index {int(np.argmax(nan))}); "
+            "a model that outputs NaN must be fixed, not evaluated"
+        )
+    if not np.isfinite(s).all():
+        raise ValueError(f"scores contain {int(np.isinf(s).sum())} infinite value(s)")
+    if probabilities and (s.min() < 0.0 or s.max() > 1.0):
+        raise ValueError(f"scores must be probabilities in [0, 1], found range [{s.min()}, {s.max()}]")
+    if need_both_classes:
+        n_pos = int(y.sum())
+        if n_pos == 0 or n_pos == y.size:
+            only = 1 if n_pos else 0
+            raise ValueError(
+                f"{what} needs both classes, but all {y.size} labels are {only}"
+            )
+    return y, s
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def binary_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict:
+    """Confusion counts and the ratios derived from them at one threshold.
+
+    Parameters
+    ----------
+    labels : array of shape (n_samples,), values in {0, 1}
+    scores : array of shape (n_samples,)
+    threshold : float; images with ``score >= threshold`` are called melanoma.
+
+    Returns
+    -------
+    dict with ``threshold``, ``n``, ``accuracy``, ``sensitivity`` (recall of class 1),
+    ``specificity`` (recall of class 0), ``ppv`` (precision of class 1), ``npv``
+    (precision of class 0), ``f1`` (of class 1) as floats, and ``tn``, ``fp``, ``fn``, ``tp``
+    as ints. A ratio with a zero denominator is ``None``: sensitivity without melanoma,
+    specificity without other lesions, ppv without positive calls, npv without negative
+    calls, f1 when there is neither a melanoma nor a positive call.
+    """
+    y, s = _check_inputs(labels, scores)
+    threshold = float(threshold)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    predicted = (s >= threshold).astype(np.int64)
+    tn, fp, fn, tp = (int(c) for c in confusion_matrix(y, predicted, labels=[0, 1]).ravel())
+    return {
+        "threshold": threshold,
+        "n": int(y.size),
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
+        "tp": tp,
+    }
+
+
+def ranking_metrics(labels: ArrayLike, scores: ArrayLike) -> dict:
+    """Threshold-free metrics.
+
+    Parameters
+    ----------
+    labels : array of shape (n_samples,), values in {0, 1}, both classes present
+    scores : array of shape (n_samples,)
+
+    Returns
+    -------
+    dict with ``auroc`` (``roc_auc_score``; 0.5 when all scores are equal), ``auprc``
+    (``average_precision_score``; its no-skill value is the prevalence, not 0.5) and
+    ``prevalence`` (fraction of melanoma).
+    """
+    y, s = _check_inputs(labels, scores, need_both_classes=True, what="AUROC/AUPRC")
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "auprc": float(average_precision_score(y, s)),
+        "prevalence": float(y.mean()),
+    }
+
+
+def choose_threshold(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    strategy: str = "youden",
+    target_sensitivity: float = 0.95,
+) -> float:
+    """Pick an operating threshold; call it on validation data, never on the test set.
+
+    Candidates are the thresholds of ``roc_curve(..., drop_intermediate=False)``: every
+    distinct score, in decreasing order, preceded by ``+inf`` (nothing called positive).
+
+    - ``"youden"``: maximise sensitivity + specificity - 1 (TPR - FPR).
+    - ``"sensitivity"``: the highest threshold whose sensitivity is >= ``target_sensitivity``,
+      i.e. the most specific operating point meeting the target. It always exists, since
+      the lowest score gives sensitivity 1.
+    - ``"f1"``: maximise the F1 score of the melanoma class.
+
+    Ties go to the highest threshold (fewest positive calls). Objectives are compared as
+    exact ratios of counts, so mathematically equal values do tie. The ``+inf`` candidate
+    can only win for ``"youden"`` when no threshold beats chance (e.g. all scores equal);
+    it is then clipped to 1.0, as is any result outside [0, 1], so the threshold is always
+    a usable probability. (With 1.0, scores of exactly 1.0 are called positive.)
+
+    Parameters
+    ----------
+    labels : array of shape (n_samples,), values in {0, 1}, both classes present
+    scores : array of shape (n_samples,), probabilities
+    strategy : "youden", "sensitivity" or "f1"
+    target_sensitivity : float in (0, 1], used by ``"sensitivity"`` only
+
+    Returns
+    -------
+    float in [0, 1]
+    """
+    if strategy not in THRESHOLD_STRATEGIES:
+        raise ValueError(f"strategy must be one of {THRESHOLD_STRATEGIES}, got {strategy!r}")
+    y, s = _check_inputs(labels, scores, need_both_classes=True, what="choosing a threshold")
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    # One candidate grid for every strategy, so ties and +inf follow a single rule.
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    # Back to integer counts: comparisons of float rates could split exact ties by an ulp.
+    tp = np.rint(tpr * n_pos).astype(np.int64)
+    fp = np.rint(fpr * n_neg).astype(np.int64)
+    if strategy == "youden":
+        # (TPR - FPR) * n_pos * n_neg, exact in integers.
+        objective = tp * n_neg - fp * n_pos
+    elif strategy == "sensitivity":
+        if not 0.0 < target_sensitivity <= 1.0:
+            raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+        # tp is non-decreasing along the decreasing thresholds: the first hit is the highest.
+        objective = (tp >= target_sensitivity * n_pos).astype(np.int64)
+    else:
+        # F1 = 2TP / (2TP + FP + FN) = 2TP / (TP + FP + n_pos); one correctly rounded
+        # division, so equal ratios give equal floats.
+        objective = 2 * tp / (tp + fp + n_pos)
+    # argmax returns the first maximum, i.e. the highest threshold among ties.
+    return float(np.clip(thresholds[int(np.argmax(objective))], 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """A percentile bootstrap interval; unpacks as ``low, high``.
+
+    ``low``/``high`` are ``None`` when no resample could be used. ``n_skipped`` counts the
+    resamples left out because they held one class only or the metric was undefined on them
+    (``None`` or NaN); the interval rests on ``n_boot - n_skipped`` values.
+    """
+
+    low: float | None
+    high: float | None
+    n_boot: int
+    n_skipped: int
+
+    def __iter__(self):
+        return iter((self.low, self.high))
+
+
+def lesion_bootstrap_ci(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    lesion_ids: ArrayLike,
+    metric_fn: Callable[[np.ndarray, np.ndarray], float | None],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> BootstrapCI:
+    """Percentile bootstrap confidence interval with lesions as the resampling unit.
+
+    Images of one lesion are correlated, so resampling images would understate the
+    uncertainty; each resample draws ``n_lesions`` lesions with replacement and takes every
+    image of each drawn lesion (a lesion drawn twice contributes all its images twice).
+
+    Parameters
+    ----------
+    labels : array of shape (n_samples,), values in {0, 1}, both classes present
+    scores : array of shape (n_samples,)
+    lesion_ids : array of shape (n_samples,), any hashable, sortable ids (no ``None``)
+    metric_fn : ``metric_fn(labels, scores) -> float | None`` on a resample; it is only
+        called on resamples holding both classes.
+    n_boot : number of resamples
+    alpha : the interval covers 1 - alpha
+    seed : seed of ``numpy.random.default_rng``; the same seed draws the same resamples, so
+        intervals of different metrics on the same data are paired.
+
+    Returns
+    -------
+    BootstrapCI (``low, high = lesion_bootstrap_ci(...)`` works).
+    """
+    y, s = _check_inputs(labels, scores, need_both_classes=True, what="the bootstrap")
+    lesions = np.asarray(lesion_ids)
+    if lesions.shape != y.shape:
+        raise ValueError(f"lesion_ids has shape {lesions.shape}, expected {y.shape}")
+    if any(v is None for v in lesions.tolist()):
+        raise ValueError("lesion_ids contain None")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+    codes = np.unique(lesions, return_inverse=True)[1].ravel()
+    n_lesions = int(codes.max()) + 1
+    order = np.argsort(codes, kind="stable")  # images grouped by lesion
+    sizes = np.bincount(codes, minlength=n_lesions)
+    starts = np.cumsum(sizes) - sizes  # first position of each lesion in `order`
+    positives = np.bincount(codes, weights=y, minlength=n_lesions).astype(np.int64)
+
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, n_lesions, size=(n_boot, n_lesions))
+    lengths = sizes[drawn]  # (n_boot, n_lesions) images contributed by each draw
+    n_images = lengths.sum(axis=1)
+    n_pos = positives[drawn].sum(axis=1)
+    usable = (n_pos > 0) & (n_pos < n_images)
+
+    # All resamples at once: each draw expands to the consecutive run of its lesion's
+    # images in `order`; a running position within the draw's run gives the offset.
+    flat_lengths = lengths.ravel()
+    run_start = np.repeat(starts[drawn].ravel(), flat_lengths)
+    within = np.arange(flat_lengths.sum()) - np.repeat(np.cumsum(flat_lengths) - flat_lengths, flat_lengths)
+    images = order[run_start + within]
+    per_resample = np.split(images, np.cumsum(n_images)[:-1])
+
+    values = []
+    for index in np.flatnonzero(usable):
+        value = metric_fn(y[per_resample[index]], s[per_resample[index]])
+        if value is not None and math.isfinite(value):
+            values.append(float(value))
+    n_skipped = n_boot - len(values)
+    if not values:
+        return BootstrapCI(None, None, n_boot, n_skipped)
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return BootstrapCI(float(low), float(high), n_boot, n_skipped)
+
+
+def brier_score(labels: ArrayLike, scores: ArrayLike) -> float:
+    """Mean squared error of the probabilities (``brier_score_loss``); lower is better.
+
+    labels, scores : arrays of shape (n_samples,); scores in [0, 1]. One class is allowed.
+    """
+    y, s = _check_inputs(labels, scores, probabilities=True)
+    return float(brier_score_loss(y, s, pos_label=1))
+
+
+def reliability_curve(labels: ArrayLike, scores: ArrayLike, n_bins: int = 10) -> dict:
+    """Reliability diagram data over ``n_bins`` equal-width bins of [0, 1].
+
+    Bins are those of ``calibration_curve(strategy="uniform")``: right-closed, except the
+    first, which also holds 0. Empty bins are left out.
+
+    Parameters
+    ----------
+    labels, scores : arrays of shape (n_samples,); scores in [0, 1]. One class is allowed.
+    n_bins : int >= 1
+
+    Returns
+    -------
+    dict of lists, each of length n_nonempty_bins: ``bin_lower``, ``bin_upper``,
+    ``mean_predicted``, ``fraction_positive``, ``count``.
+    """
+    y, s = _check_inputs(labels, scores, probabilities=True)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    fraction_positive, mean_predicted = calibration_curve(y, s, n_bins=n_bins, strategy="uniform", pos_label=1)
+    # calibration_curve does not return bin counts (needed to weight the ECE); recount
+    # with its own bin assignment so the two stay aligned.
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], s), minlength=n_bins)
+    nonempty = np.flatnonzero(counts)
+    return {
+        "bin_lower": edges[nonempty].tolist(),
+        "bin_upper": edges[nonempty + 1].tolist(),
+        "mean_predicted": mean_predicted.tolist(),
+        "fraction_positive": fraction_positive.tolist(),
+        "count": counts[nonempty].tolist(),
+    }
+
+
+def expected_calibration_error(labels: ArrayLike, scores: ArrayLike, n_bins: int = 10) -> float:
+    """ECE: the mean over images of |fraction of melanoma - mean probability| of their bin.
+
+    Equal-width bins as in :func:`reliability_curve`, each weighted by its share of images.
+    labels, scores : arrays of shape (n_samples,); scores in [0, 1].
+    """
+    curve = reliability_curve(labels, scores, n_bins)
+    counts = np.asarray(curve["count"], dtype=np.float64)
+    gaps = np.abs(np.asarray(curve["fraction_positive"]) - np.asarray(curve["mean_predicted"]))
+    return float(np.sum(counts / counts.sum() * gaps))
+
+
+def curve_points(labels: ArrayLike, scores: ArrayLike, n_hist_bins: int = 20) -> dict:
+    """Data to draw ROC, precision-recall and score-histogram plots without the raw scores.
+
+    Parameters
+    ----------
+    labels : array of shape (n_samples,), both classes present
+    scores : array of shape (n_samples,), probabilities in [0, 1]
+    n_hist_bins : equal-width histogram bins over [0, 1]
+
+    Returns
+    -------
+    ``{"roc": {"fpr", "tpr"}, "pr": {"recall", "precision"},
+    "score_histogram": {"edges", "melanoma", "other"}}``, all lists. The ROC curve keeps
+    only its corners (``drop_intermediate=True``), which draws the same line.
+    """
+    y, s = _check_inputs(labels, scores, need_both_classes=True, probabilities=True, what="ROC and PR curves")
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
+    precision, recall, _ = precision_recall_curve(y, s)
+    edges = np.linspace(0.0, 1.0, n_hist_bins + 1)
+    return {
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+        "pr": {"recall": recall.tolist(), "precision": precision.tolist()},
+        "score_histogram": {
+            "edges": edges.tolist(),
+            "melanoma": np.histogram(s[y == 1], bins=edges)[0].tolist(),
+            "other": np.histogram(s[y == 0], bins=edges)[0].tolist(),
+        },
+    }
+
+
+def _group_key(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return UNKNOWN
+    text = str(value).strip()
+    return text if text else UNKNOWN
+
+
+def age_bands(ages: Sequence[float | None]) -> np.ndarray:
+    """Map ages to the bands of :data:`AGE_BANDS`; ``None``/NaN become ``"unknown"``.
+
+    ages : sequence of length n_samples. Returns an object array of str, shape (n_samples,).
+    """
+    values = np.array([np.nan if a is None else float(a) for a in ages], dtype=np.float64)
+    names = np.array([name for _, name in AGE_BANDS], dtype=object)
+    lower_bounds = [bound for bound, _ in AGE_BANDS[1:]]
+    bands = names[np.digitize(np.nan_to_num(values, nan=0.0), lower_bounds)]
+    bands[np.isnan(values)] = UNKNOWN
+    return bands
+
+
+def subgroup_metrics(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    groups: Mapping[str, ArrayLike],
+    threshold: float,
+    min_count: int = 30,
+) -> dict:
+    """Per-subgroup discrimination and operating-point metrics.
+
+    Parameters
+    ----------
+    labels, scores : arrays of shape (n_samples,)
+    groups : maps a grouping name (e.g. ``"sex"``, ``"age_band"``, ``"localization"``) to an
+        array of shape (n_samples,) of group values; ``None``, NaN and empty strings are
+        grouped as ``"unknown"``.
+    threshold : the operating threshold (``score >= threshold`` is positive)
+    min_count : subgroups with fewer images are flagged ``small``
+
+    Returns
+    -------
+    ``{grouping: {value: {"n", "n_melanoma", "auroc", "sensitivity", "specificity",
+    "small"}}}`` with values sorted. ``auroc`` is ``None`` when the subgroup holds one
+    class; sensitivity/specificity are ``None`` without melanoma/other images. ``small`` is
+    true when ``n < min_count`` or either class has fewer than :data:`MIN_CLASS_COUNT`
+    images: such estimates are too noisy to compare.
+    """
+    y, s = _check_inputs(labels, scores)
+    result: dict[str, dict[str, dict]] = {}
+    for grouping, values in groups.items():
+        keys = np.array([_group_key(v) for v in np.asarray(values, dtype=object).tolist()], dtype=object)
+        if keys.shape != y.shape:
+            raise ValueError(f"group {grouping!r} has {keys.size} values for {y.size} samples")
+        per_value = {}
+        for key in sorted(set(keys.tolist())):
+            mask = keys == key
+            y_g, s_g = y[mask], s[mask]
+            n = int(mask.sum())
+            n_pos = int(y_g.sum())
+            at_threshold = binary_metrics(y_g, s_g, threshold)
+            per_value[key] = {
+                "n": n,
+                "n_melanoma": n_pos,
+                "auroc": float(roc_auc_score(y_g, s_g)) if 0 < n_pos < n else None,
+                "sensitivity": at_threshold["sensitivity"],
+                "specificity": at_threshold["specificity"],
+                "small": n < min_count or min(n_pos, n - n_pos) < MIN_CLASS_COUNT,
+            }
+        result[grouping] = per_value
+    return result
