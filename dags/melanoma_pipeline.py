@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def spark_conf() -> dict[str, str]:
     catchup=False,
     max_active_runs=1,
     tags=["melanoma", "spark", "keras"],
-    default_args={"retries": 2, "retry_delay": dt.timedelta(minutes=2), "retry_exponential_backoff": True},
+    # Retries are read from the environment (not a Variable) because they are needed at parse time.
+    default_args={"retries": int(os.environ.get("MELANOMA_TASK_RETRIES", "2")), "retry_delay": dt.timedelta(minutes=2),
+                  "retry_exponential_backoff": True},
     doc_md=__doc__,
     params={
         "drops": Param(PARAM_DEFAULTS["drops"], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
@@ -69,6 +72,8 @@ def melanoma_pipeline():
         """Resolve roots, run key and the drops this run owns."""
         context = get_current_context()
         dag_run = context["dag_run"]
+        # This task lists drops and manifests itself, so it needs the object-store settings too.
+        os.environ.update(storage_env())
         return resolve_run(
             dict(context["params"]),
             run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
@@ -90,7 +95,7 @@ def melanoma_pipeline():
         conn_id="spark_default",
         application=str(SPARK_JOBS / "preprocess.py"),
         name="melanoma-preprocess",
-        application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | join(',') }}", *common_args],
+        application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | join(',') }}" % PLAN, *common_args],
         conf=spark_conf(),
         execution_timeout=dt.timedelta(hours=2),
     )

@@ -52,6 +52,8 @@ def airflow_env(airflow_home: Path, data_root: str, raw_root: str, extra: dict[s
             "MELANOMA_DATA_ROOT": data_root,
             "MELANOMA_RAW_ROOT": raw_root,
             "MELANOMA_RUNNER": "local",
+            # `dags test` runs tasks in one process: a retry would only repeat the same error later.
+            "MELANOMA_TASK_RETRIES": "0",
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
     )
@@ -60,8 +62,11 @@ def airflow_env(airflow_home: Path, data_root: str, raw_root: str, extra: dict[s
 
 
 def run_dag(env: dict[str, str], conf: dict, logical_date: str | None = None) -> subprocess.CompletedProcess:
-    """``airflow dags test melanoma_pipeline`` with ``conf`` as the run's Params."""
+    """``airflow dags test melanoma_pipeline`` with ``conf`` as the run's Params (migrating the SQLite DB first)."""
     airflow = str(Path(sys.executable).parent / "airflow")
+    migrate = subprocess.run([airflow, "db", "migrate"], env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if migrate.returncode != 0:
+        return migrate
     command = [airflow, "dags", "test", "melanoma_pipeline", *([logical_date] if logical_date else []), "-c", json.dumps(conf)]
     return subprocess.run(command, env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

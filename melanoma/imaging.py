@@ -401,7 +401,7 @@ _REDUCED_FLAGS = {1: 0, 2: 16, 4: 32, 8: 64}  # the IMREAD_REDUCED_* bits withou
 
 
 # ---------------------------------------------------------------------------------------
-# Pixel conversions (each one job; each returns the array and the note it earned, if any)
+# Pixel conversions, one job each (their notes come from the header: see _format_notes)
 
 
 def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
@@ -498,7 +498,7 @@ def _format_notes(header: ImageHeader) -> list[str]:
         notes.append("palette->rgb")
     if header.has_alpha:
         notes.append("alpha-dropped")
-    if header.bit_depth is not None and header.bit_depth > 8:
+    if header.bit_depth == 16:
         notes.append("16bit->8bit")
     return notes
 
@@ -537,7 +537,9 @@ def decode_rgb(data: bytes, *, target_size: int = IMAGE_SIZE, max_pixels: int = 
         _expect_shape(raw, header.width, header.height, header)
         if raw.dtype != np.uint8 and "16bit->8bit" not in notes:
             notes.append("16bit->8bit")
-        if raw.ndim == 3 and raw.shape[2] == 4 and "alpha-dropped" not in notes:
+        if raw.ndim == 3 and raw.shape[2] == 4 and header.channels is None and "alpha-dropped" not in notes:
+            # Only when the header could not say: a CMYK TIFF also decodes to 4 channels,
+            # converted by libtiff, with an opaque fourth one.
             notes.append("alpha-dropped")
         rgb = _reduce_like_dct(_to_rgb(_to_uint8(raw)), target_size)
     if header.orientation != 1:
@@ -593,7 +595,10 @@ def _mask_gray(data: bytes, header: ImageHeader) -> np.ndarray:
     """
     flags = cv2.IMREAD_IGNORE_ORIENTATION
     if header.bit_depth is not None and header.bit_depth > 8:
-        gray = _channel_max(_imdecode(data, cv2.IMREAD_UNCHANGED | flags, header))
+        raw = _imdecode(data, cv2.IMREAD_UNCHANGED | flags, header)
+        if raw.max() == 1:
+            raw = raw * np.uint16(65535)  # a 0/1 map would round to all zero in 8 bits
+        gray = _channel_max(raw)
     else:
         gray = _imdecode(data, cv2.IMREAD_GRAYSCALE | flags, header)
         if header.color != "gray" and 1 < gray.max() < 128:

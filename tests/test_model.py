@@ -135,6 +135,13 @@ def test_efficientnet_lite0_classifier_uses_package_weights() -> None:
     assert M.weights_provenance({"backbone": "efficientnet_lite0", "weights": "imagenet"}) == (
         M.weights_provenance(model)
     )
+    # Frozen features must not be stochastic in training mode (feature caching relies on it).
+    features = M.feature_extractor(model)
+    M.freeze_backbone(model)
+    np.testing.assert_allclose(
+        np.asarray(features(images, training=True)), np.asarray(features(images, training=False)),
+        atol=1e-6,
+    )
     M.unfreeze_last_blocks(model, 1)
     trainable = {layer.name for layer in M.backbone_layers(model) if layer.trainable_weights}
     assert trainable == {"block7a_expand_conv", "block7a_dwconv", "block7a_project_conv", "top_conv"}

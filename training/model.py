@@ -181,7 +181,9 @@ def _resnet50_features(x: keras.KerasTensor, weights_file: str | None) -> keras.
 
 def _lite0_features(x: keras.KerasTensor, weights_file: str | None) -> keras.KerasTensor:
     """Preprocessed (N, H, W, 3) -> top_activation (N, H/32, W/32, 1280), layers in x's graph."""
-    return efficientnet_lite0.efficientnet_lite0_backbone(x, weights_file)
+    # No stochastic depth: Dropout ignores `trainable`, so it would keep perturbing a frozen
+    # backbone in training mode and make cached features differ from the live graph's.
+    return efficientnet_lite0.efficientnet_lite0_backbone(x, weights_file, drop_connect_rate=0.0)
 
 
 _FEATURE_BUILDERS = {"resnet50": _resnet50_features, "efficientnet_lite0": _lite0_features}
