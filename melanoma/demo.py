@@ -71,6 +71,18 @@ def run_dag(env: dict[str, str], conf: dict, logical_date: str | None = None) ->
     return subprocess.run(command, env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def task_states(airflow_home: Path) -> list[tuple[str, str, float | None]]:
+    """(task_id, state, seconds) of the last run, read from the embedded Airflow's SQLite DB."""
+    import sqlite3
+
+    with sqlite3.connect(airflow_home / "airflow.db") as db:
+        return db.execute(
+            "select task_id, state, duration from task_instance where dag_id = 'melanoma_pipeline' "
+            "and run_id = (select run_id from dag_run where dag_id = 'melanoma_pipeline' order by id desc limit 1) "
+            "order by start_date"
+        ).fetchall()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR") or None, help="a HAM10000-layout folder (default: synthetic data)")
@@ -106,7 +118,9 @@ def main() -> int:
     log = out / "dags_test.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(result.stdout)
-    print("\n".join(line for line in result.stdout.splitlines() if "State" in line or "RESULT" in line or "error" in line.lower())[-4000:])
+    states = task_states(out / "airflow") if (out / "airflow" / "airflow.db").exists() else []
+    for task_id, state, seconds in states:
+        print(f"  {task_id:<15} {state or 'none':<10} {'' if seconds is None else f'{seconds:6.1f} s'}")
     if result.returncode != 0:
         print(f"demo: the DAG run failed (exit {result.returncode}); full log: {log}", file=sys.stderr)
         return result.returncode
