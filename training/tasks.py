@@ -17,8 +17,12 @@ from training.predict import load_model, predict_probabilities, prediction_rows,
 MODEL_KEY = "model/model.keras"
 
 
-def _external_rows(model, spec: str) -> list[dict]:
-    """Score an external drop (``raw_root::drop_id``) through the same scan and preprocessing."""
+def _external_rows(model, spec: str) -> tuple[list[dict], list[dict]]:
+    """Score an external drop (``raw_root::drop_id``) through the same scan and preprocessing.
+
+    Returns (prediction rows, unscorable inputs with their reasons): the scan's quarantine
+    and images that fail to decode are reported, never dropped silently.
+    """
     import numpy as np
 
     from melanoma.drops import scan_drop
@@ -30,15 +34,17 @@ def _external_rows(model, spec: str) -> list[dict]:
     raw = open_storage(raw_root)
     scan = scan_drop(raw, drop_id)
     records, images = [], []
+    unscored = [q.to_json() for q in scan.quarantined]
     for item in scan.inputs:
         try:
             images.append(preprocess_image_bytes(raw.read_bytes(item.image_key))[0])
-        except RejectedImage:
-            continue  # already reported by the scan's quarantine when ingested; here it simply cannot be scored
+        except RejectedImage as rejected:
+            unscored.append({"drop_id": drop_id, "item": item.image_id, "reason": rejected.reason, "detail": str(rejected)})
+            continue
         records.append({"image_id": item.image_id, "lesion_id": item.lesion_id, "label": item.label, "dx": item.dx,
                         "age": item.age, "sex": item.sex, "localization": item.localization})
     batch = np.stack(images) if images else np.zeros((0, 224, 224, 3), np.uint8)
-    return prediction_rows(records, predict_probabilities(model, batch), split="external", source=drop_id)
+    return prediction_rows(records, predict_probabilities(model, batch), split="external", source=drop_id), unscored
 
 
 def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden", target_sensitivity: float = 0.95,
@@ -53,16 +59,20 @@ def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden"
     for split in ("val", "test"):
         shard = load_split(storage, manifest, [split])
         rows += prediction_rows(shard.records, predict_probabilities(model, shard.images), split=split)
-    external_sets = {}
+    external_sets, unscored = {}, {}
     for spec in external or []:
-        ext_rows = _external_rows(model, spec)
-        external_sets[spec.rpartition("::")[2]] = ext_rows
-        rows += ext_rows
+        name = spec.rpartition("::")[2]
+        external_sets[name], unscored[name] = _external_rows(model, spec)
+        rows += external_sets[name]
     run.write_bytes("eval/predictions.csv", rows_to_csv(rows))
     internal = [r for r in rows if r["split"] in ("val", "test")]
     metrics = evaluate_predictions(internal, strategy=strategy, target_sensitivity=target_sensitivity, n_boot=n_boot,
                                    external=external_sets or None)
     metrics["manifest_version"] = manifest["version"]
+    if unscored:
+        metrics["external_unscored"] = {name: {"count": len(items), "reasons": sorted({i["reason"] for i in items})} for name, items in unscored.items()}
+        for name, items in unscored.items():
+            run.write_bytes(f"eval/external-{name}-unscored.jsonl", "".join(json.dumps(i, sort_keys=True) + "\n" for i in items).encode())
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_evaluation(metrics, Path(tmp), rows=internal):
             run.write_bytes(f"eval/{path.name}", path.read_bytes())

@@ -1,0 +1,58 @@
+"""training.tasks.evaluate_run on real shards (built without Spark) with an external drop."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from melanoma import ingest
+from melanoma.manifest import commit_manifest
+from melanoma.storage import open_storage
+from melanoma.synthetic import write_drop
+
+pytestmark = pytest.mark.slow
+
+
+def build_processed(raw_root: Path, data_root: Path, drop_id: str) -> dict:
+    """The preprocess job's driver and executor steps, run in-process."""
+    plan = ingest.plan_drop(str(raw_root), str(data_root), drop_id, {})
+    results = [ingest.process_chunk(task) for task in plan.tasks]
+    manifest = ingest.finish_drops(open_storage(data_root), None, [plan], results, logical_date="2026-01-01")
+    commit_manifest(open_storage(data_root), manifest)
+    return manifest
+
+
+def test_evaluate_run_reports_external_set_and_unscorable_images(tmp_path):
+    import keras
+
+    from training.model import build_classifier
+    from training.tasks import evaluate_run
+
+    raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "data" / "runs" / "r1"
+    drop = write_drop(raw, n_images=120, seed=1)
+    build_processed(raw, data, drop.name)
+    external = write_drop(tmp_path / "external_raw", n_images=30, seed=2)
+    # One external image is cut short: it must be reported as unscorable, not dropped.
+    victim = sorted((external / "images").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    keras.utils.set_random_seed(0)
+    model = build_classifier("efficientnet_lite0", None)
+    (run / "model").mkdir(parents=True)
+    model.save(run / "model" / "model.keras")
+
+    payload = evaluate_run(str(data), str(run), n_boot=100, external=[f"{tmp_path / 'external_raw'}::{external.name}"])
+
+    assert payload["chosen_on"] == "val" and 0.0 <= payload["threshold"] <= 1.0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["external"][external.name]["n_images"] == 29
+    assert metrics["external_unscored"][external.name] == {"count": 1, "reasons": ["truncated"]}
+    unscored = [json.loads(line) for line in (run / "eval" / f"external-{external.name}-unscored.jsonl").read_text().splitlines()]
+    assert [u["item"] for u in unscored] == [victim.stem]
+    rows = list(csv.DictReader(io.StringIO((run / "eval" / "predictions.csv").read_text())))
+    assert {r["split"] for r in rows} == {"val", "test", "external"}
+    assert sum(r["split"] == "external" for r in rows) == 29
+    assert (run / "eval" / "roc_test.png").stat().st_size > 1000
