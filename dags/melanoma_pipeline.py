@@ -1,7 +1,18 @@
 """Melanoma detection pipeline: new dermoscopic image drops in, an explained classifier out.
 
-plan -> (short-circuit when no new drop) -> preprocess (Spark) -> augment (Spark) -> train
--> evaluate (threshold chosen on validation, pushed to XCom) -> gradcam (reads it) -> report
+plan -> has_new_drops (short-circuit when no new drop) -> preprocess (Spark) -> augment (Spark)
+-> train -> evaluate (threshold chosen on validation, pushed to XCom) -> gradcam (reads it) -> report
+
+Scheduling: daily data intervals (``CronDataIntervalTimetable``): the run of logical date D
+owns the drops dated D (``<raw_root>/<anything-D>/``) and trains on the manifest as of D.
+A manual run takes the drops named in its ``drops`` Param, else every drop not processed
+yet. ``preprocess`` waits for the previous run's ``preprocess`` and ``augment``
+(``depends_on_past`` + ``wait_for_downstream``), so drops enter the data set in date order
+even when a backfill runs several dates at once; for that reason a backfill needs
+``--reprocess-behavior failed`` (or ``completed``), which Airflow requires of such DAGs:
+
+    airflow backfill create --dag-id melanoma_pipeline --from-date 2026-01-01 --to-date 2026-01-31 \
+        --reprocess-behavior failed
 
 This file only wires tasks; the logic lives in ``melanoma`` (Spark-side and Airflow-side
 helpers) and ``training`` (the model CLI, run as a subprocess or in its container). Nothing
@@ -17,18 +28,27 @@ import sys
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
-from melanoma.airflow_ops import PARAM_DEFAULTS, resolve_run, run_training_cli, setting, storage_env
+from melanoma.airflow_ops import PARAM_DEFAULTS, recheck_history_order, resolve_run, run_training_cli, setting, storage_env
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"
+# A drop id: a folder name under the raw root, never a path (no "/", no "..", no leading dot).
+DROP_ID_SCHEMA = {"type": "string", "pattern": r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"}
 
 
 class MelanomaSparkSubmitOperator(SparkSubmitOperator):
     """spark-submit with object-store credentials injected at run time (never templated)."""
 
+    def __init__(self, *, check_history: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.check_history = check_history
+
     def execute(self, context):
+        if self.check_history:
+            # plan checked this too, but another run may have committed a manifest since.
+            recheck_history_order(context["ti"].xcom_pull(task_ids="plan"))
         self.env_vars = {**(self.env_vars or {}), **storage_env()}
         return super().execute(context)
 
@@ -40,36 +60,39 @@ def spark_conf() -> dict[str, str]:
 
 @dag(
     dag_id="melanoma_pipeline",
-    schedule="@daily",
+    # Data intervals, not trigger times: the run of logical date D covers [D, D+1 day) and
+    # starts once that day is over, so it sees every drop dated D.
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,
     tags=["melanoma", "spark", "keras"],
     # Retries are read from the environment (not a Variable) because they are needed at parse time.
     default_args={"retries": int(os.environ.get("MELANOMA_TASK_RETRIES", "2")), "retry_delay": dt.timedelta(minutes=2),
-                  "retry_exponential_backoff": True},
+                  "retry_exponential_backoff": True, "max_retry_delay": dt.timedelta(minutes=30),
+                  "execution_timeout": dt.timedelta(minutes=10)},
     doc_md=__doc__,
     params={
-        "drops": Param(PARAM_DEFAULTS["drops"], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
-                       description="Drop ids to process (folders under the raw root). Empty: the drops dated in the run's data interval (scheduled/backfill) or every drop (manual)."),
+        "drops": Param(PARAM_DEFAULTS["drops"], type="array", items=DROP_ID_SCHEMA, uniqueItems=True, maxItems=1000,
+                       description="Drop ids to process (folder names under the raw root, e.g. ham-2026-03-01). Empty: the drops dated in the run's data interval (scheduled/backfill) or every drop not processed yet (manual)."),
         "backbone": Param(PARAM_DEFAULTS["backbone"], enum=["efficientnet_lite0", "resnet50"], description="ImageNet backbone under the seed's head."),
-        "weights": Param(PARAM_DEFAULTS["weights"], type="string", minLength=1, description="'imagenet' or a weights file path/URI. Never silently random."),
+        "weights": Param(PARAM_DEFAULTS["weights"], type="string", minLength=1, maxLength=1000, description="'imagenet' or a weights file path/URI. Never silently random."),
         "epochs": Param(PARAM_DEFAULTS["epochs"], type="integer", minimum=1, maximum=500, description="Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10."),
         "fine_tune_epochs": Param(PARAM_DEFAULTS["fine_tune_epochs"], type="integer", minimum=0, maximum=200, description="Phase 2 epochs fine-tuning the last blocks at lr 1e-5 (0 = skip)."),
         "fine_tune_blocks": Param(PARAM_DEFAULTS["fine_tune_blocks"], type="integer", minimum=1, maximum=8, description="How many of the backbone's last blocks phase 2 unfreezes."),
         "class_weight": Param(PARAM_DEFAULTS["class_weight"], enum=["balanced", "seed", "none"], description="balanced: from training labels; seed: the reference's 0.5/28.5."),
-        "max_train_images": Param(PARAM_DEFAULTS["max_train_images"], type="integer", minimum=0, description="Cap on training images, whole lesions (0 = all). For quick demo runs."),
+        "max_train_images": Param(PARAM_DEFAULTS["max_train_images"], type="integer", minimum=0, maximum=10_000_000, description="Cap on training images, whole lesions (0 = all). For quick demo runs."),
         "threshold_strategy": Param(PARAM_DEFAULTS["threshold_strategy"], enum=["youden", "sensitivity", "f1"], description="How evaluate picks the threshold on the validation split."),
         "target_sensitivity": Param(PARAM_DEFAULTS["target_sensitivity"], type="number", exclusiveMinimum=0, maximum=1, description="Used by the 'sensitivity' strategy."),
         "n_boot": Param(PARAM_DEFAULTS["n_boot"], type="integer", minimum=100, maximum=20000, description="Lesion bootstrap resamples for the 95% intervals."),
-        "external_drops": Param(PARAM_DEFAULTS["external_drops"], type="array", items={"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+        "external_drops": Param(PARAM_DEFAULTS["external_drops"], type="array", items=DROP_ID_SCHEMA, uniqueItems=True, maxItems=50,
                                 description="Drops under the raw root to report as external test sets."),
     },
 )
 def melanoma_pipeline():
-    @task
+    @task(execution_timeout=dt.timedelta(minutes=10))
     def plan() -> dict:
-        """Resolve roots, run key and the drops this run owns."""
+        """Resolve roots, run key and the drops this run owns (pinned in runs/<run_key>/plan.json)."""
         context = get_current_context()
         dag_run = context["dag_run"]
         # This task lists drops and manifests itself, so it needs the object-store settings too.
@@ -81,13 +104,15 @@ def melanoma_pipeline():
             logical_date=context.get("logical_date"),
             interval_start=context.get("data_interval_start"),
             interval_end=context.get("data_interval_end"),
+            run_after=getattr(dag_run, "run_after", None),
         )
 
-    @task.short_circuit
+    @task.short_circuit(execution_timeout=dt.timedelta(minutes=5))
     def has_new_drops(run: dict) -> bool:
-        """Skip Spark and training when this run brings no new drop."""
-        print(f"drops selected: {run['drops']}; new: {run['new_drops']}")
-        return bool(run["new_drops"])
+        """Skip Spark and training when this run brings no new drop (or has already finished)."""
+        print(f"drops selected: {run['drops']}; this run's new drops: {run['new_drops']} "
+              f"(not processed yet: {run['pending_drops']}); finished before: {run['finished']}; proceed: {run['proceed']}")
+        return bool(run["proceed"])
 
     common_args = ["--processed-root", "{{ %s['data_root'] }}" % PLAN, "--logical-date", "{{ %s['as_of'] }}" % PLAN]
     preprocess = MelanomaSparkSubmitOperator(
@@ -98,13 +123,19 @@ def melanoma_pipeline():
         application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | join(',') }}" % PLAN, *common_args],
         conf=spark_conf(),
         execution_timeout=dt.timedelta(hours=2),
+        check_history=True,
+        # Drops enter the data set in date order: wait for the previous run's preprocess and augment.
+        depends_on_past=True,
+        wait_for_downstream=True,
     )
     augment = MelanomaSparkSubmitOperator(
         task_id="augment",
         conn_id="spark_default",
         application=str(SPARK_JOBS / "augment.py"),
         name="melanoma-augment",
-        application_args=common_args,
+        # No --logical-date: the augmented manifest keeps the date of the manifest it extends,
+        # so a rerun that augments what an earlier attempt left undone cannot move dates.
+        application_args=["--processed-root", "{{ %s['data_root'] }}" % PLAN],
         conf=spark_conf(),
         execution_timeout=dt.timedelta(hours=1),
     )
@@ -133,7 +164,7 @@ def melanoma_pipeline():
         args += ["--as-of", run["as_of"]] if run["as_of"] else []
         return run_training_cli(args, get_current_context())
 
-    @task
+    @task(execution_timeout=dt.timedelta(minutes=30))
     def report(run: dict, threshold: dict, heatmaps: dict) -> dict:
         """One self-contained HTML report; its location feeds the task's extra link."""
         result = run_training_cli(["report", "--run-root", run["run_root"], "--threshold", json.dumps(threshold)], get_current_context())

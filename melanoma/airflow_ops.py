@@ -16,6 +16,7 @@ rendered templates or in code.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -56,53 +57,143 @@ def setting(name: str, default: str) -> str:
         return env_value or default
 
 
-def run_key(run_type: str, logical_date: dt.datetime | None, run_id: str) -> str:
-    """A storage-safe name for a run: reruns of one Airflow run share it, different runs never do."""
+#: Run-id prefixes Airflow generates (``<type>__<timestamp>``); see :func:`run_key`.
+_RUN_TYPES = ("manual", "scheduled", "backfill", "asset_triggered", "asset_materialization")
+#: The per-run record ``plan`` keeps under ``runs/<run_key>/`` (see :func:`resolve_run`).
+PLAN_RECORD = "plan.json"
+#: Written last by the ``report`` task: its presence means the run finished.
+RUN_DONE = "report.html"
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    """``moment`` as an aware UTC datetime (naive values are taken to be UTC)."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc)
+
+
+def run_key(run_id: str, logical_date: dt.datetime | None) -> str:
+    """A storage-safe name for one Airflow run: retries and reruns of it share it, other runs never do.
+
+    With a logical date it is ``<type>__<logical date>`` (``scheduled__20260301T000000Z``),
+    the type read from the run id's prefix: the run id (unlike ``run_type``) survives a
+    backfill re-running an existing run, and ``airflow dags test`` repeated on one date
+    replaces that date's run, so both keep writing to the same folder. Airflow allows one
+    run per logical date and DAG, so two live runs never share a key. Without a logical
+    date (a manual run triggered without one) it is the run id itself, made safe.
+    """
+    prefix, sep, _ = run_id.partition("__")
     if logical_date is not None:
-        stamp = logical_date.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        return f"{run_type}__{stamp}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
+        stamp = _utc(logical_date).strftime("%Y%m%dT%H%M%SZ")
+        return f"{prefix if sep and prefix in _RUN_TYPES else 'run'}__{stamp}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id).strip("._") or "run"
+    if safe != run_id:  # two ids differing only in unsafe characters must not collide
+        safe += "-" + hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return safe
 
 
 def drops_in_interval(drop_ids: list[str], start: dt.datetime | None, end: dt.datetime | None) -> list[str]:
-    """Drops whose id carries a date inside [start, end): what a scheduled run owns."""
+    """Drops whose id carries a date D with ``start <= D 00:00 UTC < end``: what a scheduled run owns.
+
+    A drop dated D counts as arrived at the start of D (UTC), so consecutive data intervals
+    (``[start, end)``, any length) share no drop and miss none; with the DAG's daily
+    ``CronDataIntervalTimetable`` the run of logical date D owns exactly the drops dated D.
+    Drops without a date in their id are never selected by an interval (a manual run, or
+    ``drops``, takes them). A zero-width interval (trigger timetables) owns nothing.
+    """
     from melanoma.drops import drop_date
 
+    if start is None or end is None:
+        return []
+    start, end = _utc(start), _utc(end)
     selected = []
     for drop_id in drop_ids:
         day = drop_date(drop_id)
-        if day is None or start is None or end is None:
-            continue
-        if start.date() <= day < end.date() or (start.date() == end.date() == day):
+        if day is not None and start <= dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc) < end:
             selected.append(drop_id)
     return selected
 
 
+class HistoryOrderError(ValueError):
+    """Processing these drops now would rewrite the data history the manifests record."""
+
+
+def check_history_order(latest: dict | None, as_of: str | None, new_drops: list[str]) -> None:
+    """Refuse to commit drops under a date earlier than the newest manifest's.
+
+    Manifests are cumulative and training picks "the newest manifest dated <= as_of", which
+    is only the data set as it stood on that date while manifests are committed in date
+    order. A run dated before the newest manifest that brought new drops would make its
+    manifest hold later drops too, and the duplicate-image checks would see the drops in
+    another order than the schedule did.
+    """
+    newest = (latest or {}).get("logical_date")
+    if new_drops and newest and as_of and as_of < newest:
+        raise HistoryOrderError(
+            f"this run is dated {as_of} but the newest manifest (version {latest.get('version')}) was committed "
+            f"for {newest}: processing {new_drops} now would put later data in a manifest dated {as_of}. "
+            "Process drops in date order (backfill earlier dates before later runs), or process these drops "
+            "in a run dated today (trigger a manual run with Params drops=[...]), or rebuild from an empty data root."
+        )
+
+
+def select_drops(requested: list[str], available: list[str], *, run_type: str,
+                 interval_start: dt.datetime | None, interval_end: dt.datetime | None, raw_root: str = "") -> list[str]:
+    """The drops a run is about: ``requested`` (checked), else its interval's (scheduled, backfill), else all."""
+    if requested:
+        unknown = [d for d in requested if d not in available]
+        if unknown:
+            raise ValueError(f"drops {unknown} not found under {raw_root or 'the raw root'}; available: {available}")
+        return list(dict.fromkeys(requested))
+    if run_type in ("scheduled", "backfill"):
+        return drops_in_interval(available, interval_start, interval_end)
+    return list(available)  # a manual (or asset-triggered) run without a choice takes every drop
+
+
 def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.datetime | None,
-                interval_start: dt.datetime | None, interval_end: dt.datetime | None) -> dict:
-    """Everything the run's tasks need, as small JSON (pushed to XCom by the ``plan`` task)."""
+                interval_start: dt.datetime | None, interval_end: dt.datetime | None,
+                run_after: dt.datetime | None = None) -> dict:
+    """Everything the run's tasks need, as small JSON (pushed to XCom by the ``plan`` task).
+
+    ``drops``: the drops the run is about; ``new_drops``: those it brings into the data set,
+    pinned in ``runs/<run_key>/plan.json`` the first time the run sees them, so a retry or a
+    cleared rerun of a run that failed after ``preprocess`` still trains on them;
+    ``proceed``: whether Spark and training run (False when nothing is new, or the run has
+    already finished: its ``report.html`` exists); ``as_of``: the date the run's training
+    data is taken at (its logical date, else the day it ran).
+    """
     from melanoma.drops import list_drops
     from melanoma.manifest import latest_manifest
     from melanoma.storage import join_key, open_storage
 
-    values = {**PARAM_DEFAULTS, **{k: v for k, v in params.items() if k in PARAM_DEFAULTS}}
+    unknown = sorted(set(params) - set(PARAM_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown Params {unknown}; this DAG's Params are {sorted(PARAM_DEFAULTS)}")
+    values = {**PARAM_DEFAULTS, **params}
     data_root = setting("data_root", str(PROJECT_ROOT / "output" / "data"))
     raw_root = setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
     raw, processed = open_storage(raw_root), open_storage(data_root)
     available = list_drops(raw)
-    done = set((latest_manifest(processed) or {}).get("drops", []))
-    if values["drops"]:
-        unknown = [d for d in values["drops"] if d not in available]
-        if unknown:
-            raise ValueError(f"drops {unknown} not found under {raw_root}; available: {available}")
-        selected = list(values["drops"])
-    elif run_type in ("scheduled", "backfill"):
-        selected = drops_in_interval(available, interval_start, interval_end)
-    else:
-        selected = available  # a manual run without a choice takes every drop
-    new = [d for d in selected if d not in done]
-    key = run_key(run_type, logical_date, run_id)
-    as_of = logical_date.astimezone(dt.timezone.utc).date().isoformat() if logical_date else None
+    selected = select_drops(list(values["drops"]), available, run_type=run_type,
+                            interval_start=interval_start, interval_end=interval_end, raw_root=raw_root)
+    missing_external = [d for d in values["external_drops"] if d not in available]
+    if missing_external:
+        raise ValueError(f"external_drops {missing_external} not found under {raw_root}; available: {available}")
+    latest = latest_manifest(processed)
+    done = set((latest or {}).get("drops", []))
+    key = run_key(run_id, logical_date)
+    dated = logical_date or run_after
+    as_of = _utc(dated).date().isoformat() if dated is not None else None
+
+    record_key = join_key("runs", key, PLAN_RECORD)
+    pinned = json.loads(processed.read_bytes(record_key)).get("new_drops", []) if processed.exists(record_key) else []
+    fresh = [d for d in selected if d not in done]
+    check_history_order(latest, as_of, fresh)
+    owned = list(dict.fromkeys([*pinned, *fresh]))
+    if owned != pinned:  # first sight of these drops: pin them to this run (a rerun writes nothing)
+        record = {"run_key": key, "run_id": run_id, "as_of": as_of, "drops": selected, "new_drops": owned}
+        processed.write_bytes(record_key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    finished = processed.exists(join_key("runs", key, RUN_DONE))
     train_config = {
         "backbone": values["backbone"],
         "weights": values["weights"] or None,
@@ -119,7 +210,10 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         "data_root": data_root,
         "run_root": join_key(data_root, "runs", key) if data_root.startswith("s3://") else str(Path(data_root) / "runs" / key),
         "drops": selected,
-        "new_drops": new,
+        "new_drops": owned,
+        "pending_drops": fresh,
+        "finished": finished,
+        "proceed": bool(fresh) or (bool(owned) and not finished),
         "as_of": as_of,
         "train_config": train_config,
         "threshold_strategy": values["threshold_strategy"],
@@ -127,6 +221,16 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         "n_boot": int(values["n_boot"]),
         "external": [f"{raw_root}::{d}" for d in values["external_drops"]],
     }
+
+
+def recheck_history_order(run: dict) -> None:
+    """:func:`check_history_order` again just before ``preprocess`` commits (another run may have committed since ``plan``)."""
+    from melanoma.manifest import latest_manifest
+    from melanoma.storage import open_storage
+
+    latest = latest_manifest(open_storage(run["data_root"]))
+    done = set((latest or {}).get("drops", []))
+    check_history_order(latest, run["as_of"], [d for d in run["new_drops"] if d not in done])
 
 
 def storage_env(conn_id: str = S3_CONN_ID) -> dict[str, str]:

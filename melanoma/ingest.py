@@ -1,31 +1,57 @@
-"""Ingestion logic behind the Spark ``preprocess`` job (importable, Spark-free, testable).
+"""Ingestion logic behind the Spark ``preprocess`` and ``augment`` jobs (importable, Spark-free, testable).
 
-Flow for one run: scan each new drop (metadata only) -> cut its usable inputs into chunks of
-``shard_size`` images, sorted by image id -> each chunk, on an executor, reads, validates,
-decodes and resizes its images and writes one shard per split -> the driver gathers the small
-chunk results, writes the quarantine file and per-drop index, and commits the manifest last.
+Flow for one preprocess run (:func:`run_preprocess`):
+
+1. driver: the newest manifest says which requested drops are new; none -> nothing is written
+   and no executor is started;
+2. driver: each new drop is scanned (metadata and listing only, :func:`plan_drop`); its usable
+   inputs, sorted by image id, are cut into chunks of ``shard_size`` images;
+3. executors: each chunk is read, validated, decoded and resized, and written as one shard per
+   split (:func:`process_chunk`); only a small :class:`ChunkResult` goes back to the driver;
+4. driver: the quarantine file and per-drop index are written, ``inputs == written +
+   quarantined`` is checked per drop, and the manifest is committed last (:func:`finish_drops`).
 
 Chunks depend only on the drop's content, never on the parallelism, so outputs are
 byte-identical however many executors run them, and a drop already in the manifest is
 skipped: reruns and backfills write nothing new.
+
+Where the work runs is an *engine*: a context manager yielding ``map_tasks(fn, tasks) ->
+results`` (in task order). :func:`spark_engine` runs tasks as Spark partitions (the production
+path, ``local[N]`` or ``spark://host:7077``); :func:`local_engine` runs them in this process,
+for tests. The driver scans the drops in a thread while the engine starts, which hides the
+scan (a listing and the metadata reads: seconds on S3) behind Spark's start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 
 from melanoma import drops as drops_mod
-from melanoma.imaging import RejectedImage, decode_mask, preprocess_image_bytes
-from melanoma.manifest import PROCESSED_PREFIX, latest_manifest
+from melanoma.imaging import PREPROCESSING, RejectedImage, decode_mask, preprocess_image_bytes
+from melanoma.manifest import PROCESSED_PREFIX, commit_manifest, latest_manifest, require_manifest
 from melanoma.records import IMAGE_SIZE, encode_shard, sha256_hex
 from melanoma.splits import DEFAULT_FRACTIONS, SPLITS, assign_split, split_description
-from melanoma.storage import Storage, join_key, open_storage
+from melanoma.storage import LocalStorage, Storage, open_storage, s3_endpoint_from_env
 
 PREPROCESSING_VERSION = "1"
+#: Images per chunk (one Spark task, up to three shards: one per split). 256 images make
+#: ~40 tasks for HAM10000's 10,015 (20 per core on local[2], so the last wave is short) and
+#: keep a task's memory near 200 MB (arrays, masks and the encoded shard).
 DEFAULT_SHARD_SIZE = 256
+#: Concurrent object reads inside one task: S3/MinIO reads are latency-bound (one GET per
+#: image and mask), so a task reads ahead while it decodes; OpenCV releases the GIL.
+READ_AHEAD_THREADS = 8
+
+MapTasks = Callable[[Callable, list], list]
+Engine = Callable[[], "contextlib.AbstractContextManager[MapTasks]"]
 
 
 @dataclass
@@ -47,6 +73,8 @@ class ChunkResult:
     index: list[dict] = field(default_factory=list)  # {image_id, lesion_id, split, label}
     quarantined: list[dict] = field(default_factory=list)  # QuarantineEntry dicts
     conversions: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # executor time by step (profiling; not in any output)
+    span: tuple[int, float, float] = (0, 0.0, 0.0)  # (worker pid, start, end) in epoch seconds (profiling)
 
 
 def shard_key(drop_id: str, split: str, chunk_index: int, kind: str = "original") -> str:
@@ -89,44 +117,136 @@ def _quarantine(drop_id: str, item_id: str, reason: str, detail: str) -> dict:
     return {"drop_id": drop_id, "item": item_id, "reason": reason, "detail": detail}
 
 
+# --- executor side ----------------------------------------------------------------------------
+
+_STORAGES: dict[tuple[str, str | None], Storage] = {}
+
+
+def _storage(uri: str) -> Storage:
+    """One storage object per root and process: executors (reused Python workers) build one
+    boto3 client per root, not one per task."""
+    key = (uri, s3_endpoint_from_env())
+    if key not in _STORAGES:
+        storage = open_storage(uri)
+        if hasattr(storage, "client"):
+            storage.client  # noqa: B018 - create it now, before read-ahead threads share it
+        _STORAGES[key] = storage
+    return _STORAGES[key]
+
+
+def _executor_setup() -> None:
+    # One OpenCV thread per task: Spark already runs one task per core, and OpenCV's own
+    # thread pool on top of that oversubscribes the cores (resize and warpAffine use it).
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _read(storage: Storage, key: str | None) -> bytes | Exception | None:
+    """An object's bytes, or the FileNotFoundError saying it is gone (other errors propagate)."""
+    if key is None:
+        return None
+    try:
+        return storage.read_bytes(key)
+    except FileNotFoundError as missing:
+        return missing
+
+
+def _read_ahead(storage: Storage, items: list[dict]) -> Iterator[tuple[bytes | Exception, bytes | Exception | None]]:
+    """(image bytes, mask bytes) per item, in order; from object storage, read concurrently ahead.
+
+    A local folder is read in line: a page-cached 250 KB file costs ~0.1 ms, less than
+    handing it over from a thread (measured: read-ahead threads made local reads 6x dearer
+    on a busy 2-core machine, their wake-ups competing with the decoding).
+    """
+    if isinstance(storage, LocalStorage):
+        for item in items:
+            yield _read(storage, item["image_key"]), _read(storage, item.get("mask_key"))
+        return
+    with ThreadPoolExecutor(max_workers=READ_AHEAD_THREADS) as pool:
+        images = pool.map(lambda item: _read(storage, item["image_key"]), items)
+        masks = pool.map(lambda item: _read(storage, item.get("mask_key")), items)
+        yield from zip(images, masks)
+
+
+def _decode(item: dict, data: bytes | Exception) -> tuple[np.ndarray | None, list[str], tuple[str, str] | None]:
+    """(image, notes, None) or (None, [], (reason, detail)) for one input's bytes."""
+    if isinstance(data, FileNotFoundError):
+        # Listed at scan time, gone now (deleted mid-run): the row's image is missing.
+        return None, [], ("missing-image", str(data))
+    try:
+        image, notes = preprocess_image_bytes(data, IMAGE_SIZE)
+        return image, notes, None
+    except RejectedImage as rejected:
+        return None, [], (rejected.reason, str(rejected))
+    except Exception as error:  # noqa: BLE001 - a decoder failure we did not foresee is this input's problem
+        # Only the decoding is guarded: storage errors (network, permissions) propagate and
+        # fail the task, so Spark retries it instead of quarantining a healthy image.
+        return None, [], ("undecodable", f"unexpected {type(error).__name__} while decoding: {error}")
+
+
+def _decode_mask(data: bytes | Exception | None) -> tuple[np.ndarray | None, str | None]:
+    """(mask, None), or (None, why) when there is no usable mask."""
+    if data is None:
+        return None, None
+    if isinstance(data, FileNotFoundError):
+        return None, "missing"
+    try:
+        return decode_mask(data, IMAGE_SIZE), None
+    except RejectedImage as rejected:
+        return None, rejected.reason
+    except Exception as error:  # noqa: BLE001 - as in _decode: the mask's problem, not the task's
+        return None, f"undecodable ({type(error).__name__})"
+
+
 def process_chunk(task: ChunkTask) -> ChunkResult:
-    """Executor side: read, validate, decode, resize and write the shards of one chunk."""
-    raw = open_storage(task.raw_root)
-    out = open_storage(task.processed_root)
+    """Executor side: read, validate, decode and resize one chunk and write its shards.
+
+    Returns only metadata (shard entries, index rows, quarantine entries, counts): the
+    arrays never travel back to the driver.
+    """
+    began = time.time()
+    _executor_setup()
+    raw, out = _storage(task.raw_root), _storage(task.processed_root)
     result = ChunkResult(task.drop_id, task.chunk_index)
+    seconds = dict.fromkeys(("read_wait", "decode", "mask", "encode", "write"), 0.0)
     by_split: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in SPLITS}
-    for item in task.items:
-        try:
-            data = raw.read_bytes(item["image_key"])
-            image, notes = preprocess_image_bytes(data, IMAGE_SIZE)
-        except RejectedImage as rejected:
-            result.quarantined.append(_quarantine(task.drop_id, item["image_id"], rejected.reason, str(rejected)))
+    empty_mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    clock = time.perf_counter()
+    for item, (data, mask_data) in zip(task.items, _read_ahead(raw, task.items)):
+        now = time.perf_counter()
+        seconds["read_wait"] += now - clock
+        image, notes, rejection = _decode(item, data)
+        clock, now = now, time.perf_counter()
+        seconds["decode"] += now - clock
+        if rejection is not None:
+            result.quarantined.append(_quarantine(task.drop_id, item["image_id"], *rejection))
+            clock = time.perf_counter()
             continue
-        except FileNotFoundError as missing:
-            result.quarantined.append(_quarantine(task.drop_id, item["image_id"], "missing-image", str(missing)))
-            continue
-        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-        has_mask = False
-        if item.get("mask_key"):
-            try:
-                mask = decode_mask(raw.read_bytes(item["mask_key"]), IMAGE_SIZE)
-                has_mask = True
-            except (RejectedImage, FileNotFoundError) as bad_mask:
-                # A bad mask costs the image its lesion-focus score, not its place in training.
-                notes = [*notes, f"mask-unusable: {getattr(bad_mask, 'reason', 'missing')}"]
+        mask, mask_problem = _decode_mask(mask_data)
+        if mask_problem is not None:
+            # A bad mask costs the image its lesion-focus score, not its place in training.
+            notes = [*notes, f"mask-unusable: {mask_problem}"]
         split = assign_split(item["lesion_id"])
         images, masks, records = by_split[split]
         images.append(image)
-        masks.append(mask)
-        records.append(record_for(item, split, notes, has_mask))
+        masks.append(empty_mask if mask is None else mask)
+        records.append(record_for(item, split, notes, mask is not None))
         for note in notes:
             result.conversions[note] = result.conversions.get(note, 0) + 1
+        clock = time.perf_counter()
+        seconds["mask"] += clock - now
     for split, (images, masks, records) in by_split.items():
         if not records:
             continue
+        started = time.perf_counter()
         data = encode_shard(np.stack(images), np.stack(masks), records)
+        digest = sha256_hex(data)
         key = shard_key(task.drop_id, split, task.chunk_index)
+        written = time.perf_counter()
         out.write_bytes(key, data)
+        seconds["encode"] += written - started
+        seconds["write"] += time.perf_counter() - written
         result.shards.append(
             {
                 "key": key,
@@ -134,14 +254,19 @@ def process_chunk(task: ChunkTask) -> ChunkResult:
                 "split": split,
                 "kind": "original",
                 "count": len(records),
-                "sha256": sha256_hex(data),
+                "sha256": digest,
                 "labels": label_counts(records),
             }
         )
         result.index.extend(
             {"image_id": r["image_id"], "lesion_id": r["lesion_id"], "split": split, "label": r["label"]} for r in records
         )
+    result.seconds = {k: round(v, 4) for k, v in seconds.items()}
+    result.span = (os.getpid(), began, time.time())
     return result
+
+
+# --- driver side ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -165,7 +290,14 @@ def known_image_ids(out: Storage, manifest: dict | None) -> dict[str, str]:
 
 
 def plan_drop(raw_root: str, processed_root: str, drop_id: str, known: dict[str, str], *, layout: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> DropPlan:
-    """Scan a drop and cut it into chunk tasks; ``known`` gains this drop's image ids."""
+    """Scan a drop and cut it into chunk tasks; ``known`` gains this drop's image ids.
+
+    An image id already in ``known`` (ingested from an earlier drop, or from an earlier drop
+    of this run) is quarantined as ``duplicate-image-id``: the first drop to bring an image
+    keeps it. Chunks are consecutive runs of the usable inputs sorted by image id.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     scan = drops_mod.scan_drop(open_storage(raw_root), drop_id, layout)
     quarantined = [q if isinstance(q, dict) else q.to_json() for q in scan.quarantined]
     usable = []
@@ -183,6 +315,12 @@ def plan_drop(raw_root: str, processed_root: str, drop_id: str, known: dict[str,
         for index, start in enumerate(range(0, len(usable), shard_size))
     ]
     return DropPlan(drop_id, scan.layout, scan.n_inputs, tasks, quarantined)
+
+
+def plan_drops(raw_root: str, processed_root: str, previous: dict | None, drop_ids: list[str], *, layout: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> list[DropPlan]:
+    """Plans for ``drop_ids`` in order, duplicates checked against ``previous`` and each other."""
+    known = known_image_ids(open_storage(processed_root), previous)
+    return [plan_drop(raw_root, processed_root, d, known, layout=layout, shard_size=shard_size) for d in drop_ids]
 
 
 def pending_drops(raw: Storage, manifest: dict | None, requested: list[str] | None) -> list[str]:
@@ -206,22 +344,38 @@ def count_by_split(shards: list[dict], kind: str) -> dict[str, dict[str, int]]:
 
 
 def finish_drops(out: Storage, previous: dict | None, plans: list[DropPlan], results: list[ChunkResult], *, logical_date: str | None) -> dict:
-    """Driver side: write quarantine files and indexes, then return the next manifest (not yet committed)."""
+    """Driver side: check the accounting, write quarantine files and indexes, and return the
+    next manifest (not yet committed). ``results`` may come in any order.
+
+    Raises RuntimeError, before writing anything, when a drop's ``inputs != written +
+    quarantined`` or a chunk result is missing, duplicated or foreign.
+    """
     shards = list((previous or {}).get("shards", []))
     accounting = dict((previous or {}).get("accounting", {}))
     by_drop: dict[str, list[ChunkResult]] = {}
     for result in results:
         by_drop.setdefault(result.drop_id, []).append(result)
+    unknown = set(by_drop) - {p.drop_id for p in plans}
+    if unknown:
+        raise RuntimeError(f"chunk results for drops not planned in this run: {sorted(unknown)}")
+    outputs = []
     for plan in plans:
         chunk_results = sorted(by_drop.get(plan.drop_id, []), key=lambda r: r.chunk_index)
+        got = [r.chunk_index for r in chunk_results]
+        if got != [t.chunk_index for t in plan.tasks]:
+            raise RuntimeError(f"drop {plan.drop_id}: chunk results {got} do not match its {len(plan.tasks)} planned chunks")
         quarantined = plan.quarantined + [q for r in chunk_results for q in r.quarantined]
-        quarantined.sort(key=lambda q: (q["item"], q["reason"]))
+        quarantined.sort(key=lambda q: (q["item"], q["reason"], q["detail"]))
         index = sorted((e for r in chunk_results for e in r.index), key=lambda e: e["image_id"])
         written = len(index)
         if plan.n_inputs != written + len(quarantined):
             raise RuntimeError(
                 f"accounting broken for drop {plan.drop_id}: {plan.n_inputs} inputs != {written} written + {len(quarantined)} quarantined"
             )
+        if sum(s["count"] for r in chunk_results for s in r.shards) != written:
+            raise RuntimeError(f"accounting broken for drop {plan.drop_id}: shard counts disagree with the {written} indexed images")
+        outputs.append((plan, chunk_results, quarantined, index))
+    for plan, chunk_results, quarantined, index in outputs:
         out.write_bytes(quarantine_key(plan.drop_id), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantined).encode())
         out.write_bytes(index_key(plan.drop_id), json.dumps(index, sort_keys=True).encode())
         conversions: dict[str, int] = {}
@@ -234,7 +388,7 @@ def finish_drops(out: Storage, previous: dict | None, plans: list[DropPlan], res
         accounting[plan.drop_id] = {
             "layout": plan.layout,
             "inputs": plan.n_inputs,
-            "written": written,
+            "written": len(index),
             "quarantined": len(quarantined),
             "quarantine_key": quarantine_key(plan.drop_id),
             "quarantine_reasons": dict(sorted(reasons.items())),
@@ -247,10 +401,9 @@ def finish_drops(out: Storage, previous: dict | None, plans: list[DropPlan], res
         "drops": sorted(accounting),
         "preprocessing": {
             "version": PREPROCESSING_VERSION,
-            "size": IMAGE_SIZE,
-            "interpolation": "bilinear (cv2.INTER_LINEAR), whole image squashed to a square",
-            "decode": "OpenCV; JPEG decoded at reduced DCT scale when >= 2x the target size",
             "function": "melanoma.imaging.preprocess_image_bytes",
+            "mask_function": "melanoma.imaging.decode_mask",
+            **PREPROCESSING,
         },
         "split": split_description(DEFAULT_FRACTIONS),
         "shards": shards,
@@ -267,6 +420,145 @@ def describe(manifest: dict) -> str:
     per_split = ", ".join(f"{s} {c['0'] + c['1']} ({c['1']} mel)" for s, c in counts.items())
     quarantined = sum(a["quarantined"] for a in manifest["accounting"].values())
     return f"drops {manifest['drops']}: {per_split}; quarantined {quarantined}"
+
+
+def _executor_seconds(results: list[ChunkResult], map_started: float, map_ended: float) -> dict[str, float]:
+    """Executor time by step, summed over tasks, and how the map's wall time was used.
+
+    ``idle_before_first_task``: from the map's start to each worker's first task (Python
+    worker start-up, task shipping), summed over workers; ``between_tasks``: gaps between a
+    worker's tasks; ``idle_after_last_task``: from each worker's last task to the map's end
+    (the tail, and collecting the results). Epoch times, so only meaningful on one machine.
+    """
+    total: dict[str, float] = {}
+    for r in results:
+        for step, s in r.seconds.items():
+            total[step] = total.get(step, 0.0) + s
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for r in results:
+        pid, start, end = r.span
+        spans.setdefault(pid, []).append((start, end))
+    if spans:
+        total["workers"] = len(spans)
+        total["in_tasks"] = sum(end - start for runs in spans.values() for start, end in runs)
+        total["idle_before_first_task"] = sum(min(s for s, _ in runs) - map_started for runs in spans.values())
+        total["between_tasks"] = sum(
+            later[0] - earlier[1] for runs in spans.values() for earlier, later in zip(sorted(runs), sorted(runs)[1:])
+        )
+        total["idle_after_last_task"] = sum(map_ended - max(e for _, e in runs) for runs in spans.values())
+    return {k: round(v, 2) for k, v in total.items()}
+
+
+def run_preprocess(
+    raw_root: str,
+    processed_root: str,
+    engine: Engine,
+    *,
+    drops: list[str] | None = None,
+    layout: str = "auto",
+    logical_date: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> dict:
+    """One preprocess run, driver side; returns a summary (``manifest_key`` None when there was nothing to do).
+
+    The engine is started only when some requested drop is new, and in parallel with the scan.
+    """
+    started = time.perf_counter()
+    raw, out = open_storage(raw_root), open_storage(processed_root)
+    previous = latest_manifest(out)
+    todo = pending_drops(raw, previous, drops)
+    summary: dict = {"drops": todo, "manifest_key": None, "inputs": 0, "written": 0, "quarantined": 0, "tasks": 0}
+    if not todo:
+        return summary
+    timings: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The scan reads metadata only (GIL-light I/O and CSV parsing); the engine's start is
+        # mostly waiting on the JVM. Overlapping them costs nothing and hides the scan.
+        planning = pool.submit(plan_drops, raw_root, processed_root, previous, todo, layout=layout, shard_size=shard_size)
+        with engine() as map_tasks:
+            timings["engine_start"] = time.perf_counter() - started
+            plans = planning.result()
+            timings["scan_done"] = time.perf_counter() - started
+            tasks = [t for p in plans for t in p.tasks]
+            mapped, map_started = time.perf_counter(), time.time()
+            results = map_tasks(process_chunk, tasks) if tasks else []
+            timings["map"] = time.perf_counter() - mapped
+            map_ended = time.time()
+    stopped = time.perf_counter()
+    manifest = finish_drops(out, previous, plans, results, logical_date=logical_date)
+    key = commit_manifest(out, manifest)
+    timings["finish"] = time.perf_counter() - stopped
+    timings["total"] = time.perf_counter() - started
+    summary.update(
+        manifest_key=key,
+        manifest_uri=out.uri(key),
+        inputs=sum(p.n_inputs for p in plans),
+        written=sum(manifest["accounting"][p.drop_id]["written"] for p in plans),
+        quarantined=sum(manifest["accounting"][p.drop_id]["quarantined"] for p in plans),
+        tasks=len(tasks),
+        layouts={p.drop_id: p.layout for p in plans},
+        description=describe(manifest),
+        seconds={k: round(v, 2) for k, v in timings.items()},
+        executor_seconds=_executor_seconds(results, map_started, map_ended),
+    )
+    return summary
+
+
+# --- engines ----------------------------------------------------------------------------------
+
+#: Spark settings the jobs rely on, applied only where spark-submit (or spark-defaults.conf)
+#: did not set them: the caller keeps the last word.
+SPARK_DEFAULTS = {
+    # Keep each executor's Python worker between tasks: OpenCV, numpy and boto3 are imported
+    # once per worker, not once per chunk (Spark's default, stated because it matters here).
+    "spark.python.worker.reuse": "true",
+    "spark.ui.showConsoleProgress": "false",
+    # A batch job's driver UI lives only while the job runs and nobody watches it; starting
+    # its web server costs ~0.5 s of every run. `--conf spark.ui.enabled=true` brings it back.
+    "spark.ui.enabled": "false",
+    # Tasks are whole chunks of images: never re-run a slow one speculatively (it would only
+    # rewrite the same shard).
+    "spark.speculation": "false",
+}
+
+
+@contextlib.contextmanager
+def spark_engine(app_name: str) -> Iterator[MapTasks]:
+    """Run tasks as Spark partitions, one task per partition, on whatever master spark-submit gave.
+
+    Uses a bare SparkContext: the jobs are RDD maps, and SparkSession would add the SQL
+    machinery's start-up for nothing.
+    """
+    from pyspark import SparkConf, SparkContext
+
+    conf = SparkConf()
+    if not conf.contains("spark.app.name"):
+        conf.setAppName(app_name)
+    if not conf.contains("spark.master"):
+        conf.setMaster("local[2]")  # a plain `python spark_jobs/...py`: spark-submit always sets it
+    for key, value in SPARK_DEFAULTS.items():
+        if not conf.contains(key):
+            conf.set(key, value)
+    sc = SparkContext.getOrCreate(conf)
+    try:
+
+        def map_tasks(fn: Callable, tasks: list) -> list:
+            # One partition per task: outputs depend on the chunking, never on the cluster size.
+            return sc.parallelize(tasks, len(tasks)).map(fn).collect() if tasks else []
+
+        yield map_tasks
+    finally:
+        sc.stop()
+
+
+@contextlib.contextmanager
+def local_engine(workers: int = 1) -> Iterator[MapTasks]:
+    """Run tasks in this process (``workers`` threads): tests and tools without Spark."""
+    if workers <= 1:
+        yield lambda fn, tasks: [fn(t) for t in tasks]
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield lambda fn, tasks: list(pool.map(fn, tasks))
 
 
 # --- augmentation (the Spark ``augment`` job) -------------------------------------------------
@@ -288,7 +580,10 @@ def augmented_key(source_key: str) -> str:
 
 
 def augment_tasks(processed_root: str, manifest: dict, copies: int = COPIES_PER_MELANOMA) -> list[AugmentTask]:
-    """Training shards with melanoma images whose augmented shard is not in the manifest yet."""
+    """Training shards with melanoma images whose augmented shard is not in the manifest yet.
+
+    Validation and test shards never get a task, whatever their labels.
+    """
     done = {s.get("augment_of") for s in manifest["shards"] if s["kind"] == "augmented"}
     return [
         AugmentTask(processed_root, s, copies)
@@ -302,7 +597,10 @@ def augment_shard(task: AugmentTask) -> dict:
     from melanoma.augment import augment_pair, augmented_image_id
     from melanoma.manifest import read_verified_shard
 
-    out = open_storage(task.processed_root)
+    if task.source["split"] != "train" or task.source["kind"] != "original":
+        raise ValueError(f"refusing to augment {task.source['key']}: only original training shards are augmented")
+    _executor_setup()
+    out = _storage(task.processed_root)
     shard = read_verified_shard(out, task.source)
     images, masks, records = [], [], []
     for image, mask, record in zip(shard.images, shard.masks, shard.records):
@@ -342,3 +640,21 @@ def finish_augment(previous: dict, new_shards: list[dict], *, logical_date: str 
         augmented_counts=count_by_split(shards, "augmented"),
         augmentation={"copies_per_melanoma": copies, "applies_to": "train split, label 1", "params": AUGMENT_PARAMS},
     )
+
+
+def run_augment(processed_root: str, engine: Engine, *, copies: int = COPIES_PER_MELANOMA, logical_date: str | None = None) -> dict:
+    """One augment run, driver side; returns a summary (``manifest_key`` None when there was nothing to do)."""
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    out = open_storage(processed_root)
+    previous = require_manifest(out)
+    tasks = augment_tasks(processed_root, previous, copies)
+    summary: dict = {"manifest_key": None, "shards": 0, "images": 0}
+    if not tasks:
+        return summary
+    with engine() as map_tasks:
+        new_shards = map_tasks(augment_shard, tasks)
+    manifest = finish_augment(previous, new_shards, logical_date=logical_date or previous.get("logical_date"), copies=copies)
+    key = commit_manifest(out, manifest)
+    summary.update(manifest_key=key, manifest_uri=out.uri(key), shards=len(new_shards), images=sum(s["count"] for s in new_shards))
+    return summary

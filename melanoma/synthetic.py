@@ -53,15 +53,20 @@ def draw_lesion(rng: np.random.Generator, melanoma: bool) -> tuple[np.ndarray, n
     return image, mask
 
 
-def write_drop(out_root: Path, n_images: int = 240, melanoma_share: float = 0.3, seed: int = 0) -> Path:
-    """Write ``<out_root>/<DROP_ID>/`` (metadata CSV, images, masks); returns the drop folder."""
-    drop = Path(out_root) / DROP_ID
+def write_drop(out_root: Path, n_images: int = 240, melanoma_share: float = 0.3, seed: int = 0, *,
+               drop_id: str = DROP_ID, id_prefix: str = "SYN") -> Path:
+    """Write ``<out_root>/<drop_id>/`` (metadata CSV, images, masks); returns the drop folder.
+
+    Image ids are ``<id_prefix>_00000``...; give each drop its own prefix when several drops
+    must not share images (the same id in two drops is quarantined as a duplicate).
+    """
+    drop = Path(out_root) / drop_id
     (drop / "images").mkdir(parents=True, exist_ok=True)
     (drop / "masks").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(n_images):
-        image_id = f"SYN_{index:05d}"
+        image_id = f"{id_prefix}_{index:05d}"
         # About 1.3 images per lesion, as in HAM10000, so the lesion-grouped split matters here too.
         lesion_index = index if rng.random() > 0.25 or index == 0 else index - 1
         lesion_seed = int(hashlib.sha256(f"{seed}:{lesion_index}".encode()).hexdigest()[:8], 16)
@@ -73,7 +78,7 @@ def write_drop(out_root: Path, n_images: int = 240, melanoma_share: float = 0.3,
         cv2.imwrite(str(drop / "images" / f"{image_id}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
         cv2.imwrite(str(drop / "masks" / f"{image_id}_segmentation.png"), mask)
         rows.append({
-            "lesion_id": f"SYN_L{lesion_index:05d}",
+            "lesion_id": f"{id_prefix}_L{lesion_index:05d}",
             "image_id": image_id,
             "dx": "mel" if melanoma else ("nv" if rng.random() < 0.8 else "bkl"),
             "dx_type": "synthetic",
@@ -90,11 +95,13 @@ def write_drop(out_root: Path, n_images: int = 240, melanoma_share: float = 0.3,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write a small synthetic lesion drop (HAM10000 layout) for the demo.")
-    parser.add_argument("--out", required=True, help="raw root; the drop goes to <out>/" + DROP_ID)
+    parser.add_argument("--out", required=True, help="raw root; the drop goes to <out>/<drop id>")
     parser.add_argument("--images", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drop-id", default=DROP_ID, help=f"folder name, with the drop's date in it (default {DROP_ID})")
+    parser.add_argument("--id-prefix", default="SYN", help="image id prefix; distinct per drop to avoid duplicate ids")
     args = parser.parse_args()
-    drop = write_drop(Path(args.out), args.images, seed=args.seed)
+    drop = write_drop(Path(args.out), args.images, seed=args.seed, drop_id=args.drop_id, id_prefix=args.id_prefix)
     print(f"synthetic drop written: {drop} ({args.images} images; synthetic, not dermoscopy)")
 
 

@@ -10,16 +10,32 @@ row with :class:`~airflow.models.xcom.XComModel`, the same way Airflow's own
 The button points at the report of the task's own DAG run, so it works from any task of
 the run (and stays disabled, an empty link, until the report exists or in other DAGs).
 Only http, https and file URLs are handed to the browser: the value comes from a task, and
-a ``javascript:`` URL would run in the Airflow UI's origin. An ``s3://`` URI is not
-browsable, so it gives no link; push a presigned or gateway http(s) URL for object storage.
+a ``javascript:`` URL would run in the Airflow UI's origin.
 
-No TensorFlow or project code is imported: the API server loads this module.
+A run whose outputs live in object storage pushes an ``s3://`` URI, which no browser opens.
+The link then becomes a presigned HTTP(S) GET of that object, signed here when the button is
+rendered, so it is fresh each time (a URL signed by the task would expire days later):
+
+- endpoint: ``MELANOMA_S3_PUBLIC_ENDPOINT_URL``, the address *the browser* reaches the store
+  at (for the compose stack ``http://127.0.0.1:9000``; inside it MinIO is ``http://minio:9000``,
+  a name only the containers resolve, and a SigV4 signature covers the host, so a signed URL
+  cannot be rewritten afterwards); else ``MELANOMA_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``
+  as the storage uses them. Only an http(s) endpoint is used; with none set there is no link
+  (for AWS itself set ``https://s3.<region>.amazonaws.com``).
+- credentials and region: boto3's own chain (``AWS_ACCESS_KEY_ID``, ... in the API server's
+  environment); without credentials there is no link, and a warning in the API server's log.
+- lifetime: ``MELANOMA_REPORT_LINK_EXPIRES_S`` (default 3600 s, at most SigV4's 7 days). The
+  object is served as ``text/html`` whatever content type it was stored with.
+
+No TensorFlow or project code is imported: the API server loads this module (and boto3 only
+when an ``s3://`` value is met).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -32,6 +48,11 @@ log = logging.getLogger(__name__)
 REPORT_TASK_ID = "report"
 REPORT_XCOM_KEY = "report_url"
 _BROWSABLE_SCHEMES = ("http", "https", "file")
+PUBLIC_ENDPOINT_ENV = "MELANOMA_S3_PUBLIC_ENDPOINT_URL"
+_STORAGE_ENDPOINT_ENV = ("MELANOMA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")  # what melanoma.storage reads
+EXPIRES_ENV = "MELANOMA_REPORT_LINK_EXPIRES_S"
+DEFAULT_EXPIRES_S = 3600
+MAX_EXPIRES_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 
 
 def read_report_value(dag_id: str, run_id: str) -> Any:
@@ -68,10 +89,67 @@ def report_href(value: Any) -> str:
     text = value.strip()
     if text.startswith("/"):
         return PurePosixPath(text).as_uri()
-    if urlparse(text).scheme.lower() in _BROWSABLE_SCHEMES:
+    scheme = urlparse(text).scheme.lower()
+    if scheme in _BROWSABLE_SCHEMES:
         return text
-    log.warning("report_url %r has no browsable scheme (http, https, file); no link shown", text[:200])
+    if scheme == "s3":
+        return presigned_s3_url(text)
+    log.warning("report_url %r has no browsable scheme (http, https, file, s3); no link shown", text[:200])
     return ""
+
+
+def _endpoint() -> str | None:
+    """The http(s) endpoint to sign for (see the module docstring), or None."""
+    for name in (PUBLIC_ENDPOINT_ENV, *_STORAGE_ENDPOINT_ENV):
+        endpoint = os.environ.get(name, "").strip()
+        if endpoint:
+            if urlparse(endpoint).scheme.lower() in ("http", "https"):
+                return endpoint
+            log.warning("%s=%r is not an http(s) URL; no link for reports on S3", name, endpoint[:200])
+            return None
+    return None
+
+
+def _expires_s() -> int:
+    try:
+        seconds = int(os.environ.get(EXPIRES_ENV, DEFAULT_EXPIRES_S))
+    except ValueError:
+        return DEFAULT_EXPIRES_S
+    return max(1, min(seconds, MAX_EXPIRES_S))
+
+
+def presigned_s3_url(uri: str) -> str:
+    """A presigned http(s) GET URL for ``s3://bucket/key``, or "" when none can be made."""
+    parsed = urlparse(uri)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    endpoint = _endpoint()
+    if not bucket or not key or endpoint is None:
+        log.info("report_url %r: no bucket/key or no http(s) endpoint configured; no link shown", uri[:200])
+        return ""
+    try:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        log.warning("boto3 is not installed where the API server runs; no link for %r", uri[:200])
+        return ""
+    try:
+        session = boto3.session.Session()
+        if session.get_credentials() is None:  # presigning would "succeed" with an unsigned URL
+            log.warning("no S3 credentials in the API server's environment; no link for %r", uri[:200])
+            return ""
+        client = session.client(
+            "s3", endpoint_url=endpoint,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
+        return client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": bucket, "Key": key, "ResponseContentType": "text/html; charset=utf-8"},
+            ExpiresIn=_expires_s(),
+        )
+    except (BotoCoreError, ClientError, ValueError) as error:
+        log.warning("could not presign %r: %s", uri[:200], error)
+        return ""
 
 
 class MelanomaReportLink(BaseOperatorLink):

@@ -4,12 +4,14 @@
 
 Reads the newest manifest, augments the training shards not augmented yet (seeded per
 image and copy, so reruns are identical) and commits a new manifest. Validation and test
-shards are never touched.
+shards are never touched. When every training shard is already augmented, nothing is
+written and no executor is started. The logic lives in :mod:`melanoma.ingest`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -20,27 +22,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--logical-date", default=None)
     args = parser.parse_args(argv)
 
-    from pyspark.sql import SparkSession
-
     from melanoma import ingest
-    from melanoma.manifest import commit_manifest, require_manifest
-    from melanoma.storage import open_storage
 
-    out = open_storage(args.processed_root)
-    previous = require_manifest(out)
-    tasks = ingest.augment_tasks(args.processed_root, previous, args.copies)
-    if not tasks:
+    summary = ingest.run_augment(
+        args.processed_root,
+        lambda: ingest.spark_engine("melanoma-augment"),
+        copies=args.copies,
+        logical_date=args.logical_date or None,
+    )
+    if summary["manifest_key"] is None:
         print("augment: nothing to do, every training shard with melanoma images is already augmented")
-        return 0
-    spark = SparkSession.builder.appName("melanoma-augment").getOrCreate()
-    try:
-        new_shards = spark.sparkContext.parallelize(tasks, len(tasks)).map(ingest.augment_shard).collect()
-    finally:
-        spark.stop()
-    manifest = ingest.finish_augment(previous, new_shards, logical_date=args.logical_date or previous.get("logical_date"), copies=args.copies)
-    key = commit_manifest(out, manifest)
-    added = sum(s["count"] for s in new_shards)
-    print(f"augment: {added} augmented images in {len(new_shards)} shards; committed {out.uri(key)}")
+    else:
+        print(f"augment: {summary['images']} augmented images in {summary['shards']} shards; committed {summary['manifest_uri']}")
+    print("augment: summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0
 
 

@@ -115,6 +115,47 @@ def test_activation_head_and_batching_give_the_same_maps():
     np.testing.assert_allclose(split, fused, atol=1e-6)
 
 
+@pytest.mark.parametrize("plusplus", [False, True])
+def test_padded_last_batch_and_one_trace(plusplus, monkeypatch):
+    # 7 images in batches of 3: the last batch is padded with black images, which must not
+    # change any map, and the compiled step is traced once for all three calls.
+    images = patch_images(CORNERS + [(2, 2), None, (12, 12)], seed=5)
+    model = bright_patch_model(stride=2)
+    steps = []
+    build = gradcam._cam_step
+    monkeypatch.setattr(gradcam, "_cam_step", lambda *a, **k: steps.append(build(*a, **k)) or steps[-1])
+
+    batched = gradcam_heatmaps(model, images, "conv", batch_size=3, plusplus=plusplus)
+    one_by_one = np.concatenate([gradcam_heatmaps(model, images[i : i + 1], "conv", plusplus=plusplus) for i in range(7)])
+
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
+    assert steps[0].experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("plusplus", [False, True])
+def test_compiled_maps_match_the_numpy_reference(plusplus):
+    # The graph computes the weights itself; they must be _channel_weights' on the same tensors.
+    import tensorflow as tf
+
+    model = bright_patch_model(stride=2)
+    images = patch_images(CORNERS, seed=7).astype(np.float32)
+    images[:, :4] = 230  # several separate regions of evidence, where Grad-CAM++ differs
+    grad_model, to_score = gradcam._score_model(model, "conv")
+    with tf.GradientTape() as tape:
+        maps, head_input = grad_model(tf.constant(images), training=False)
+        scores = to_score(head_input)
+    grads = tape.gradient(scores, maps).numpy().astype(np.float64)
+    maps = maps.numpy().astype(np.float64)
+    weights = gradcam._channel_weights(maps, grads, plusplus)
+    expected = gradcam._normalise(np.maximum(np.einsum("nhwc,nc->nhw", maps, weights), 0.0))
+
+    np.testing.assert_allclose(gradcam_heatmaps(model, images, "conv", plusplus=plusplus), expected, atol=1e-6)
+
+
+def test_no_images_gives_an_empty_stack():
+    assert gradcam_heatmaps(bright_patch_model(stride=2), np.zeros((0, SIZE, SIZE, 3), np.uint8), "conv").shape == (0, 16, 16)
+
+
 def test_gradcam_plusplus_weights_match_the_closed_form():
     # One channel, constant gradient g = 2 over a 2x2 map of ones (sum 4):
     # alpha = g^2 / (2 g^2 + 4 g^3) = 4 / 40 = 0.1 at each pixel, weight = 4 * 0.1 * relu(2) = 0.8.

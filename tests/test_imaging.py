@@ -345,6 +345,18 @@ def test_masks_from_the_shared_data_are_binary_and_aligned():
         assert np.mean(mask == nearest) > 0.99
 
 
+def test_large_masks_match_one_area_resize_within_a_fraction_of_a_percent():
+    # decode_mask halves a 600x450 mask exactly before its area resize (half the cost);
+    # the result must stay the "at least half of the footprint is lesion" mask.
+    for seed in range(5):
+        mask = lesion_mask(synthetic_lesion(600, 450, seed=seed))
+        direct = cv2.resize(mask, (224, 224), interpolation=cv2.INTER_AREA)
+        expected = np.where(direct >= 128, np.uint8(255), np.uint8(0))
+        got = decode_mask(png_bytes(mask))
+        assert set(np.unique(got)) <= {0, 255}
+        assert np.mean(got != expected) < 0.002, seed
+
+
 def test_mask_variants_become_the_same_binary_mask(lesion):
     mask = lesion_mask(lesion)
     expected = decode_mask(png_bytes(mask))

@@ -188,3 +188,88 @@ def test_missing_gradcam_outputs_fail_loudly(tmp_path):
     storage.write_bytes("eval/metrics.json", json.dumps(metrics_doc()).encode())
     with pytest.raises(FileNotFoundError):
         build_report_from_run(storage, {"threshold": 0.5})
+
+
+# --------------------------------------------------------------------------- the report's link on S3
+
+
+def report_link_plugin():
+    """The Airflow plugin module, loaded from its file as Airflow's plugin manager does."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("airflow")
+    path = Path(__file__).resolve().parents[1] / "plugins" / "melanoma_report_link.py"
+    spec = importlib.util.spec_from_file_location("melanoma_report_link_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(storage) -> dict:
+    metrics = metrics_doc()
+    payload = payload_of(metrics)
+    gallery = [gallery_entry("ISIC_7", overlay_key="gradcam/overlays/ISIC_7.png")]
+    storage.write_bytes("eval/metrics.json", json.dumps(metrics).encode())
+    storage.write_bytes("gradcam/gradcam_summary.json", json.dumps(gradcam_summary(payload["threshold"], gallery)).encode())
+    storage.write_bytes("gradcam/overlays/ISIC_7.png", png(140))
+    return payload
+
+
+def test_report_on_s3_opens_through_a_presigned_http_link(s3_bucket, s3_env, monkeypatch):
+    import urllib.request
+    from urllib.parse import parse_qs, urlparse
+
+    from melanoma.storage import open_storage
+    from training.tasks import report_run
+
+    plugin = report_link_plugin()
+    run_root = f"s3://{s3_bucket}/runs/scheduled__1"
+    payload = write_run(open_storage(run_root))
+    result = report_run(run_root, payload)
+    assert result["report_uri"] == f"{run_root}/report.html"
+    monkeypatch.setenv("MELANOMA_REPORT_LINK_EXPIRES_S", "120")
+
+    # What the DAG pushes is the s3:// URI (JSON-encoded in the XCom table).
+    href = plugin.report_href(json.dumps(result["report_uri"]))
+
+    endpoint = urlparse(s3_env["MELANOMA_S3_ENDPOINT_URL"])
+    link = urlparse(href)
+    assert (link.scheme, link.netloc) == (endpoint.scheme, endpoint.netloc)
+    assert link.path == f"/{s3_bucket}/runs/scheduled__1/report.html"
+    query = parse_qs(link.query)
+    assert query["X-Amz-Expires"] == ["120"] and query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert query["response-content-type"] == ["text/html; charset=utf-8"]
+    with urllib.request.urlopen(href, timeout=10) as response:  # what the browser does with the link
+        body = response.read().decode()
+    assert body.startswith("<!DOCTYPE html>") and "ISIC_7" in body
+
+
+def test_s3_report_link_is_signed_for_the_browsers_endpoint(s3_env, monkeypatch):
+    from urllib.parse import urlparse
+
+    plugin = report_link_plugin()
+    # Containers reach MinIO as http://minio:9000, the browser as the published port.
+    monkeypatch.setenv("MELANOMA_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("MELANOMA_S3_PUBLIC_ENDPOINT_URL", "http://127.0.0.1:9000")
+    link = urlparse(plugin.report_href("s3://melanoma/data/runs/x/report.html"))
+    assert (link.scheme, link.netloc, link.path) == ("http", "127.0.0.1:9000", "/melanoma/data/runs/x/report.html")
+
+
+def test_s3_report_without_endpoint_or_credentials_gets_no_link(s3_env, monkeypatch, tmp_path):
+    plugin = report_link_plugin()
+    uri = json.dumps("s3://melanoma/runs/x/report.html")
+    for name in ("MELANOMA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "MELANOMA_S3_PUBLIC_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert plugin.report_href(uri) == ""  # no http(s) endpoint known: nothing a browser could open
+    monkeypatch.setenv("MELANOMA_S3_PUBLIC_ENDPOINT_URL", "javascript:alert(1)//")
+    assert plugin.report_href(uri) == ""
+    monkeypatch.setenv("MELANOMA_S3_PUBLIC_ENDPOINT_URL", "https://s3.eu-west-1.amazonaws.com")
+    assert plugin.report_href(uri).startswith("https://s3.eu-west-1.amazonaws.com/melanoma/runs/x/report.html?")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert plugin.report_href(uri) == ""  # an unsigned URL would only show "access denied"
+    assert plugin.report_href(json.dumps("s3://bucket-only")) == ""

@@ -10,9 +10,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from melanoma.drops import DX_CODES
 from melanoma.manifest import load_split, read_verified_shard, select_shards
 from melanoma.records import IMAGE_SIZE
 from melanoma.storage import Storage
+
+#: Training targets: "melanoma" = the seed's binary label; "dx" = the diagnosis, one of
+#: :data:`DX_CLASSES` (the model still outputs the melanoma probability, see training.model).
+TARGETS = ("melanoma", "dx")
+#: Class order of a "dx" model's logits.
+DX_CLASSES: tuple[str, ...] = tuple(DX_CODES)
+
+
+def dx_index(dx: str | None) -> int:
+    if dx not in DX_CLASSES:
+        raise ValueError(f"diagnosis {dx!r} is not one of {DX_CLASSES}: cannot train target 'dx' on it")
+    return DX_CLASSES.index(dx)
+
+
+def record_targets(records: list[dict], target: str) -> np.ndarray:
+    """Training labels of ``records``: float32 0/1 (melanoma) or int32 class indices (dx)."""
+    if target == "melanoma":
+        return np.array([r["label"] for r in records], np.float32)
+    if target == "dx":
+        return np.array([dx_index(r.get("dx")) for r in records], np.int32)
+    raise ValueError(f"unknown training target {target!r}; expected one of {TARGETS}")
 
 
 @dataclass
@@ -25,6 +47,12 @@ class SplitArrays:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def targets(self, target: str) -> np.ndarray:
+        return record_targets(self.records, target)
+
+    def ids(self) -> list[str]:
+        return [r["image_id"] for r in self.records]
 
 
 def load_arrays(storage: Storage, manifest: dict, split: str, *, augmented: bool = False, limit: int | None = None) -> SplitArrays:
@@ -45,6 +73,11 @@ def _first_lesions(records: list[dict], limit: int) -> np.ndarray:
     """Indices of whole lesions (originals and their augmented copies together) up to ``limit`` images."""
     chosen: list[int] = []
     by_lesion: dict[str, list[int]] = {}
+    # Lesions in the order of their first ORIGINAL image (augmented shards sort first, and
+    # would otherwise fill the subset with melanoma lesions only).
+    for index, record in enumerate(records):
+        if record.get("kind", "original") == "original":
+            by_lesion.setdefault(record["lesion_id"], [])
     for index, record in enumerate(records):
         by_lesion.setdefault(record["lesion_id"], []).append(index)
     for indices in by_lesion.values():
@@ -71,11 +104,25 @@ def class_weights(labels: np.ndarray, mode: str | dict = "balanced") -> dict[int
     raise ValueError(f"unknown class weight mode {mode!r} (balanced, seed, none or a dict)")
 
 
-def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmented: bool, batch_size: int, shuffle: bool, seed: int = 0):
+def target_class_weights(binary: dict[int, float], target: str) -> dict[int, float]:
+    """Loss weight per training class: the binary weights as they are (melanoma), or for
+    "dx" the melanoma weight on "mel" and the non-melanoma weight on every other diagnosis,
+    so the loss balances melanoma against the rest exactly as the binary model's does."""
+    if target == "melanoma":
+        return dict(binary)
+    if target == "dx":
+        return {i: binary[1 if name == "mel" else 0] for i, name in enumerate(DX_CLASSES)}
+    raise ValueError(f"unknown training target {target!r}; expected one of {TARGETS}")
+
+
+def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmented: bool, batch_size: int, shuffle: bool, seed: int = 0,
+                  target: str = "melanoma", flip: int = 0):
     """A tf.data pipeline over shards: parallel shard reads, shuffle, batch, prefetch.
 
-    Yields (images uint8 (B,224,224,3), labels float32 (B,)). Shards are read lazily, so
-    the whole training set never needs to sit in memory at once.
+    Yields (images uint8 (B,224,224,3), labels (B,)): float32 0/1 for ``target="melanoma"``,
+    int32 indices into :data:`DX_CLASSES` for ``"dx"``. Shards are read (and checked against
+    the manifest) lazily, several at once, so the whole training set never needs to sit in
+    memory at once. ``flip``: 0 as stored, 1 left-right, 2 up-down, 3 both (every image).
     """
     import tensorflow as tf
 
@@ -86,10 +133,12 @@ def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmen
 
     def read(key):
         shard = read_verified_shard(storage, by_key[key.decode() if isinstance(key, bytes) else key])
-        for image, record in zip(shard.images, shard.records):
-            yield image, np.float32(record["label"])
+        for image, label in zip(shard.images, record_targets(shard.records, target)):
+            yield image, label
 
-    signature = (tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE, 3), tf.uint8), tf.TensorSpec((), tf.float32))
+    label_dtype = tf.float32 if target == "melanoma" else tf.int32
+    record_targets([], target)  # rejects an unknown target now, not inside the pipeline
+    signature = (tf.TensorSpec((IMAGE_SIZE, IMAGE_SIZE, 3), tf.uint8), tf.TensorSpec((), label_dtype))
     keys = tf.data.Dataset.from_tensor_slices(sorted(by_key))
     if shuffle:
         keys = keys.shuffle(len(by_key), seed=seed, reshuffle_each_iteration=True)
@@ -101,4 +150,7 @@ def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmen
     )
     if shuffle:
         dataset = dataset.shuffle(2048, seed=seed, reshuffle_each_iteration=True)
+    axes = {0: [], 1: [1], 2: [0], 3: [0, 1]}[flip]
+    if axes:
+        dataset = dataset.map(lambda image, label: (tf.reverse(image, axes), label), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

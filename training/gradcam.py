@@ -73,7 +73,10 @@ def _score_model(model, layer_name: str) -> tuple[Any, Callable]:
 
 
 def _channel_weights(maps: np.ndarray, grads: np.ndarray, plusplus: bool) -> np.ndarray:
-    """Per-channel weights (N,C) from feature maps and score gradients, both (N,h,w,C)."""
+    """Per-channel weights (N,C) from feature maps and score gradients, both (N,h,w,C).
+
+    The NumPy reference of what :func:`_cam_step` computes in the graph (kept for tests).
+    """
     if not plusplus:
         return grads.mean(axis=(1, 2))
     # Grad-CAM++ with the exponential score trick (Chattopadhay et al., eq. 19): for
@@ -92,6 +95,41 @@ def _normalise(cams: np.ndarray) -> np.ndarray:
     return np.where(peaks > 0, cams / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
 
 
+def _cam_step(model, layer_name: str, batch_shape: tuple, dtype, plusplus: bool) -> Callable:
+    """One compiled graph: a fixed-shape batch of images -> its un-normalised maps (N,h,w) float64.
+
+    Built once per :func:`gradcam_heatmaps` call and traced once (the batch shape is fixed;
+    the caller pads the last batch), so each batch is one graph call: forward pass, the
+    score's gradient at ``layer_name`` (the backward pass stops there: only the head lies
+    between the maps and the score), the channel weights and the weighted sum, with no
+    per-image Python work. The weight arithmetic runs in float64 like :func:`_channel_weights`.
+    """
+    import tensorflow as tf
+
+    grad_model, to_score = _score_model(model, layer_name)
+
+    @tf.function(input_signature=[tf.TensorSpec(batch_shape, dtype)])
+    def step(batch):
+        with tf.GradientTape() as tape:
+            maps, head_input = grad_model(tf.cast(batch, tf.float32), training=False)
+            scores = to_score(head_input)
+        # Gradient of the summed scores: in inference mode an image's score depends only on
+        # its own feature maps, so this is each image's own gradient, in one backward pass.
+        grads = tf.cast(tape.gradient(scores, maps), tf.float64)
+        maps = tf.cast(maps, tf.float64)
+        if plusplus:
+            g2 = tf.square(grads)
+            g3 = g2 * grads
+            denominator = 2.0 * g2 + tf.reduce_sum(maps, axis=(1, 2), keepdims=True) * g3
+            alpha = g2 / tf.where(denominator != 0.0, denominator, tf.ones_like(denominator))
+            weights = tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2))
+        else:
+            weights = tf.reduce_mean(grads, axis=(1, 2))
+        return tf.nn.relu(tf.einsum("nhwc,nc->nhw", maps, weights))
+
+    return step
+
+
 def gradcam_heatmaps(
     model, images: np.ndarray, layer_name: str, *, batch_size: int = 32, plusplus: bool = False
 ) -> np.ndarray:
@@ -100,28 +138,28 @@ def gradcam_heatmaps(
     model: functional Keras model, images (N,H,W,3) -> one score per image (N,1).
     images: (N,H,W,3) uint8 or float, as the model takes them (it preprocesses internally).
     layer_name: the convolutional layer whose maps are weighted (usually the last one).
+    batch_size: images per graph call (fewer when there are fewer images); the last batch is
+    padded to it, so the graph is traced once.
     Returns float32 (N,h,w) in [0,1] at that layer's resolution; use :func:`upsample_heatmap`
     for image resolution. Each map is scaled to peak 1; a map with no positive evidence is 0.
     """
     import tensorflow as tf
 
-    grad_model, to_score = _score_model(model, layer_name)
-    heatmaps = []
-    for start in range(0, len(images), batch_size):
-        batch = tf.convert_to_tensor(np.asarray(images[start : start + batch_size]), dtype=tf.float32)
-        with tf.GradientTape() as tape:
-            maps, head_input = grad_model(batch, training=False)
-            scores = to_score(head_input)
-        # Gradient of the summed scores: in inference mode an image's score depends only on
-        # its own feature maps, so this is each image's own gradient, in one backward pass.
-        grads = tape.gradient(scores, maps)
-        maps, grads = maps.numpy().astype(np.float64), grads.numpy().astype(np.float64)
-        weights = _channel_weights(maps, grads, plusplus)
-        cams = np.maximum(np.einsum("nhwc,nc->nhw", maps, weights), 0.0)
-        heatmaps.append(_normalise(cams))
-    if not heatmaps:
-        _, h, w, _ = grad_model.outputs[0].shape
+    images = np.asarray(images)
+    if len(images) == 0:
+        _, h, w, _ = model.get_layer(layer_name).output.shape
         return np.zeros((0, h or 0, w or 0), np.float32)
+    if images.dtype != np.uint8:
+        images = images.astype(np.float32, copy=False)
+    batch = min(int(batch_size), len(images))
+    step = _cam_step(model, layer_name, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus)
+    heatmaps = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        count = len(chunk)
+        if count < batch:  # pad, so the one traced graph serves the last batch too
+            chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), chunk.dtype)])
+        heatmaps.append(_normalise(step(tf.constant(chunk)).numpy()[:count]))
     return np.concatenate(heatmaps)
 
 

@@ -11,6 +11,12 @@ survives ``model.save("x.keras")`` / :func:`load_classifier`.
 Layer names:
     image -> preprocess -> <backbone layers> -> head_pool -> head_dropout_1 -> head_dense
     -> head_dropout_2 -> melanoma_probability
+
+With ``classes`` (e.g. the seven HAM10000 diagnoses) the head is trained on all classes and
+still ends in ONE melanoma probability (N, 1) through a final sigmoid:
+    ... -> head_dropout_2 -> dx_logits (N, K) -> melanoma_logit (N, 1) -> melanoma_probability
+where ``melanoma_logit`` = z_mel - logsumexp(z_others), the log-odds of melanoma under the
+softmax, so sigmoid(melanoma_logit) == softmax(z)[mel] exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ __all__ = [
     "LAST_CONV_LAYER",
     "HEAD_LAYERS",
     "BackbonePreprocessing",
+    "MelanomaLogOdds",
     "WeightsUnavailableError",
     "build_classifier",
     "load_classifier",
@@ -53,6 +60,8 @@ LAST_CONV_LAYER = {
 INPUT_LAYER = "image"
 PREPROCESS_LAYER = "preprocess"
 HEAD_LAYERS = ("head_pool", "head_dropout_1", "head_dense", "head_dropout_2", "melanoma_probability")
+# Only in classifiers built with ``classes``: between head_dropout_2 and melanoma_probability.
+CLASS_HEAD_LAYERS = ("dx_logits", "melanoma_logit")
 
 INPUT_NORMALISATION = {
     "resnet50": "caffe: RGB->BGR, minus ImageNet mean [103.939, 116.779, 123.68], no scaling",
@@ -115,6 +124,36 @@ class BackbonePreprocessing(layers.Layer):
             "weights_file": self.weights_file,
             "weights_sha256": self.weights_sha256,
         }
+
+
+@keras.saving.register_keras_serializable(package="melanoma")
+class MelanomaLogOdds(layers.Layer):
+    """Class logits (N, K) -> melanoma log-odds (N, 1): z_mel - logsumexp(z_others).
+
+    sigmoid of the output equals the softmax probability of the melanoma class, so a model
+    trained on K diagnoses still ends in the binary "Activation(sigmoid)" that evaluation
+    and Grad-CAM expect. ``class_names`` is kept in the config (the label order of the logits).
+    """
+
+    def __init__(self, melanoma_index: int, class_names: list[str] | tuple[str, ...] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.melanoma_index = int(melanoma_index)
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def call(self, logits: Any) -> Any:
+        logits = keras.ops.cast(logits, "float32")
+        k = logits.shape[-1]
+        mel = logits[:, self.melanoma_index : self.melanoma_index + 1]
+        others = keras.ops.concatenate(
+            [logits[:, : self.melanoma_index], logits[:, self.melanoma_index + 1 : k]], axis=-1
+        )
+        return mel - keras.ops.logsumexp(others, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (input_shape[0], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "melanoma_index": self.melanoma_index, "class_names": self.class_names}
 
 
 @dataclass(frozen=True)
@@ -189,12 +228,20 @@ def _lite0_features(x: keras.KerasTensor, weights_file: str | None) -> keras.Ker
 _FEATURE_BUILDERS = {"resnet50": _resnet50_features, "efficientnet_lite0": _lite0_features}
 
 
-def _head(features: keras.KerasTensor, dropout: float, dense_units: int) -> keras.KerasTensor:
+def _head(
+    features: keras.KerasTensor, dropout: float, dense_units: int, classes: tuple[str, ...] | None = None
+) -> keras.KerasTensor:
     """(N, h, w, C) feature map -> (N, 1) melanoma probability."""
     x = layers.GlobalAveragePooling2D(name="head_pool")(features)
     x = layers.Dropout(dropout, name="head_dropout_1")(x)
     x = layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     x = layers.Dropout(dropout, name="head_dropout_2")(x)
+    if classes is not None:
+        if "mel" not in classes:
+            raise ValueError(f"classes must include 'mel', got {classes}")
+        logits = layers.Dense(len(classes), dtype="float32", name="dx_logits")(x)
+        logit = MelanomaLogOdds(list(classes).index("mel"), list(classes), dtype="float32", name="melanoma_logit")(logits)
+        return layers.Activation("sigmoid", dtype="float32", name="melanoma_probability")(logit)
     # float32 output keeps the sigmoid and the loss stable under mixed precision.
     return layers.Dense(1, activation="sigmoid", dtype="float32", name="melanoma_probability")(x)
 
@@ -206,6 +253,7 @@ def build_classifier(
     image_size: int = 224,
     dropout: float = 0.5,
     dense_units: int = 256,
+    classes: tuple[str, ...] | list[str] | None = None,
 ) -> keras.Model:
     """Build the melanoma classifier: (N, image_size, image_size, 3) RGB [0, 255] -> (N, 1).
 
@@ -223,7 +271,7 @@ def build_classifier(
         weights_sha256=resolved.sha256, name=PREPROCESS_LAYER,
     )(images)
     features = _FEATURE_BUILDERS[backbone](x, resolved.file)
-    probability = _head(features, dropout, dense_units)
+    probability = _head(features, dropout, dense_units, tuple(classes) if classes is not None else None)
     return keras.Model(images, probability, name=f"melanoma_{backbone}")
 
 
@@ -254,12 +302,20 @@ def last_conv_layer_name(model: keras.Model) -> str:
 
 def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The backbone's layers in graph order: everything but input, preprocessing and head."""
-    skip = {INPUT_LAYER, PREPROCESS_LAYER, *HEAD_LAYERS}
+    skip = {INPUT_LAYER, PREPROCESS_LAYER, *HEAD_LAYERS, *CLASS_HEAD_LAYERS}
     return [layer for layer in model.layers if layer.name not in skip]
 
 
+def _head_layer_names(model: keras.Model) -> list[str]:
+    """The head's layers in order (binary head, or with the class head's two extra layers)."""
+    present = {layer.name for layer in model.layers}
+    names = list(HEAD_LAYERS[:-1])
+    names += [name for name in CLASS_HEAD_LAYERS if name in present]
+    return names + [HEAD_LAYERS[-1]]
+
+
 def _set_head_trainable(model: keras.Model) -> None:
-    for name in HEAD_LAYERS:
+    for name in _head_layer_names(model):
         model.get_layer(name).trainable = True
 
 
@@ -320,7 +376,7 @@ def head_model(model: keras.Model) -> keras.Model:
     channels = model.get_layer("head_pool").output.shape[-1]
     features = keras.Input((channels,), name="pooled_features")
     x = features
-    for name in HEAD_LAYERS[1:]:
+    for name in _head_layer_names(model)[1:]:
         x = model.get_layer(name)(x)
     return keras.Model(features, x, name=f"{model.name}_head")
 

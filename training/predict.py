@@ -9,10 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import posixpath
 import tempfile
 
 import numpy as np
 
+# The Spark job's preprocessing, imported (not copied): see predict_folder.
+from melanoma.imaging import RejectedImage, decode_rgb, preprocess_image_bytes
 from melanoma.storage import open_storage, split_uri
 
 PREDICTION_COLUMNS = ("image_id", "lesion_id", "split", "label", "dx", "probability", "age", "sex", "localization", "source")
@@ -70,57 +73,70 @@ def rows_to_csv(rows: list[dict], columns=PREDICTION_COLUMNS) -> bytes:
 
 def images_in_folder(folder_uri: str) -> list[tuple[str, str]]:
     """(image_id, key) of every image under a folder, in any subfolder: bare images or a
-    drop in either layout (metadata files and lesion masks are not images to score)."""
+    drop in either layout (metadata files and lesion masks are not images to score).
+
+    The image id is the file name without its suffix; where two files share it (``a/x.jpg``
+    and ``b/x.jpg``) each gets its key without the suffix instead, so ids stay unique.
+    """
     storage = open_storage(folder_uri)
     keys = [k for k in storage.list_keys("") if k.lower().endswith(IMAGE_SUFFIXES) and "_segmentation." not in k]
-    found = []
-    for key in keys:
-        image_id = os.path.splitext(os.path.basename(key))[0]
-        found.append((image_id, key))
-    return sorted(found)
+    stems = [os.path.splitext(posixpath.basename(key))[0] for key in keys]
+    shared = {stem for stem in stems if stems.count(stem) > 1}
+    return sorted((os.path.splitext(key)[0] if stem in shared else stem, key) for stem, key in zip(stems, keys))
 
 
-def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: float = 0.5, overlays: bool = False, layer_name: str | None = None) -> dict:
+# decode_rgb's target size bounds how far a large JPEG is shrunk while decoding; one larger
+# than any image keeps every image at its own size (MAX_PIXELS still limits what is decoded).
+_ORIGINAL_SIZE = 1 << 30
+
+
+def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: float = 0.5, overlays: bool = False,
+                   layer_name: str | None = None) -> dict:
     """Score every image under ``folder_uri``; write ``predictions.csv`` (and overlays) under ``out_uri``.
 
-    Unreadable files are listed in ``rejected.csv`` with their reason, never skipped silently.
+    Each image goes through :func:`melanoma.imaging.preprocess_image_bytes`, the Spark job's
+    own preprocessing. ``predictions.csv``: image_id, key (the file under the folder),
+    probability, label (1 when ``probability >= threshold``), threshold. Unreadable files are
+    listed in ``rejected.csv`` with their reason, never skipped silently. With ``overlays``,
+    ``overlays/<image_id>.png`` is the Grad-CAM heatmap of the melanoma score blended over the
+    image at its original size (display orientation).
     """
-    from melanoma.imaging import RejectedImage, decode_rgb, preprocess_image_bytes
-
     model = load_model(model_uri)
     source, out = open_storage(folder_uri), open_storage(out_uri)
-    images, ids, originals, rejected = [], [], [], []
+    images, scored, rejected = [], [], []
     for image_id, key in images_in_folder(folder_uri):
         try:
-            data = source.read_bytes(key)
-            array, _notes = preprocess_image_bytes(data)
+            array, _notes = preprocess_image_bytes(source.read_bytes(key))
         except RejectedImage as error:
             rejected.append({"image_id": image_id, "key": key, "reason": error.reason, "detail": str(error)})
             continue
         images.append(array)
-        ids.append(image_id)
-        if overlays:
-            originals.append(decode_rgb(data)[0])
+        scored.append((image_id, key))
     batch = np.stack(images) if images else np.zeros((0, 224, 224, 3), np.uint8)
     probabilities = predict_probabilities(model, batch)
     rows = [
-        {"image_id": i, "probability": float(p), "label": int(p >= threshold), "threshold": threshold}
-        for i, p in zip(ids, probabilities)
+        {"image_id": image_id, "key": key, "probability": float(p), "label": int(p >= threshold), "threshold": threshold}
+        for (image_id, key), p in zip(scored, probabilities)
     ]
-    out.write_bytes("predictions.csv", rows_to_csv(rows, ("image_id", "probability", "label", "threshold")))
+    out.write_bytes("predictions.csv", rows_to_csv(rows, ("image_id", "key", "probability", "label", "threshold")))
     out.write_bytes("rejected.csv", rows_to_csv(rejected, ("image_id", "key", "reason", "detail")))
     written = ["predictions.csv", "rejected.csv"]
     if overlays and images:
         import cv2
 
-        from training.gradcam import gradcam_heatmaps, overlay_heatmap, upsample_heatmap
+        from training.gradcam import _safe_name, gradcam_heatmaps, overlay_heatmap, upsample_heatmap
         from training.model import last_conv_layer_name
 
         heatmaps = gradcam_heatmaps(model, batch, layer_name or last_conv_layer_name(model))
-        for image_id, original, heatmap in zip(ids, originals, heatmaps):
+        del batch, images
+        # One image at a time at full size: the originals are never all held in memory.
+        for (image_id, key), heatmap in zip(scored, heatmaps):
+            original, _notes = decode_rgb(source.read_bytes(key), target_size=_ORIGINAL_SIZE)
             overlay = overlay_heatmap(original, upsample_heatmap(heatmap, original.shape[:2]))
             ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-            key = f"overlays/{image_id}.png"
-            out.write_bytes(key, png.tobytes())
-            written.append(key)
+            if not ok:
+                raise RuntimeError(f"PNG encoding failed for {key}")
+            overlay_key = f"overlays/{_safe_name(image_id)}.png"
+            out.write_bytes(overlay_key, png.tobytes())
+            written.append(overlay_key)
     return {"scored": len(rows), "rejected": len(rejected), "predictions_uri": out.uri("predictions.csv"), "written": written}

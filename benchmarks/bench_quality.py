@@ -1,0 +1,345 @@
+"""Quality benchmark: the pipeline's own preprocess -> train -> evaluate on the whole of HAM10000.
+
+    make bench-quality                       # = python benchmarks/bench_quality.py
+    python benchmarks/bench_quality.py --budget-minutes 75 --fine-tune-blocks 4 --target dx
+
+1. Preprocessing: the real Spark jobs (``spark_jobs/preprocess.py`` then ``augment.py``,
+   ``local[2]``) turn ``../shared/data/ham10000`` into shards under
+   ``benchmarks/work/quality/data``; processed data whose manifest already records the
+   augmentation is reused (``--reprocess`` forces a fresh run).
+2. Cached vs uncached (``--speedup-images``, 0 to skip): the same short training, once on
+   cached backbone outputs and once running the frozen backbone every epoch, on a subset,
+   to measure the per-epoch speed-up and show the two reach the same validation AUROC.
+3. Training: :func:`training.train.run_training` with EfficientNet-Lite0 (ImageNet): phase 1
+   (head, frozen backbone) on cached features, phase 2 fine-tuning the last blocks on cached
+   activations; each phase stops early on validation AUROC, and phase 2 also stops when the
+   time left in the budget would not fit one more epoch (the epochs run are recorded).
+4. Evaluation: :func:`training.tasks.evaluate_run`, the pipeline's evaluate step: threshold
+   chosen on validation (Youden), test metrics with lesion-bootstrap 95% intervals on the
+   lesion-grouped test split. Nothing is chosen on the test split.
+
+Writes ``benchmarks/results/quality.json`` and ``quality.md``; the run (model, checkpoints,
+eval/) stays under ``benchmarks/work/quality/runs/<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(os.environ.get("MELANOMA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+WORK = ROOT / "benchmarks" / "work" / "quality"
+PROCESSED = WORK / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+TARGET = {"auroc": 0.93, "auprc": 0.65}
+EVAL_RESERVE_S = 240  # evaluate (val + test forward passes, bootstrap) and writing results
+
+
+def log(message: str) -> None:
+    print(f"[bench-quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def rel(path: Path | str) -> str:
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def processed_manifest() -> dict | None:
+    from melanoma.manifest import latest_manifest
+    from melanoma.storage import open_storage
+
+    return latest_manifest(open_storage(PROCESSED)) if PROCESSED.is_dir() else None
+
+
+def preprocess(reprocess: bool) -> dict:
+    """Run the two Spark jobs unless augmented processed data is already there."""
+    manifest = processed_manifest()
+    if manifest is not None and manifest.get("augmentation") and not reprocess:
+        log(f"reusing processed data {rel(PROCESSED)} (manifest v{manifest['version']})")
+        return {"reused": True, "seconds": 0.0, "manifest_version": manifest["version"]}
+    if not (SHARED / "ham10000").is_dir():
+        raise SystemExit(f"HAM10000 not found at {SHARED / 'ham10000'} (see README: ../shared/data)")
+    if shutil.which("java") is None:
+        raise SystemExit("java not found: Spark needs Java 17+")
+    if PROCESSED.exists():
+        shutil.rmtree(PROCESSED)
+    venv_bin = ROOT / ".venv" / "bin"
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    spark_submit = str(venv_bin / "spark-submit") if (venv_bin / "spark-submit").exists() else "spark-submit"
+    common = [spark_submit, "--master", "local[2]", "--conf", f"spark.pyspark.python={sys.executable}"]
+    commands = [
+        [*common, "spark_jobs/preprocess.py", "--raw-root", str(SHARED), "--drops", "ham10000", "--processed-root", rel(PROCESSED)],
+        [*common, "spark_jobs/augment.py", "--processed-root", rel(PROCESSED)],
+    ]
+    started = time.perf_counter()
+    for command in commands:
+        log("running " + " ".join(command[4:]))
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        for line in done.stdout.splitlines():
+            if line.startswith(("preprocess:", "augment:")):
+                log(line)
+    manifest = processed_manifest()
+    return {"reused": False, "seconds": round(time.perf_counter() - started, 1), "manifest_version": manifest["version"]}
+
+
+# --------------------------------------------------------------------------- cached vs uncached
+
+
+def speedup(n_images: int, blocks: int, target: str) -> dict:
+    """One short training each way on the first ``n_images`` training images (whole lesions)."""
+    from melanoma.storage import open_storage
+    from training.train import TrainConfig, run_training
+
+    runs = {}
+    for cached in (True, False):
+        root = WORK / "runs" / f"speedup-{'cached' if cached else 'uncached'}"
+        shutil.rmtree(root, ignore_errors=True)
+        cfg = TrainConfig(str(PROCESSED), str(root), epochs=2, fine_tune_epochs=1, fine_tune_blocks=blocks, target=target,
+                          feature_cache=cached, fine_tune_cache=cached, cache_dtype="float32", limit_train=n_images, limit_val=n_images)
+        log(f"speed-up: {'cached' if cached else 'uncached'} run on {n_images} train / {n_images} val images")
+        result = run_training(cfg)
+        history = json.loads(open_storage(str(root)).read_bytes("model/history.json"))
+        runs["cached" if cached else "uncached"] = {
+            "total_seconds": result["train_seconds"],
+            "cache_seconds": result.get("cache_seconds", 0.0),
+            "phase1_epoch_seconds": history["phase1"]["epoch_seconds"],
+            "phase2_epoch_seconds": history["phase2"]["epoch_seconds"],
+            "phase1_val_auroc": history["phase1"]["val_auroc"],
+            "phase2_val_auroc": history["phase2"]["val_auroc"],
+        }
+        shutil.rmtree(root, ignore_errors=True)
+    c, u = runs["cached"], runs["uncached"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {
+        "images": n_images,
+        "fine_tune_blocks": blocks,
+        **runs,
+        "phase1_epoch_speedup": round(mean(u["phase1_epoch_seconds"]) / mean(c["phase1_epoch_seconds"]), 1),
+        "phase2_epoch_speedup": round(mean(u["phase2_epoch_seconds"]) / mean(c["phase2_epoch_seconds"]), 1),
+        "max_val_auroc_difference": max(abs(a - b) for a, b in zip(c["phase1_val_auroc"] + c["phase2_val_auroc"],
+                                                                     u["phase1_val_auroc"] + u["phase2_val_auroc"])),
+        "note": "epoch_seconds include the validation pass and the checkpoint; the cached run also pays cache_seconds once",
+    }
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": bool(tf.config.list_physical_devices("GPU")),
+            "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "platform": platform.platform()}
+
+
+def estimate(metrics: dict, name: str) -> dict:
+    block = metrics["test"][name]
+    return {"value": block["value"], "ci_low": block["ci_low"], "ci_high": block["ci_high"]}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    r = result
+    fmt = lambda e: f"{e['value']:.3f} (95% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"  # noqa: E731
+    s = r["settings"]
+    epochs = r["epochs"]
+    lines = [
+        "## Model quality (HAM10000, EfficientNet-Lite0, CPU)",
+        "",
+        f"Command: `{r['command']}` — {r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, no GPU "
+        f"(TensorFlow {r['machine']['tensorflow']}, Keras {r['machine']['keras']}).",
+        "",
+        f"Data: all of HAM10000 through the Spark jobs ({'reused' if r['preprocess']['reused'] else 'run'}: "
+        f"{r['preprocess']['seconds']:.0f} s), lesion-grouped split: {r['counts']['train']} train images "
+        f"(+{r['counts']['train_augmented']} augmented melanoma copies), {r['counts']['val']} val, {r['counts']['test']} test "
+        f"({r['counts']['test_melanoma']} melanoma). Threshold chosen on validation ({r['threshold_strategy']}).",
+        "",
+        "| test metric | value |",
+        "|---|---|",
+        f"| AUROC | {fmt(r['auroc_ci'])} |",
+        f"| AUPRC | {fmt(r['auprc_ci'])} |",
+        f"| threshold (chosen on val) | {r['threshold']:.3f} |",
+        f"| sensitivity at it | {fmt(r['sensitivity_ci'])} |",
+        f"| specificity at it | {fmt(r['specificity_ci'])} |",
+        f"| best val AUROC (phase 1 / 2) | {r['best_val_auroc'].get('phase1', float('nan')):.3f} / {r['best_val_auroc'].get('phase2', float('nan')):.3f} |",
+        "",
+        f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.",
+        "",
+        f"Training ({r['train_seconds'] / 60:.1f} min of {r['total_seconds'] / 60:.1f} min in all"
+        f"{', of which %.1f min waiting for other benchmarks to finish' % (r['cpu_lock_wait_seconds'] / 60) if r['cpu_lock_wait_seconds'] >= 1 else ''}): "
+        f"target `{s['target']}`, training images in {s['train_flips']} flip variant(s) (epoch e uses variant e mod {s['train_flips']}), "
+        f"phase 1 head on cached pooled features, lr {s['learning_rate']}, {epochs['phase1']} epochs (best {epochs['phase1_best']}); "
+        f"phase 2 last {s['fine_tune_blocks']} blocks + head on cached activations ({s['cache_dtype']}), lr {s['fine_tune_learning_rate']}, "
+        f"{epochs['phase2']} epochs (best {epochs['phase2_best']}){' — stopped by the time budget' if epochs.get('phase2_stopped_by_budget') else ''}. "
+        f"Adam (0.9, 0.999), batch {s['batch_size']}, class weights {s['class_weight']}, early-stopping patience {s['patience']}"
+        f"{', learning rate x%s after %d epochs without improvement' % (s['lr_decay_factor'], s['lr_decay_patience']) if s['lr_decay_patience'] else ''}. "
+        f"Per epoch: phase 1 {r['epoch_seconds']['phase1']:.1f} s, phase 2 {r['epoch_seconds']['phase2']:.0f} s; "
+        f"one-time caching {r['cache_seconds']:.0f} s.",
+        "",
+    ]
+    if r.get("speedup"):
+        sp = r["speedup"]
+        lines += [
+            f"Cached vs uncached ({sp['images']} train images, same seed): phase 1 epoch "
+            f"{sum(sp['cached']['phase1_epoch_seconds']) / len(sp['cached']['phase1_epoch_seconds']):.1f} s vs "
+            f"{sum(sp['uncached']['phase1_epoch_seconds']) / len(sp['uncached']['phase1_epoch_seconds']):.1f} s "
+            f"(x{sp['phase1_epoch_speedup']}), phase 2 ({sp['fine_tune_blocks']} blocks) "
+            f"{sum(sp['cached']['phase2_epoch_seconds']):.1f} s vs {sum(sp['uncached']['phase2_epoch_seconds']):.1f} s "
+            f"(x{sp['phase2_epoch_speedup']}); largest val AUROC difference {sp['max_val_auroc_difference']:.4f}.",
+            "",
+        ]
+    if r.get("notes"):
+        lines += [r["notes"], ""]
+    path.write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-minutes", type=float, default=75.0, help="whole run, preprocessing included")
+    parser.add_argument("--target", default="dx", choices=["dx", "melanoma"])
+    parser.add_argument("--epochs", type=int, default=30, help="phase 1 (head) epochs at most")
+    parser.add_argument("--fine-tune-epochs", type=int, default=40, help="phase 2 epochs at most (the budget may stop it first)")
+    parser.add_argument("--fine-tune-blocks", type=int, default=5)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--fine-tune-learning-rate", type=float, default=3e-4)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--lr-decay-patience", type=int, default=2, help="x0.3 learning rate after this many epochs without a better val AUROC")
+    parser.add_argument("--train-flips", type=int, default=4, choices=[1, 2, 4], help="flip variants of the training images")
+    parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
+    parser.add_argument("--speedup-images", type=int, default=384, help="subset for the cached vs uncached timing; 0 skips it")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--reprocess", action="store_true", help="rerun the Spark jobs even if processed data exists")
+    parser.add_argument("--name", default="bench", help="run folder name under benchmarks/work/quality/runs")
+    parser.add_argument("--notes", default="", help="free text added to quality.md (what else was tried)")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    command = "python benchmarks/bench_quality.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    prep = preprocess(args.reprocess)
+
+    from melanoma.storage import open_storage
+    from training.tasks import evaluate_run
+    from training.train import CpuTurns, TrainConfig, run_training
+
+    sp = speedup(args.speedup_images, args.fine_tune_blocks, args.target) if args.speedup_images > 0 else None
+
+    run_root = WORK / "runs" / args.name
+    shutil.rmtree(run_root, ignore_errors=True)
+    budget_s = args.budget_minutes * 60
+    train_budget = budget_s - (time.perf_counter() - started - CpuTurns.waited) - EVAL_RESERVE_S
+    cfg = TrainConfig(
+        str(PROCESSED), str(run_root), backbone="efficientnet_lite0", weights="imagenet", target=args.target,
+        epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
+        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
+        class_weight=args.class_weight, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
+        train_flips=args.train_flips, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget,
+    )
+    log(f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)")
+    trained = run_training(cfg)
+    log(f"trained: {json.dumps(trained['best_val_auroc'])} best val AUROC, epochs {trained['epochs_run']}, {trained['train_seconds']:.0f} s")
+
+    evaluate_started = time.perf_counter()
+    with CpuTurns.turn():
+        evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot)
+    evaluate_seconds = time.perf_counter() - evaluate_started
+    run = open_storage(str(run_root))
+    metrics = json.loads(run.read_bytes("eval/metrics.json"))
+    history = json.loads(run.read_bytes("model/history.json"))
+    state = json.loads(run.read_bytes("model/checkpoints/state.json"))
+    manifest = processed_manifest()
+    total = time.perf_counter() - started
+    waited = CpuTurns.waited
+
+    def phase_info(name: str) -> tuple[int, int | str, float]:
+        h = history.get(name, {})
+        aurocs = h.get("val_auroc", [])
+        seconds = h.get("epoch_seconds", [])
+        best = (aurocs.index(max(aurocs)) + 1) if aurocs else 0
+        if name == "phase2" and state.get("baseline") and (not aurocs or max(aurocs) <= state["baseline"]["val_auroc"]):
+            best = "0 (phase 1 weights kept)"
+        return len(aurocs), best, (sum(seconds) / len(seconds) if seconds else 0.0)
+
+    p1, p2 = phase_info("phase1"), phase_info("phase2")
+    test = metrics["test"]
+    result = {
+        "auroc": test["auroc"]["value"],
+        "auprc": test["auprc"]["value"],
+        "threshold": metrics["threshold"]["value"],
+        "sensitivity": test["sensitivity"]["value"],
+        "specificity": test["specificity"]["value"],
+        "auroc_ci": estimate(metrics, "auroc"),
+        "auprc_ci": estimate(metrics, "auprc"),
+        "sensitivity_ci": estimate(metrics, "sensitivity"),
+        "specificity_ci": estimate(metrics, "specificity"),
+        "threshold_strategy": metrics["threshold"]["strategy"],
+        "threshold_chosen_on": metrics["threshold"]["chosen_on"],
+        "val": {k: metrics["threshold"]["val"][k] for k in ("auroc", "auprc", "sensitivity", "specificity")},
+        "target": TARGET,
+        "target_met": test["auroc"]["value"] >= TARGET["auroc"] and test["auprc"]["value"] >= TARGET["auprc"],
+        "train_seconds": trained["train_seconds"],
+        "cache_seconds": trained.get("cache_seconds", 0.0),
+        "evaluate_seconds": round(evaluate_seconds, 1),
+        "total_seconds": round(total, 1),
+        "cpu_lock_wait_seconds": round(waited, 1),
+        "total_seconds_excluding_lock_waits": round(total - waited, 1),
+        "budget_minutes": args.budget_minutes,
+        "model_uri": rel(run_root / "model" / "model.keras"),
+        "metrics_uri": rel(run_root / "eval" / "metrics.json"),
+        "best_val_auroc": trained["best_val_auroc"],
+        "epochs": {"phase1": p1[0], "phase1_best": p1[1], "phase2": p2[0], "phase2_best": p2[1],
+                   "phase2_stopped_by_budget": str((trained.get("stop_reason") or {}).get("phase2") or "").startswith("time budget"),
+                   "stop_reason": trained.get("stop_reason")},
+        "epoch_seconds": {"phase1": round(p1[2], 2), "phase2": round(p2[2], 1)},
+        "settings": {k: v for k, v in json.loads(run.read_bytes("model/config.json")).items() if k not in ("processed_root", "run_root", "extra")},
+        "counts": {"train": manifest["counts"]["train"]["0"] + manifest["counts"]["train"]["1"],
+                   "train_augmented": manifest["augmented_counts"]["train"]["1"],
+                   "val": manifest["counts"]["val"]["0"] + manifest["counts"]["val"]["1"],
+                   "test": test["n_images"], "test_melanoma": test["n_melanoma"], "test_lesions": test["n_lesions"]},
+        "preprocess": prep,
+        "speedup": sp,
+        "machine": machine(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "notes": args.notes,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, RESULTS / "quality.md")
+    log(f"test AUROC {result['auroc']:.4f} {result['auroc_ci']}, AUPRC {result['auprc']:.4f} {result['auprc_ci']}, "
+        f"threshold {result['threshold']:.3f} (val), sensitivity {result['sensitivity']:.3f}, specificity {result['specificity']:.3f}")
+    log(f"target {'met' if result['target_met'] else 'NOT met'}; total {total / 60:.1f} min; wrote {rel(RESULTS / 'quality.json')} and quality.md")
+    print(json.dumps({k: result[k] for k in ("auroc", "auprc", "threshold", "sensitivity", "specificity", "train_seconds", "model_uri")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

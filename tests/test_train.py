@@ -1,0 +1,279 @@
+"""Training on real HAM10000 images: artifacts, resume after a kill, cached == uncached.
+
+The processed data is built without Spark from a small drop cut out of ../shared/data/ham10000
+(the same ingest functions the Spark jobs run), with the augmented melanoma copies.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from melanoma import ingest  # noqa: E402
+from melanoma.manifest import commit_manifest, latest_manifest, require_manifest  # noqa: E402
+from melanoma.splits import assign_split  # noqa: E402
+from melanoma.storage import open_storage  # noqa: E402
+from training.data import DX_CLASSES, class_weights, load_arrays, target_class_weights  # noqa: E402
+from training.train import TrainConfig, epoch_order, fine_tune_cut, read_state, run_training  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DROP = "ham-small-2026-01-01"
+# Lesions per split and class: (melanoma, other). About 300 images, about 2/3 of them train.
+WANTED = {"train": (45, 90), "val": (15, 40), "test": (8, 16)}
+
+
+def _pick_rows(ham10000_dir: Path) -> list[dict]:
+    """Whole lesions (all their images), a fixed number per split and class, in a fixed
+    pseudo-random order (the CSV is sorted by diagnosis; its head would be all 'bkl')."""
+    with open(ham10000_dir / "HAM10000_metadata.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_lesion: dict[str, list[dict]] = {}
+    for row in rows:
+        by_lesion.setdefault(row["lesion_id"], []).append(row)
+    taken = {(split, mel): 0 for split in WANTED for mel in (1, 0)}
+    chosen = []
+    for lesion_id, lesion_rows in sorted(by_lesion.items(), key=lambda item: hashlib.sha256(item[0].encode()).hexdigest()):
+        key = (assign_split(lesion_id), int(lesion_rows[0]["dx"] == "mel"))
+        if taken[key] < WANTED[key[0]][1 - key[1]]:
+            taken[key] += 1
+            chosen += lesion_rows
+    return chosen
+
+
+def build_processed(ham10000_dir: Path, root: Path) -> tuple[str, str]:
+    """A raw drop and its processed shards (+ augmented copies), as the two Spark jobs make them."""
+    rows = _pick_rows(ham10000_dir)
+    raw = root / "raw"
+    images = raw / DROP / "images"
+    images.mkdir(parents=True)
+    for row in rows:
+        shutil.copy(ham10000_dir / "images" / f"{row['image_id']}.jpg", images / f"{row['image_id']}.jpg")
+    with open(raw / DROP / "HAM10000_metadata.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    processed = str(root / "data")
+    out = open_storage(processed)
+    plan = ingest.plan_drop(str(raw), processed, DROP, {})
+    results = [ingest.process_chunk(task) for task in plan.tasks]
+    commit_manifest(out, ingest.finish_drops(out, None, [plan], results, logical_date="2026-01-01"))
+    previous = require_manifest(out)
+    augmented = [ingest.augment_shard(task) for task in ingest.augment_tasks(processed, previous)]
+    commit_manifest(out, ingest.finish_augment(previous, augmented, logical_date="2026-01-01", copies=ingest.COPIES_PER_MELANOMA))
+    return str(raw), processed
+
+
+@pytest.fixture(scope="module")
+def processed_root(ham10000_dir, tmp_path_factory) -> str:
+    return build_processed(ham10000_dir, tmp_path_factory.mktemp("train-data"))[1]
+
+
+def _weights_by_name(model, prefixes: tuple[str, ...]) -> dict[str, np.ndarray]:
+    return {f"{layer.name}/{i}": np.asarray(w) for layer in model.layers if layer.name.startswith(prefixes)
+            for i, w in enumerate(layer.get_weights())}
+
+
+# --- fast checks (no training) ----------------------------------------------------------------
+
+
+def test_class_weights_and_targets():
+    labels = np.array([0] * 90 + [1] * 10)
+    balanced = class_weights(labels)
+    assert balanced == pytest.approx({0: 100 / 180, 1: 100 / 20})
+    assert class_weights(labels, "seed") == {0: 0.5, 1: 28.5}
+    dx = target_class_weights(balanced, "dx")
+    assert dx[DX_CLASSES.index("mel")] == balanced[1]
+    assert all(dx[i] == balanced[0] for i, name in enumerate(DX_CLASSES) if name != "mel")
+    with pytest.raises(ValueError, match="target"):
+        TrainConfig("p", "r", target="nope")
+
+
+def test_epoch_order_is_a_function_of_seed_phase_epoch():
+    a = epoch_order(50, 0, 1, 3)
+    assert sorted(a.tolist()) == list(range(50))
+    np.testing.assert_array_equal(a, epoch_order(50, 0, 1, 3))
+    assert not np.array_equal(a, epoch_order(50, 0, 1, 4))
+    assert not np.array_equal(a, epoch_order(50, 0, 2, 3))
+
+
+def test_fine_tune_cut_is_the_input_of_the_first_unfrozen_block():
+    from training.model import build_classifier
+
+    model = build_classifier("efficientnet_lite0", None)
+    assert fine_tune_cut(model, 1).name == model.get_layer("block6d_add").output.name
+    assert fine_tune_cut(model, 4).name == model.get_layer("block6a_project_bn").output.name
+    assert fine_tune_cut(model, 5).name == model.get_layer("block5c_add").output.name
+    assert fine_tune_cut(model, 0).name == model.get_layer("top_activation").output.name
+    # The tail from the cut is the same function as the whole network.
+    images = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    cut = fine_tune_cut(model, 5)
+    trunk, tail = keras.Model(model.input, cut), keras.Model(cut, model.output)
+    np.testing.assert_allclose(tail.predict(trunk.predict(images, verbose=0), verbose=0), model.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_dx_classifier_ends_in_the_melanoma_probability():
+    from training.gradcam import gradcam_heatmaps
+    from training.model import build_classifier, freeze_backbone, head_model, load_classifier
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("efficientnet_lite0", None, classes=DX_CLASSES)
+    assert model.output.shape[-1] == 1
+    last = model.layers[-1]
+    assert isinstance(last, keras.layers.Activation) and last.activation is keras.activations.sigmoid
+    images = np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
+    logits = keras.Model(model.input, model.get_layer("dx_logits").output).predict(images, verbose=0)
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(model.predict(images, verbose=0)[:, 0], softmax[:, DX_CLASSES.index("mel")], rtol=1e-4, atol=1e-6)
+    # The extra head layers are head, not backbone: trainable when the backbone is frozen.
+    freeze_backbone(model)
+    assert model.get_layer("dx_logits").trainable and not model.get_layer("top_conv").trainable
+    assert head_model(model).output.shape[-1] == 1
+    heatmaps = gradcam_heatmaps(model, images[:2], "top_activation")
+    assert heatmaps.shape[0] == 2 and np.isfinite(heatmaps).all()
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dx-{os.getpid()}.keras"
+    model.save(path)
+    try:
+        np.testing.assert_allclose(load_classifier(path).predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-5)
+    finally:
+        path.unlink()
+
+
+def test_shard_dataset_streams_every_training_image(processed_root):
+    """The tf.data pipeline: every (augmented included) training image once, verified shards, flips."""
+    from training.data import shard_dataset
+
+    storage = open_storage(processed_root)
+    manifest = latest_manifest(storage)
+    arrays = load_arrays(storage, manifest, "train", augmented=True)
+    by_bytes = {hash(image.tobytes()): (image, record) for image, record in zip(arrays.images, arrays.records)}
+    seen = 0
+    for images, labels in shard_dataset(storage, manifest, ["train"], augmented=True, batch_size=32, shuffle=True, target="dx"):
+        assert images.dtype.name == "uint8" and images.shape[1:] == (224, 224, 3) and labels.dtype.name == "int32"
+        for image, label in zip(images.numpy(), labels.numpy()):
+            _, record = by_bytes[hash(image.tobytes())]
+            assert DX_CLASSES[label] == record["dx"]
+            seen += 1
+    assert seen == len(arrays)
+    first = next(iter(shard_dataset(storage, manifest, ["train"], augmented=False, batch_size=4, shuffle=False, flip=1)))[0].numpy()
+    plain = next(iter(shard_dataset(storage, manifest, ["train"], augmented=False, batch_size=4, shuffle=False)))[0].numpy()
+    np.testing.assert_array_equal(first, plain[:, :, ::-1])
+
+
+# --- real training ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_end_to_end_writes_artifacts(processed_root, tmp_path):
+    """Phase 1 on cached features, phase 2 on cached activations (2 blocks), dx target."""
+    from training.predict import load_model
+
+    run_root = str(tmp_path / "run")
+    cfg = TrainConfig(processed_root, run_root, epochs=4, fine_tune_epochs=2, fine_tune_blocks=2, target="dx",
+                      fine_tune_learning_rate=1e-4, cache_dtype="float32")
+    result = run_training(cfg)
+    run = open_storage(run_root)
+    for key in ("model/model.keras", "model/history.json", "model/config.json", "model/provenance.json", "model/checkpoints/state.json"):
+        assert run.exists(key), key
+    history = json.loads(run.read_bytes("model/history.json"))
+    assert len(history["phase1"]["val_auroc"]) == 4 and len(history["phase2"]["val_auroc"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in history["phase1"]["val_auroc"] + history["phase2"]["val_auroc"])
+    config = json.loads(run.read_bytes("model/config.json"))
+    assert config["target"] == "dx" and config["fine_tune_blocks"] == 2 and config["learning_rate"] == 1e-4
+    provenance = json.loads(run.read_bytes("model/provenance.json"))
+    assert provenance["weights"] == "imagenet" and len(provenance["weights_sha256"]) == 64
+    assert provenance["classes"] == list(DX_CLASSES)
+    assert result["epochs_run"] == {"phase1": 4, "phase2": 2}
+    state = read_state(run)
+    assert state["phase"] == 2 and state["done"]
+
+    # model.keras is the full image -> probability network; on val it scores what training measured.
+    model = load_model(run.uri("model/model.keras"))
+    assert model.input.shape[1:] == (224, 224, 3) and model.output.shape[1:] == (1,)
+    val = load_arrays(open_storage(processed_root), latest_manifest(open_storage(processed_root)), "val")
+    from sklearn.metrics import roc_auc_score
+
+    auroc = roc_auc_score(val.labels, model.predict(val.images, verbose=0)[:, 0])
+    best = max([state["baseline"]["val_auroc"], *history["phase2"]["val_auroc"]])
+    assert auroc == pytest.approx(best, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_cached_training_equals_running_the_frozen_network_every_epoch(processed_root, tmp_path):
+    """Same seed: phase 1 on cached features == phase 1 on images; phase 2 on cached
+    activations == phase 2 on images with the same blocks unfrozen (BatchNorm in inference)."""
+    from training.predict import load_model
+
+    common = dict(epochs=2, fine_tune_epochs=2, fine_tune_blocks=1, limit_train=150, fine_tune_learning_rate=1e-4, cache_dtype="float32",
+                  train_flips=2)  # odd epochs train on left-right flipped images: cached per variant vs flipped on the fly
+    runs = {}
+    for cached in (True, False):
+        root = str(tmp_path / f"cached-{cached}")
+        runs[cached] = (run_training(TrainConfig(processed_root, root, feature_cache=cached, fine_tune_cache=cached, **common)), root)
+    histories = {c: json.loads(open_storage(root).read_bytes("model/history.json")) for c, (_, root) in runs.items()}
+    for phase in ("phase1", "phase2"):
+        np.testing.assert_allclose(histories[True][phase]["val_auroc"], histories[False][phase]["val_auroc"], atol=2e-3)
+        np.testing.assert_allclose(histories[True][phase]["loss"], histories[False][phase]["loss"], rtol=1e-3)
+    models = {c: load_model(open_storage(root).uri("model/model.keras")) for c, (_, root) in runs.items()}
+    trained = ("head_", "melanoma_probability", "block7a_", "top_")
+    a, b = _weights_by_name(models[True], trained), _weights_by_name(models[False], trained)
+    assert a.keys() == b.keys() and any(k.startswith("block7a_") for k in a)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=2e-4, err_msg=key)
+    # Frozen layers stayed at their ImageNet values in both.
+    np.testing.assert_array_equal(models[True].get_layer("block6d_expand_conv").kernel.numpy(),
+                                  models[False].get_layer("block6d_expand_conv").kernel.numpy())
+
+
+def _train_cli(processed_root: str, run_root: str, config: dict) -> subprocess.Popen:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "training", "train", "--processed-root", processed_root, "--run-root", run_root, "--config", json.dumps(config)],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_the_next_epoch(processed_root, tmp_path):
+    """Kill `python -m training train` after its first checkpoint; the rerun continues there."""
+    run_root = tmp_path / "run"
+    # Phase 1 on images (no feature cache) makes an epoch last long enough to kill it mid-run.
+    config = {"epochs": 5, "feature_cache": False, "limit_train": 200, "patience": 10}
+    first = _train_cli(processed_root, str(run_root), config)
+    state_file = run_root / "model" / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and first.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 0:
+            break
+        time.sleep(0.1)
+    assert first.poll() is None, "training finished before it could be killed:\n" + first.communicate()[0]
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    killed = json.loads(state_file.read_text())
+    done_epochs = killed["epoch"] + 1
+    assert killed["phase"] == 1 and not killed["done"] and 1 <= done_epochs < 5
+    assert not (run_root / "model" / "model.keras").exists()
+
+    second = _train_cli(processed_root, str(run_root), config)
+    output = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, output
+    assert f"resuming phase 1 at epoch {done_epochs + 1}" in output
+    assert "epoch 1/5" not in output  # did not start over
+    assert f"epoch {done_epochs + 1}/5" in output and "epoch 5/5" in output
+    history = json.loads((run_root / "model" / "history.json").read_text())
+    assert len(history["phase1"]["val_auroc"]) == 5
+    # The epochs before the kill are kept as they were, not retrained.
+    assert history["phase1"]["val_auroc"][:done_epochs] == killed["history"]["val_auroc"]
+    assert (run_root / "model" / "model.keras").exists()
