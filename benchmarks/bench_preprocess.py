@@ -291,7 +291,7 @@ def markdown(result: dict) -> str:
 `make bench-preprocess`, {result['date']}: {result['machine']['cpu']}, {result['machine']['cores']} cores (shared with other
 agents' work; the timed parts held the exclusive CPU lock), pyspark {result['machine']['pyspark']}, OpenCV {result['machine']['opencv']}.
 
-Corpus: all {n:,} HAM10000 images upscaled to 600x450 with noise, JPEG q95 4:4:4 (mean
+Corpus: {'all' if n == 10015 else 'the first'} {n:,} HAM10000 images upscaled to 600x450 with noise, JPEG q95 4:4:4 (mean
 {result['corpus']['mean_jpeg_bytes'] / 1024:.0f} KB), with their 600x450 PNG masks: {result['corpus']['bytes'] / 2**30:.2f} GiB
 ({result['corpus_bytes']:,} bytes), read from the page cache by every timed pass.
 

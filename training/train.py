@@ -255,7 +255,7 @@ class _PhaseTracker:
         state = {"phase": self.phase, "epoch": epoch, "best": self.best, "wait": self.wait, "best_epoch": self.best_epoch,
                  "done": False, "history": self.history, "baseline": self.baseline}
         _write_json(self.run, f"{CHECKPOINTS}/state.json", state)
-        shown = " ".join(f"{k} {v:.4f}" for k, v in logs.items() if k not in ("val_auroc", "train_seconds", "epoch_seconds"))
+        shown = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("val_auroc", "train_seconds", "epoch_seconds"))
         print(f"train: phase {self.phase} epoch {epoch + 1}/{epochs}: {shown} val_auroc {auroc:.4f}{' (best)' if improved else ''} "
               f"[{train_seconds:.1f}s train, {logs['epoch_seconds']:.1f}s with validation and checkpoint]", flush=True)
 
@@ -312,7 +312,7 @@ def cached_activations(run: Storage, split: str, model, tensors: dict[str, objec
     if missing:
         names = list(missing)
         extractor = keras.Model(model.input, [missing[n][0] for n in names])
-        started = time.perf_counter()
+        started, waited = time.perf_counter(), CpuTurns.waited
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for start in range(0, len(images), 1024):  # bounded memory: cast each chunk to its storage dtype
             with CpuTurns.turn():
@@ -320,9 +320,11 @@ def cached_activations(run: Storage, split: str, model, tensors: dict[str, objec
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             for n, value in zip(names, outputs):
                 parts[n].append(np.asarray(value).astype(dtypes[n]))
-        seconds = time.perf_counter() - started
+        waited = CpuTurns.waited - waited
+        seconds = time.perf_counter() - started - waited
         print(f"train: cached {', '.join(missing[n][2]['layer'] for n in names)} for {len(images)} {split} images "
-              f"in {seconds:.1f}s ({len(images) / max(seconds, 1e-9):.0f} img/s)", flush=True)
+              f"in {seconds:.1f}s ({len(images) / max(seconds, 1e-9):.0f} img/s)"
+              f"{f' after waiting {waited:.0f}s for the CPU lock' if waited >= 1 else ''}", flush=True)
         for n in names:
             _, key, meta = missing[n]
             out[n] = np.concatenate(parts[n]) if parts[n] else np.zeros((0, *extractor.outputs[names.index(n)].shape[1:]), dtypes[n])
@@ -544,9 +546,9 @@ def run_training(cfg: TrainConfig) -> dict:
     deadline = started + cfg.max_train_seconds + waited_before if cfg.max_train_seconds else None
     state = read_state(run)
     phase1_done = bool(state) and (state["phase"] == 2 or state["done"])
-    cache_started = time.perf_counter()
+    cache_started, waited_before_cache = time.perf_counter(), CpuTurns.waited
     cache = _caches(model, cfg, run, train, val, need_pooled=not phase1_done)
-    cache_seconds = time.perf_counter() - cache_started
+    cache_seconds = time.perf_counter() - cache_started - (CpuTurns.waited - waited_before_cache)
     if stream_phase2 and (cfg.feature_cache or phase1_done):
         train.images = None  # phase 2 streams the shards; nothing else needs the training images in memory
     history: dict[str, dict] = {}
