@@ -277,3 +277,23 @@ def test_killed_training_resumes_from_the_next_epoch(processed_root, tmp_path):
     # The epochs before the kill are kept as they were, not retrained.
     assert history["phase1"]["val_auroc"][:done_epochs] == killed["history"]["val_auroc"]
     assert (run_root / "model" / "model.keras").exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, capsys):
+    """Run root in S3 (moto): checkpoints each epoch, artifacts, and a rerun that reuses them."""
+    run_root = f"s3://{s3_bucket}/runs/r1"
+    config = dict(epochs=2, fine_tune_epochs=1, fine_tune_blocks=1, limit_train=120, target="dx")
+    first = run_training(TrainConfig(processed_root, run_root, **config))
+    run = open_storage(run_root)
+    keys = set(run.list_keys("model"))
+    for key in ("model/model.keras", "model/history.json", "model/config.json", "model/provenance.json",
+                "model/checkpoints/state.json", "model/checkpoints/phase1-last.weights.h5", "model/checkpoints/phase1-optimizer.npz",
+                "model/checkpoints/phase2-best.weights.h5", "model/checkpoints/phase2-final.weights.h5"):
+        assert key in keys, key
+    assert any(k.startswith("model/checkpoints/features-train-") and k.endswith(".npy") for k in keys)
+    capsys.readouterr()
+    again = run_training(TrainConfig(processed_root, run_root, **config))
+    out = capsys.readouterr().out
+    assert "epoch 1/" not in out and "cached" not in out  # nothing retrained, nothing recomputed
+    assert again["best_val_auroc"] == first["best_val_auroc"] and again["epochs_run"] == first["epochs_run"]

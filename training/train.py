@@ -494,12 +494,12 @@ def train_phase2(model, cfg: TrainConfig, run: Storage, storage: Storage, manife
                       learning_rate=cfg.fine_tune_learning_rate, epochs=cfg.fine_tune_epochs, baseline=True, deadline=deadline)
 
 
-def _caches(model, cfg: TrainConfig, run: Storage, train: SplitArrays, val: SplitArrays, need_pooled: bool) -> dict | None:
-    """Everything the cached phases need, from one pass of the frozen network per image."""
+def _caches(model, cfg: TrainConfig, run: Storage, train: SplitArrays, val: SplitArrays, need_pooled: bool, need_cut: bool) -> dict | None:
+    """Everything the cached phases still to run need, from one pass of the frozen network per image."""
     tensors, dtypes = {}, {}
     if need_pooled and cfg.feature_cache:
         tensors["pooled"], dtypes["pooled"] = model.get_layer("head_pool").output, "float32"
-    if cfg.fine_tune_epochs > 0 and cfg.fine_tune_cache:
+    if need_cut and cfg.fine_tune_epochs > 0 and cfg.fine_tune_cache:
         tensors["cut"], dtypes["cut"] = fine_tune_cut(model, cfg.fine_tune_blocks), cfg.cache_dtype
     if not tensors:
         return None
@@ -547,7 +547,8 @@ def run_training(cfg: TrainConfig) -> dict:
     state = read_state(run)
     phase1_done = bool(state) and (state["phase"] == 2 or state["done"])
     cache_started, waited_before_cache = time.perf_counter(), CpuTurns.waited
-    cache = _caches(model, cfg, run, train, val, need_pooled=not phase1_done)
+    phase2_done = bool(state) and state["phase"] == 2 and state["done"]
+    cache = _caches(model, cfg, run, train, val, need_pooled=not phase1_done, need_cut=not phase2_done)
     cache_seconds = time.perf_counter() - cache_started - (CpuTurns.waited - waited_before_cache)
     if stream_phase2 and (cfg.feature_cache or phase1_done):
         train.images = None  # phase 2 streams the shards; nothing else needs the training images in memory
