@@ -42,6 +42,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from melanoma.spark_settings import submit_conf  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = Path(os.environ.get("MELANOMA_SHARED_DATA", ROOT.parent / "shared" / "data")) / "ham10000"
 DROP_ID = "ham10000-600x450"
@@ -99,7 +102,8 @@ def run_spark(corpus: Path, drop_id: str, processed: Path, master: str, log: Pat
     env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", SPARK_LOCAL_IP="127.0.0.1")
     command = [
         "spark-submit", "--master", master,
-        "--conf", f"spark.pyspark.python={sys.executable}",
+        # The DAG's own spark-submit settings (Python, driver JVM options).
+        *[arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")],
         str(ROOT / "spark_jobs" / "preprocess.py"),
         "--raw-root", str(corpus), "--processed-root", str(processed), "--drops", drop_id,
     ]

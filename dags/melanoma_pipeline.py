@@ -31,6 +31,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from melanoma.airflow_ops import PARAM_DEFAULTS, recheck_history_order, resolve_run, run_training_cli, setting, storage_env
+from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"
@@ -54,8 +55,7 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
 
 
 def spark_conf() -> dict[str, str]:
-    python = setting("spark_python", sys.executable)
-    return {"spark.pyspark.python": python, "spark.pyspark.driver.python": python, "spark.ui.showConsoleProgress": "false"}
+    return submit_conf(setting("spark_python", sys.executable), setting("spark_driver_java_options", DRIVER_JAVA_OPTIONS))
 
 
 @dag(

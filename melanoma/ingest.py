@@ -39,6 +39,7 @@ from melanoma import drops as drops_mod
 from melanoma.imaging import PREPROCESSING, RejectedImage, decode_mask, preprocess_image_bytes
 from melanoma.manifest import PROCESSED_PREFIX, commit_manifest, latest_manifest, require_manifest
 from melanoma.records import IMAGE_SIZE, encode_shard, sha256_hex
+from melanoma.spark_settings import SPARK_DEFAULTS
 from melanoma.splits import DEFAULT_FRACTIONS, SPLITS, assign_split, split_description
 from melanoma.storage import LocalStorage, Storage, open_storage, s3_endpoint_from_env
 
@@ -506,22 +507,6 @@ def run_preprocess(
 
 # --- engines ----------------------------------------------------------------------------------
 
-#: Spark settings the jobs rely on, applied only where spark-submit (or spark-defaults.conf)
-#: did not set them: the caller keeps the last word.
-SPARK_DEFAULTS = {
-    # Keep each executor's Python worker between tasks: OpenCV, numpy and boto3 are imported
-    # once per worker, not once per chunk (Spark's default, stated because it matters here).
-    "spark.python.worker.reuse": "true",
-    "spark.ui.showConsoleProgress": "false",
-    # A batch job's driver UI lives only while the job runs and nobody watches it; starting
-    # its web server costs ~0.5 s of every run. `--conf spark.ui.enabled=true` brings it back.
-    "spark.ui.enabled": "false",
-    # Tasks are whole chunks of images: never re-run a slow one speculatively (it would only
-    # rewrite the same shard).
-    "spark.speculation": "false",
-}
-
-
 @contextlib.contextmanager
 def spark_engine(app_name: str) -> Iterator[MapTasks]:
     """Run tasks as Spark partitions, one task per partition, on whatever master spark-submit gave.
@@ -531,6 +516,10 @@ def spark_engine(app_name: str) -> Iterator[MapTasks]:
     """
     from pyspark import SparkConf, SparkContext
 
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Launched by spark-submit: join its JVM first. A SparkConf made before the gateway
+        # exists sees none of spark-submit's --conf settings, and would then override them.
+        SparkContext._ensure_initialized()
     conf = SparkConf()
     if not conf.contains("spark.app.name"):
         conf.setAppName(app_name)

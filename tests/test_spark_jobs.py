@@ -21,6 +21,7 @@ from melanoma import ingest
 from melanoma.imaging import NOTES
 from melanoma.manifest import content_without_version, latest_manifest, manifest_versions, read_verified_shard
 from melanoma.splits import assign_split
+from melanoma.spark_settings import submit_conf
 from melanoma.storage import LocalStorage, S3Storage
 
 from badcorpus import DECODE_REASONS, SCAN_REASONS, build_bad_drop
@@ -41,8 +42,8 @@ def spark_submit(job: str, *args: str, env: dict | None = None) -> dict:
     full_env = {**os.environ, **(env or {}), "SPARK_LOCAL_IP": "127.0.0.1", "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [
         "spark-submit", "--master", "local[2]",
-        "--conf", f"spark.pyspark.python={sys.executable}",
-        "--conf", "spark.ui.enabled=false",
+        # The DAG's spark-submit settings (Python, driver JVM options), so tests run what it runs.
+        *[arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")],
         str(PROJECT_ROOT / "spark_jobs" / f"{job}.py"), *args,
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=PROJECT_ROOT, timeout=SPARK_TIMEOUT_S)
@@ -227,3 +228,36 @@ def test_s3_roots_and_an_isic_drop_from_executors(isic_sample_dir, s3_env, s3_bu
     keys = set(storage.list_keys("processed"))
     assert {s["key"] for s in manifest["shards"]} <= keys
     assert {ingest.index_key(ISIC), ingest.quarantine_key(ISIC), ingest.index_key(CLEAN)} <= keys
+
+
+def test_spark_engine_keeps_spark_submit_settings_and_preloads_workers(tmp_path) -> None:
+    """SPARK_DEFAULTS fill gaps only: a --conf given to spark-submit wins; by default the
+    workers fork from melanoma.spark_daemon with the ingestion code already imported."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from pyspark import SparkContext\n"
+        "from melanoma.ingest import spark_engine\n"
+        "def probe(_):\n"
+        "    import os, sys\n"
+        "    daemon = open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')\n"
+        "    return {'daemon': daemon[daemon.index('-m') + 1], 'preloaded': 'melanoma.ingest' in sys.modules}\n"
+        "with spark_engine('probe') as run:\n"
+        "    conf = SparkContext.getOrCreate().getConf()\n"
+        "    print('probe: summary ' + json.dumps({'workers': run(probe, [0]), 'ui': conf.get('spark.ui.enabled')}))\n"
+    )
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    conf = [arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")]
+
+    def submit(*extra: str) -> dict:
+        command = ["spark-submit", "--master", "local[1]", *conf, *extra, str(script)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=SPARK_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = [x for x in done.stdout.splitlines() if x.startswith("probe: summary ")][-1]
+        return json.loads(line.removeprefix("probe: summary "))
+
+    defaults = submit()
+    assert defaults == {"workers": [{"daemon": "melanoma.spark_daemon", "preloaded": True}], "ui": "false"}
+    overridden = submit("--conf", "spark.python.daemon.module=pyspark.daemon", "--conf", "spark.ui.enabled=true")
+    assert overridden == {"workers": [{"daemon": "pyspark.daemon", "preloaded": False}], "ui": "true"}
