@@ -1,7 +1,7 @@
 """Quality benchmark: the pipeline's own preprocess -> train -> evaluate on the whole of HAM10000.
 
     make bench-quality                       # = python benchmarks/bench_quality.py
-    python benchmarks/bench_quality.py --budget-minutes 75 --fine-tune-blocks 4 --target dx
+    python benchmarks/bench_quality.py --budget-minutes 16 --train-flips 1   # a shorter run
 
 1. Preprocessing: the real Spark jobs (``spark_jobs/preprocess.py`` then ``augment.py``,
    ``local[2]``) turn ``../shared/data/ham10000`` into shards under
