@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine_info import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -171,19 +172,11 @@ def speed_inputs(n_images: int):
 
 
 def machine() -> dict:
-    model_name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import keras
     import tensorflow as tf
 
     return {
-        "cpu": model_name,
+        "cpu": cpu_model(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "gpu": bool(tf.config.list_physical_devices("GPU")),
         "python": platform.python_version(),

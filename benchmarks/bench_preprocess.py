@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf  # noqa: E402
+from machine_info import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = Path(os.environ.get("MELANOMA_SHARED_DATA", ROOT.parent / "shared" / "data")) / "ham10000"
@@ -254,12 +255,7 @@ class ForeignCpu:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     memory = None
     with contextlib.suppress(OSError, ValueError):
         memory = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine_info import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED = Path(os.environ.get("MELANOMA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -156,15 +157,7 @@ def machine() -> dict:
     import keras
     import tensorflow as tf
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": bool(tf.config.list_physical_devices("GPU")),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": bool(tf.config.list_physical_devices("GPU")),
             "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
             "platform": platform.platform()}
 

@@ -40,7 +40,7 @@ DROP_ID_SCHEMA = {"type": "string", "pattern": r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-
 
 
 class MelanomaSparkSubmitOperator(SparkSubmitOperator):
-    """spark-submit with object-store credentials injected at run time (never templated)."""
+    """spark-submit with object-store credentials and the jobs' Spark settings injected at run time (never templated)."""
 
     def __init__(self, *, check_history: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -51,11 +51,10 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
             # plan checked this too, but another run may have committed a manifest since.
             recheck_history_order(context["ti"].xcom_pull(task_ids="plan"))
         self.env_vars = {**(self.env_vars or {}), **storage_env()}
+        # Read at run time (Variables, env), not at parse time; a conf given to the operator wins.
+        spark = submit_conf(setting("spark_python", sys.executable), setting("spark_driver_java_options", DRIVER_JAVA_OPTIONS))
+        self.conf = {**spark, **(self.conf or {})}
         return super().execute(context)
-
-
-def spark_conf() -> dict[str, str]:
-    return submit_conf(setting("spark_python", sys.executable), setting("spark_driver_java_options", DRIVER_JAVA_OPTIONS))
 
 
 @dag(
@@ -127,7 +126,6 @@ def melanoma_pipeline():
         application=str(SPARK_JOBS / "preprocess.py"),
         name="melanoma-preprocess",
         application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | join(',') }}" % PLAN, *common_args],
-        conf=spark_conf(),
         execution_timeout=dt.timedelta(hours=2),
         check_history=True,
         # Drops enter the data set in date order: wait for the previous run's preprocess and augment.
@@ -142,7 +140,6 @@ def melanoma_pipeline():
         # No --logical-date: the augmented manifest keeps the date of the manifest it extends,
         # so a rerun that augments what an earlier attempt left undone cannot move dates.
         application_args=["--processed-root", "{{ %s['data_root'] }}" % PLAN],
-        conf=spark_conf(),
         execution_timeout=dt.timedelta(hours=1),
     )
 

@@ -416,3 +416,20 @@ def test_settings_come_from_airflow_variables_then_the_environment(monkeypatch, 
     monkeypatch.delenv("MELANOMA_RUNNER", raising=False)
     monkeypatch.delenv("AIRFLOW_VAR_MELANOMA_RUNNER", raising=False)
     assert airflow_ops.setting("runner", "local") == "local"
+
+
+def test_spark_tasks_get_the_jobs_spark_settings_at_run_time(dag, monkeypatch):
+    """preprocess/augment read the Spark settings when they run (env/Variables), not at parse time."""
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    from melanoma.spark_settings import DRIVER_JAVA_OPTIONS
+
+    seen = {}
+    monkeypatch.setattr(SparkSubmitOperator, "execute", lambda self, context: seen.update(self.conf))
+    monkeypatch.setenv("MELANOMA_SPARK_PYTHON", "/opt/py/bin/python3")
+    task = dag.get_task("augment")
+    assert not task.conf  # nothing resolved at parse time
+    monkeypatch.setattr(task, "conf", task.conf)  # execute() sets it; restored after the test
+    task.execute({})
+    assert seen["spark.pyspark.python"] == seen["spark.pyspark.driver.python"] == "/opt/py/bin/python3"
+    assert seen["spark.driver.extraJavaOptions"] == DRIVER_JAVA_OPTIONS

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_server import api_server_env
 from melanoma.demo import airflow_env
 from melanoma.manifest import content_without_version
 from melanoma.synthetic import write_drop
@@ -253,20 +254,10 @@ def stop_process_group(process: subprocess.Popen) -> None:
 def test_backfill_processes_past_drops_in_order_like_the_scheduled_runs(history, raw_root, tmp_path):
     """``airflow backfill create`` over 2026-01-01..02 under ``airflow standalone``: backfill runs, real data intervals."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
     home = Home(tmp_path, raw_root, {
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": base,
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
-        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__CORE__PARALLELISM": "2",
+        **api_server_env("127.0.0.1", port),
         # Only the backfill's runs: no scheduled run for "yesterday" once the DAG is unpaused.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
     })
     home.airflow_home.mkdir(parents=True)
     log_path = tmp_path / "standalone.log"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_server import api_server_env
 from melanoma.demo import airflow_env
 
 pytestmark = pytest.mark.e2e
@@ -126,17 +127,8 @@ def test_standalone_serves_the_dag_and_enforces_its_params(tmp_path):
     env.update(
         {
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-            "AIRFLOW__API__HOST": HOST,
-            "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__API__BASE_URL": base,
-            "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
-            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            **api_server_env(HOST, port),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__PARALLELISM": "2",
-            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         }
     )
     log_path = tmp_path / "standalone.log"
