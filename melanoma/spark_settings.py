@@ -14,8 +14,9 @@ from __future__ import annotations
 #: The driver JVM of these jobs starts, schedules ~40 tasks and moves a few KB of results per
 #: task; the images never pass through it. C2's optimising compiler and parallel GC threads
 #: buy nothing in such a short-lived process and compete with the Python workers for the
-#: cores while it starts: client-only JIT and the serial collector cut ~1 s off each run on
-#: 2 cores (BENCHMARKS.md). Executors' JVMs (on a cluster) keep the JVM's defaults.
+#: cores while it starts. With the preloading worker daemon below, these settings took ~2 s
+#: (6%) off each preprocess run on 2 cores in an interleaved A/B (BENCHMARKS.md).
+#: Executors' JVMs (on a cluster) keep the JVM's defaults.
 DRIVER_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
 SPARK_DEFAULTS = {
