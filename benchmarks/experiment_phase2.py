@@ -125,23 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     for first, last in windows:
         trainee.set_weights([np.mean([s[i] for s in snapshots[first - 1 : last]], axis=0) for i in range(len(current))])
         averages.append({"first": first, "last": last, **score()})
-    # Greedy soup (Wortsman et al. 2022): epochs by val AUROC, each kept in the average only if
-    # the average's val AUROC does not drop.
-    ranked = sorted(range(len(history)), key=lambda e: -history[e]["auroc"])
-    soup, soup_auroc = [ranked[0]], history[ranked[0]]["auroc"]
-    greedy = {"epochs": [ranked[0] + 1], "auroc": soup_auroc, "auprc": history[ranked[0]]["auprc"]}
-    for e in ranked[1:]:
-        trainee.set_weights([np.mean([snapshots[k][i] for k in soup + [e]], axis=0) for i in range(len(current))])
-        candidate = score()
-        if candidate["auroc"] >= soup_auroc:
-            soup, soup_auroc = soup + [e], candidate["auroc"]
-            greedy = {"epochs": sorted(k + 1 for k in soup), **candidate}
-    print("greedy soup:", json.dumps(greedy), flush=True)
     trainee.set_weights(current)
     averages.sort(key=lambda a: -a["auroc"])
     result = {"experiment": "phase2-regularisation", "name": args.name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "settings": vars(args), "history": history, "best_single": max(history, key=lambda h: h["auroc"]),
-              "best_averages": averages[:10], "greedy_soup": greedy,
+              "best_averages": averages[:10],
               "averages_to_last_epoch": sorted((a for a in averages if a["last"] == args.epochs), key=lambda a: a["first"])}
     out = ROOT / "benchmarks" / "results" / f"experiment_phase2-{args.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
