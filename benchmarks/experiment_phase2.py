@@ -2,10 +2,11 @@
 
     python benchmarks/experiment_phase2.py --name NAME [--mixup ALPHA] [--weight-decay WD] [--epochs N]
 
-Starts from the benchmark run's phase-1 weights and its cached activations at the input of
-the last 5 blocks (``benchmarks/work/quality/runs/bench/model/checkpoints``, written by
-``make bench-quality``), trains phase 2 like the benchmark (dx target, lr 3e-4, x0.3 after 2
-epochs without a better val AUROC, 4 flip variants, class-weighted), optionally with mixup of
+Starts from a benchmark run's phase-1 weights and its cached activations at the input of
+the last ``--fine-tune-blocks`` blocks (``--run``, default ``benchmarks/work/quality/runs/bench``,
+written by ``make bench-quality`` with that many blocks), trains phase 2 like the benchmark
+(dx target, lr 3e-4, x0.3 after 2 epochs without a better val AUROC, 4 flip variants,
+class-weighted), optionally with mixup of
 the cached activations (manifold mixup at the cut) and AdamW weight decay, and keeps every
 epoch's weights so that averages over epoch windows (stochastic weight averaging, one model)
 can be scored afterwards. Only the VALIDATION split is scored: this is where a choice is made.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import sys
@@ -30,12 +30,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 WORK = ROOT / "benchmarks" / "work" / "quality"
-CHECKPOINTS = WORK / "runs" / "bench" / "model" / "checkpoints"
-LAYER = "block5c_add"
-
-
-def _load(name: str) -> np.ndarray:
-    return np.load(CHECKPOINTS / f"features-{name}-{LAYER}.npy", allow_pickle=False)
+FLIP_CACHES = ("train", "train-flip1", "train-flip2", "train-flip3")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay; 0: Adam")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", default=str(WORK / "runs" / "bench"), help="the bench-quality run whose weights and caches to start from")
+    parser.add_argument("--fine-tune-blocks", type=int, default=5, help="as in that run (its cache sits at these blocks' input)")
     args = parser.parse_args(argv)
 
     import keras
@@ -58,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import _load_weights_bytes, epoch_order, fine_tune_cut
 
     keras.utils.set_random_seed(args.seed)
+    model = build_classifier("efficientnet_lite0", "imagenet", classes=DX_CLASSES)
+    start = fine_tune_cut(model, args.fine_tune_blocks)
+    checkpoints = Path(args.run) / "model" / "checkpoints"
+    caches = {name: checkpoints / f"features-{name}-{start._keras_history.operation.name}.npy" for name in (*FLIP_CACHES, "val")}
+    needed = [checkpoints / "phase1-final.weights.h5", *caches.values()]
+    missing = [str(path) for path in needed if not path.exists()]
+    if missing:
+        parser.error(f"{args.run} is not a finished 4-flip bench-quality run with {args.fine_tune_blocks} fine-tuned blocks; "
+                     f"missing {missing}")
     storage = open_storage(str(WORK / "data"))
     manifest = latest_manifest(storage)
     train = load_arrays(storage, manifest, "train", augmented=True)
@@ -68,11 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     sample_weight = np.array([weights[int(c)] for c in train_y], np.float32)
     train.images = val.images = None
 
-    model = build_classifier("efficientnet_lite0", "imagenet", classes=DX_CLASSES)
-    _load_weights_bytes(model, (CHECKPOINTS / "phase1-final.weights.h5").read_bytes())
-    unfreeze_last_blocks(model, 5)
-    start = fine_tune_cut(model, 5)
-    assert start._keras_history.operation.name == LAYER
+    _load_weights_bytes(model, needed[0].read_bytes())
+    unfreeze_last_blocks(model, args.fine_tune_blocks)
     trainee = keras.Model(start, model.get_layer("dx_logits").output)
     scorer = keras.Model(start, model.output)
     if args.weight_decay:
@@ -81,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = keras.optimizers.Adam(args.learning_rate, beta_1=0.9, beta_2=0.999)
     trainee.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(from_logits=True))
 
-    variants = [_load("train")] + [_load(f"train-flip{v}") for v in (1, 2, 3)]
-    val_x = _load("val").astype(np.float32)
+    variants = [np.load(caches[name], allow_pickle=False) for name in FLIP_CACHES]
+    val_x = np.load(caches["val"], allow_pickle=False).astype(np.float32)
     one_hot = np.eye(len(DX_CLASSES), dtype=np.float32)[train_y]
     rng = np.random.default_rng([args.seed, 77])
 
