@@ -14,12 +14,19 @@
    (head, frozen backbone) on cached features, phase 2 fine-tuning the last blocks on cached
    activations; each phase stops early on validation AUROC, and phase 2 also stops when the
    time left in the budget would not fit one more epoch (the epochs run are recorded).
-4. Evaluation: :func:`training.tasks.evaluate_run`, the pipeline's evaluate step: threshold
-   chosen on validation (Youden), test metrics with lesion-bootstrap 95% intervals on the
-   lesion-grouped test split. Nothing is chosen on the test split.
+4. Evaluation: :func:`training.tasks.evaluate_run`, the pipeline's evaluate step: scores
+   pooled per lesion (``--pooling lesion``, the pipeline's default; ``none`` scores each
+   image alone), threshold chosen on validation (Youden), test metrics with lesion-bootstrap
+   95% intervals on the lesion-grouped test split; the per-image (unpooled) AUROC/AUPRC are
+   recorded beside the pooled ones. Nothing is chosen on the test split.
 
 Writes ``benchmarks/results/quality.json`` and ``quality.md``; the run (model, checkpoints,
 eval/) stays under ``benchmarks/work/quality/runs/<name>``.
+
+    python benchmarks/bench_quality.py --reevaluate --name deeper11 --pooling lesion
+
+evaluates the model that ``results/quality.json`` records again (no training), e.g. after
+a change to the evaluation, keeping that file's training figures.
 """
 
 from __future__ import annotations
@@ -167,6 +174,48 @@ def estimate(metrics: dict, name: str) -> dict:
     return {"value": block["value"], "ci_low": block["ci_low"], "ci_high": block["ci_high"]}
 
 
+def evaluation_fields(metrics: dict) -> dict:
+    """The figures of quality.json that come from ``eval/metrics.json``."""
+    test, scores = metrics["test"], metrics["scores"]
+    return {
+        "auroc": test["auroc"]["value"],
+        "auprc": test["auprc"]["value"],
+        "threshold": metrics["threshold"]["value"],
+        "sensitivity": test["sensitivity"]["value"],
+        "specificity": test["specificity"]["value"],
+        "auroc_ci": estimate(metrics, "auroc"),
+        "auprc_ci": estimate(metrics, "auprc"),
+        "sensitivity_ci": estimate(metrics, "sensitivity"),
+        "specificity_ci": estimate(metrics, "specificity"),
+        "pooling": scores["pooling"],
+        "per_image": scores.get("per_image"),  # the unpooled figures when pooled
+        "threshold_strategy": metrics["threshold"]["strategy"],
+        "threshold_chosen_on": metrics["threshold"]["chosen_on"],
+        "val": {k: metrics["threshold"]["val"][k] for k in ("auroc", "auprc", "sensitivity", "specificity")},
+        "target": TARGET,
+        "target_met": test["auroc"]["value"] >= TARGET["auroc"] and test["auprc"]["value"] >= TARGET["auprc"],
+    }
+
+
+def reevaluate(args: argparse.Namespace, command: str) -> int:
+    """Evaluate the recorded run's model again; training figures stay as recorded."""
+    from training.tasks import evaluate_run
+
+    recorded = json.loads((RESULTS / "quality.json").read_text())
+    run_root = WORK / "runs" / args.name
+    if Path(recorded["model_uri"]) != Path(rel(run_root / "model" / "model.keras")):
+        raise SystemExit(f"results/quality.json records {recorded['model_uri']}, not the run {args.name!r}")
+    started = time.perf_counter()
+    evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling)
+    metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
+    result = {**recorded, **evaluation_fields(metrics), "evaluate_seconds": round(time.perf_counter() - started, 1),
+              "reevaluated": {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": command}}
+    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, RESULTS / "quality.md")
+    log(f"re-evaluated {args.name}: test AUROC {result['auroc']:.4f}, AUPRC {result['auprc']:.4f} ({result['pooling']} pooling)")
+    return 0
+
+
 def write_markdown(result: dict, path: Path) -> None:
     r = result
     fmt = lambda e: f"{e['value']:.3f} (95% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"  # noqa: E731
@@ -181,7 +230,9 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Data: all of HAM10000 through the Spark jobs ({'reused' if r['preprocess']['reused'] else 'run'}: "
         f"{r['preprocess']['seconds']:.0f} s), lesion-grouped split: {r['counts']['train']} train images "
         f"(+{r['counts']['train_augmented']} augmented melanoma copies), {r['counts']['val']} val, {r['counts']['test']} test "
-        f"({r['counts']['test_melanoma']} melanoma). Threshold chosen on validation ({r['threshold_strategy']}).",
+        f"({r['counts']['test_melanoma']} melanoma). Threshold chosen on validation ({r['threshold_strategy']}). "
+        + ("Scores pooled per lesion: each image scored by the sigmoid of the mean logit of its lesion's images (the pipeline's default)."
+           if r.get("pooling") == "lesion" else "Each image scored on its own."),
         "",
         "| test metric | value |",
         "|---|---|",
@@ -190,7 +241,17 @@ def write_markdown(result: dict, path: Path) -> None:
         f"| threshold (chosen on val) | {r['threshold']:.3f} |",
         f"| sensitivity at it | {fmt(r['sensitivity_ci'])} |",
         f"| specificity at it | {fmt(r['specificity_ci'])} |",
-        f"| best val AUROC (phase 1 / 2) | {r['best_val_auroc'].get('phase1', float('nan')):.3f} / {r['best_val_auroc'].get('phase2', float('nan')):.3f} |",
+        f"| val AUROC / AUPRC (the scores the threshold was chosen on) | {r['val']['auroc']:.3f} / {r['val']['auprc']:.3f} |",
+        f"| best val AUROC in training, per image (phase 1 / 2) | {r['best_val_auroc'].get('phase1', float('nan')):.3f} / {r['best_val_auroc'].get('phase2', float('nan')):.3f} |",
+    ]
+    if r.get("per_image"):
+        per_image = r["per_image"]
+        lines += [
+            f"| per image, unpooled: test AUROC | {fmt(per_image['test']['auroc'])} |",
+            f"| per image, unpooled: test AUPRC | {fmt(per_image['test']['auprc'])} |",
+            f"| per image, unpooled: val AUROC / AUPRC | {per_image['val']['auroc']:.3f} / {per_image['val']['auprc']:.3f} |",
+        ]
+    lines += [
         "",
         f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.",
         "",
@@ -221,6 +282,9 @@ def write_markdown(result: dict, path: Path) -> None:
             f"to cache. Largest val AUROC difference between the two runs: {sp['max_val_auroc_difference']:.5f}.",
             "",
         ]
+    if r.get("reevaluated"):
+        lines += [f"Evaluation rerun on this model with `{r['reevaluated']['command']}` ({r['reevaluated']['date']}); "
+                  "the training figures are from the original run.", ""]
     if r.get("notes"):
         lines += [r["notes"], ""]
     path.write_text("\n".join(lines))
@@ -244,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
     parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--pooling", default="lesion", choices=["lesion", "none"], help="decision scores: pooled per lesion or per image")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="no training: evaluate again the run that results/quality.json records (it must be --name)")
     parser.add_argument("--reprocess", action="store_true", help="rerun the Spark jobs even if processed data exists")
     parser.add_argument("--name", default="bench", help="run folder name under benchmarks/work/quality/runs")
     parser.add_argument("--notes", default="", help="free text added to quality.md (what else was tried)")
@@ -251,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     command = "python benchmarks/bench_quality.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if args.reevaluate:
+        return reevaluate(args, command)
     prep = preprocess(args.reprocess)
 
     from melanoma.storage import open_storage
@@ -276,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate_started = time.perf_counter()
     with CpuTurns.turn():
-        evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot)
+        evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling)
     evaluate_seconds = time.perf_counter() - evaluate_started
     run = open_storage(str(run_root))
     metrics = json.loads(run.read_bytes("eval/metrics.json"))
@@ -298,20 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p1, p2 = phase_info("phase1"), phase_info("phase2")
     test = metrics["test"]
     result = {
-        "auroc": test["auroc"]["value"],
-        "auprc": test["auprc"]["value"],
-        "threshold": metrics["threshold"]["value"],
-        "sensitivity": test["sensitivity"]["value"],
-        "specificity": test["specificity"]["value"],
-        "auroc_ci": estimate(metrics, "auroc"),
-        "auprc_ci": estimate(metrics, "auprc"),
-        "sensitivity_ci": estimate(metrics, "sensitivity"),
-        "specificity_ci": estimate(metrics, "specificity"),
-        "threshold_strategy": metrics["threshold"]["strategy"],
-        "threshold_chosen_on": metrics["threshold"]["chosen_on"],
-        "val": {k: metrics["threshold"]["val"][k] for k in ("auroc", "auprc", "sensitivity", "specificity")},
-        "target": TARGET,
-        "target_met": test["auroc"]["value"] >= TARGET["auroc"] and test["auprc"]["value"] >= TARGET["auprc"],
+        **evaluation_fields(metrics),
         "train_seconds": round(trained["train_seconds"] - trained["cpu_lock_wait_seconds"], 1),
         "train_wall_seconds": trained["train_seconds"],
         "cache_seconds": trained.get("cache_seconds", 0.0),

@@ -89,6 +89,7 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
         "max_train_images": Param(PARAM_DEFAULTS["max_train_images"], type="integer", minimum=0, maximum=10_000_000, description="Cap on training images, whole lesions (0 = all). For quick demo runs."),
         "threshold_strategy": Param(PARAM_DEFAULTS["threshold_strategy"], enum=["youden", "sensitivity", "f1"], description="How evaluate picks the threshold on the validation split."),
         "target_sensitivity": Param(PARAM_DEFAULTS["target_sensitivity"], type="number", exclusiveMinimum=0, maximum=1, description="Used by the 'sensitivity' strategy."),
+        "score_pooling": Param(PARAM_DEFAULTS["score_pooling"], enum=["lesion", "none"], description="lesion: the images of one lesion are scored together (mean logit) before the threshold; none: each image alone."),
         "n_boot": Param(PARAM_DEFAULTS["n_boot"], type="integer", minimum=100, maximum=20000, description="Lesion bootstrap resamples for the 95% intervals."),
         "external_drops": Param(PARAM_DEFAULTS["external_drops"], type="array", items=DROP_ID_SCHEMA, uniqueItems=True, maxItems=50,
                                 description="Drops under the raw root to report as external test sets."),
@@ -154,7 +155,7 @@ def melanoma_pipeline():
         """Metrics on val/test; the threshold chosen on val is this task's XCom."""
         args = ["evaluate", "--processed-root", run["data_root"], "--run-root", run["run_root"],
                 "--strategy", run["threshold_strategy"], "--target-sensitivity", str(run["target_sensitivity"]),
-                "--n-boot", str(run["n_boot"])]
+                "--n-boot", str(run["n_boot"]), "--pooling", run["score_pooling"]]
         args += ["--as-of", run["as_of"]] if run["as_of"] else []
         for external in run["external"]:
             args += ["--external", external]

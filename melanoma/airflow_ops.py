@@ -47,6 +47,7 @@ PARAM_DEFAULTS: dict[str, Any] = {
     "max_train_images": 0,
     "threshold_strategy": "youden",
     "target_sensitivity": 0.95,
+    "score_pooling": "lesion",
     "n_boot": 1000,
     "external_drops": [],
 }
@@ -230,6 +231,7 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         "train_config": train_config,
         "threshold_strategy": values["threshold_strategy"],
         "target_sensitivity": float(values["target_sensitivity"]),
+        "score_pooling": values["score_pooling"],
         "n_boot": int(values["n_boot"]),
         "external": [f"{raw_root}::{d}" for d in values["external_drops"]],
     }

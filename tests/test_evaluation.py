@@ -241,6 +241,7 @@ def test_xcom_payload(evaluated):
         "strategy": "youden",
         "target_sensitivity": None,
         "chosen_on": "val",
+        "pooling": "none",
         "val": {
             "sensitivity": evaluated["threshold"]["val"]["sensitivity"],
             "specificity": evaluated["threshold"]["val"]["specificity"],
@@ -282,3 +283,46 @@ def test_plots_on_tiny_input(tmp_path):
     # On tiny sets a percentile interval can exclude its point estimate; error bars must cope.
     skewed = dict(result, test=dict(result["test"], sensitivity={"value": 0.5, "ci_low": 0.6, "ci_high": 0.9}))
     assert plots.plot_roc(skewed, result["test"]["curves"], tmp_path / "roc.png").stat().st_size > 0
+
+
+def test_lesion_pooling_scores_every_image_by_its_lesion(dataset):
+    pooled_doc = ev.evaluate_predictions(dataset, n_boot=100, pooling="lesion")
+    plain_doc = ev.evaluate_predictions(dataset, n_boot=100)
+
+    def pooled_arrays(split):
+        rows = [r for r in dataset if r["split"] == split]
+        labels, scores = arrays(rows)
+        return labels, m.lesion_pooled_scores(scores, [r["lesion_id"] for r in rows]), scores
+
+    val_labels, val_pooled, _ = pooled_arrays("val")
+    test_labels, test_pooled, test_raw = pooled_arrays("test")
+    assert pooled_doc["threshold"]["value"] == m.choose_threshold(val_labels, val_pooled, "youden")
+    assert pooled_doc["test"]["auroc"]["value"] == pytest.approx(roc_auc_score(test_labels, test_pooled))
+    assert pooled_doc["test"]["at_threshold"] == m.binary_metrics(test_labels, test_pooled, pooled_doc["threshold"]["value"])
+    # Still one row per image; the unpooled numbers are kept beside the pooled ones.
+    assert pooled_doc["test"]["n_images"] == plain_doc["test"]["n_images"] == test_labels.size
+    assert pooled_doc["scores"]["pooling"] == "lesion"
+    per_image = pooled_doc["scores"]["per_image"]
+    assert per_image["test"]["auroc"]["value"] == pytest.approx(roc_auc_score(test_labels, test_raw))
+    assert per_image["test"]["auroc"]["value"] == plain_doc["test"]["auroc"]["value"]
+    assert per_image["test"]["auroc"]["ci_low"] < per_image["test"]["auroc"]["value"] < per_image["test"]["auroc"]["ci_high"]
+    assert per_image["val"]["auprc"] == plain_doc["threshold"]["val"]["auprc"]
+    assert pooled_doc["test"]["auroc"]["value"] != plain_doc["test"]["auroc"]["value"]
+    assert plain_doc["scores"] == {"pooling": "none", "rule": ev.POOLING_RULES["none"]}
+    assert ev.xcom_payload(pooled_doc, "x")["pooling"] == "lesion"
+
+
+def test_lesion_pooling_stays_within_each_set():
+    val = make_rows("val", 60, seed=4)
+    test = make_rows("test", 60, seed=5)
+    # The external set reuses val's lesion ids: its images must not be pooled with val's.
+    external = [{**r, "image_id": "x" + r["image_id"], "split": "external", "source": "clinic", "probability": 1 - r["probability"]} for r in val]
+    doc = ev.evaluate_predictions(val + test + external, n_boot=100, pooling="lesion")
+    labels, scores = arrays(external)
+    pooled = m.lesion_pooled_scores(scores, [r["lesion_id"] for r in external])
+    assert doc["external"]["clinic"]["auroc"]["value"] == pytest.approx(roc_auc_score(labels, pooled))
+
+
+def test_unknown_pooling_is_refused(dataset):
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        ev.evaluate_predictions(dataset, pooling="max")

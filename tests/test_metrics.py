@@ -371,3 +371,37 @@ def test_curve_points():
     assert len(curves["pr"]["recall"]) == len(curves["pr"]["precision"])
     assert sum(curves["score_histogram"]["melanoma"]) == 4
     assert sum(curves["score_histogram"]["other"]) == 6
+
+
+def test_lesion_pooled_scores_hand_computed():
+    # Lesion A: logits ln(9) and 0 -> mean ln(3) -> 0.75. B alone keeps its score.
+    pooled = m.lesion_pooled_scores([0.9, 0.2, 0.5], ["A", "B", "A"])
+    np.testing.assert_allclose(pooled, [0.75, 0.2, 0.75], rtol=1e-9)
+
+
+def test_lesion_pooled_scores_saturated_probabilities_stay_finite():
+    pooled = m.lesion_pooled_scores([1.0, 0.1, 0.0], ["A", "A", "B"])
+    eps = m.LOGIT_EPS
+    expected = 1 / (1 + np.exp(-(np.log((1 - eps) / eps) + np.log(0.1 / 0.9)) / 2))
+    np.testing.assert_allclose(pooled, [expected, expected, eps], rtol=1e-6)
+    assert np.isfinite(pooled).all()
+
+
+def test_lesion_pooled_scores_average_not_accumulate():
+    # More views of a lesion must not push its score up by themselves (a sum of logits would).
+    pooled = m.lesion_pooled_scores([0.6, 0.6, 0.9], [1, 1, 2])
+    assert pooled[0] == pytest.approx(0.6) and pooled[2] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    "scores, lesions, message",
+    [
+        ([0.5, 0.5], ["A"], "one length"),
+        ([[0.5]], ["A"], "1-D"),
+        ([0.5, float("nan")], ["A", "B"], "finite"),
+        ([0.5, 1.5], ["A", "B"], r"\[0, 1\]"),
+    ],
+)
+def test_lesion_pooled_scores_rejects_bad_input(scores, lesions, message):
+    with pytest.raises(ValueError, match=message):
+        m.lesion_pooled_scores(scores, lesions)

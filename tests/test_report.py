@@ -273,3 +273,16 @@ def test_s3_report_without_endpoint_or_credentials_gets_no_link(s3_env, monkeypa
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert plugin.report_href(uri) == ""  # an unsigned URL would only show "access denied"
     assert plugin.report_href(json.dumps("s3://bucket-only")) == ""
+
+
+def test_report_says_which_scores_it_measured():
+    plain = render_report(metrics_doc(), payload_of(metrics_doc()), gradcam_summary(None, []), [], {})
+    assert "Scores: each image on its own." in plain and "lesion-pooled" not in plain
+
+    pooled = evaluate_predictions(prediction_rows(), n_boot=20, min_subgroup_count=5, pooling="lesion")
+    payload = payload_of(pooled)
+    document = render_report(pooled, payload, gradcam_summary(payload["threshold"], []), [], {})
+    per_image = pooled["scores"]["per_image"]["test"]["auroc"]
+    assert "lesion-pooled probability" in document and "mean logit of the lesion" in document
+    assert f"test AUROC {per_image['value']:.3f}" in document
+    assert per_image["value"] != pooled["test"]["auroc"]["value"]

@@ -56,3 +56,37 @@ def test_evaluate_run_reports_external_set_and_unscorable_images(tmp_path):
     assert {r["split"] for r in rows} == {"val", "test", "external"}
     assert sum(r["split"] == "external" for r in rows) == 29
     assert (run / "eval" / "roc_test.png").stat().st_size > 1000
+
+
+def test_gradcam_outcomes_use_the_pooled_scores_evaluate_thresholded(tmp_path):
+    import keras
+
+    from training.metrics import lesion_pooled_scores
+    from training.model import build_classifier
+    from training.tasks import evaluate_run, gradcam_run
+
+    raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "data" / "runs" / "r1"
+    drop = write_drop(raw, n_images=120, seed=3)
+    build_processed(raw, data, drop.name)
+    keras.utils.set_random_seed(1)
+    (run / "model").mkdir(parents=True)
+    build_classifier("efficientnet_lite0", None).save(run / "model" / "model.keras")
+
+    payload = evaluate_run(str(data), str(run), n_boot=100, pooling="lesion")
+    assert payload["pooling"] == "lesion"
+    gradcam_run(str(data), str(run), payload)
+
+    test = [r for r in csv.DictReader(io.StringIO((run / "eval" / "predictions.csv").read_text())) if r["split"] == "test"]
+    lesions = [r["lesion_id"] for r in test]
+    assert len(set(lesions)) < len(lesions), "the synthetic test split should hold a lesion with several images"
+    pooled = dict(zip((r["image_id"] for r in test), lesion_pooled_scores([float(r["probability"]) for r in test], lesions)))
+    focus = list(csv.DictReader(io.StringIO((run / "gradcam" / "lesion_focus.csv").read_text())))
+    assert {r["image_id"] for r in focus} == set(pooled)
+    for row in focus:
+        assert float(row["probability"]) == pytest.approx(pooled[row["image_id"]])
+    # Grad-CAM's outcomes are exactly the confusion matrix evaluate reported.
+    counts = {k: sum(r["outcome"] == k.upper() for r in focus) for k in ("tp", "fp", "fn", "tn")}
+    at_threshold = json.loads((run / "eval" / "metrics.json").read_text())["test"]["at_threshold"]
+    assert counts == {k: at_threshold[k] for k in counts}
+    summary = json.loads((run / "gradcam" / "gradcam_summary.json").read_text())
+    assert summary["pooling"] == "lesion" and summary["threshold"] == payload["threshold"]

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--strategy", default="youden", choices=["youden", "sensitivity", "f1"])
     evaluate.add_argument("--target-sensitivity", type=float, default=0.95)
     evaluate.add_argument("--n-boot", type=int, default=1000)
+    evaluate.add_argument("--pooling", default="lesion", choices=["lesion", "none"],
+                          help="lesion: score each image by its lesion's pooled score (mean logit of its images)")
     evaluate.add_argument("--as-of", default=None)
     evaluate.add_argument("--external", action="append", default=[], help="RAW_ROOT::DROP_ID, repeatable")
 
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         from training.tasks import evaluate_run
 
         return evaluate_run(args.processed_root, args.run_root, strategy=args.strategy, target_sensitivity=args.target_sensitivity,
-                            n_boot=args.n_boot, as_of=args.as_of, external=args.external)
+                            n_boot=args.n_boot, as_of=args.as_of, external=args.external, pooling=args.pooling)
     if args.command == "gradcam":
         from training.tasks import gradcam_run
 

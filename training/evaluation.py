@@ -15,7 +15,13 @@ resampling lesions (all images of a drawn lesion together), ``null`` bounds when
 cannot be computed. *binary* is the dict of :func:`training.metrics.binary_metrics`:
 ``threshold, n, accuracy, sensitivity, specificity, ppv, npv, f1, tn, fp, fn, tp``.
 
-- ``schema_version``: 1.
+- ``schema_version``: 2 (2 added ``scores``).
+- ``scores``: ``{"pooling": "none" | "lesion", "rule"}``: what every number below is
+  computed on. ``"lesion"`` replaces each image's probability by its lesion's pooled score
+  (:func:`training.metrics.lesion_pooled_scores`, within each set) before the threshold is
+  chosen and everything is measured; the rows stay one per image. With ``"lesion"`` it
+  also holds ``per_image``: ``{"val": {"auroc", "auprc"}, "test": {"auroc", "auprc"}}``
+  (test as estimates) of the unpooled probabilities, for comparison.
 - ``counts``: ``{"train"|"val"|"test": {"images", "lesions", "melanoma"}, "external":
   {name: {...}}}``.
 - ``lesions_in_multiple_splits``: number of lesion ids found in more than one of
@@ -61,7 +67,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from training import metrics as m
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: How image probabilities become decision scores: as they are, or pooled per lesion.
+POOLING = ("none", "lesion")
+POOLING_RULES = {
+    "none": "each image scored on its own",
+    "lesion": "each image scored by its lesion: sigmoid of the mean logit of the lesion's images in the same set",
+}
 COLUMNS = ("image_id", "lesion_id", "split", "label", "dx", "probability", "age", "sex", "localization", "source")
 INTERNAL_SPLITS = ("train", "val", "test")
 EXTERNAL_SPLIT = "external"
@@ -178,6 +190,36 @@ def _partition(
     return internal, externals
 
 
+def pool_rows_by_lesion(rows: Sequence[dict], name: str) -> list[dict]:
+    """Copies of ``rows`` whose ``probability`` is the lesion-pooled score of
+    :func:`training.metrics.lesion_pooled_scores`; the model's own output is kept as
+    ``image_probability``. Pooling stays within ``rows`` (one set)."""
+    if not rows:
+        return []
+    _, scores, lesions = _arrays(rows, name)
+    pooled = m.lesion_pooled_scores(scores, lesions)
+    return [{**row, "image_probability": row["probability"], "probability": float(p)} for row, p in zip(rows, pooled)]
+
+
+def _ranking(rows: Sequence[dict], name: str) -> dict:
+    labels, scores, _ = _arrays(rows, name)
+    try:
+        return m.ranking_metrics(labels, scores)
+    except ValueError as exc:
+        raise ValueError(f"{name} split: {exc}") from None
+
+
+def _ranking_with_ci(rows: Sequence[dict], name: str, *, n_boot: int, seed: int) -> dict:
+    """``{"auroc"|"auprc": (value, BootstrapCI)}`` of one set, lesion bootstrap."""
+    labels, scores, lesions = _arrays(rows, name)
+    point = _ranking(rows, name)
+    fns = {"auroc": roc_auc_score, "auprc": average_precision_score}
+    return {
+        key: (point[key], m.lesion_bootstrap_ci(labels, scores, lesions, fn, n_boot=n_boot, alpha=ALPHA, seed=seed))
+        for key, fn in fns.items()
+    }
+
+
 def _estimate(value: float | None, ci: m.BootstrapCI | None) -> dict:
     return {
         "value": value,
@@ -273,6 +315,7 @@ def evaluate_predictions(
     external: Mapping[str, Sequence[dict]] | None = None,
     seed: int = 0,
     min_subgroup_count: int = 30,
+    pooling: str = "none",
 ) -> dict:
     """Build the metrics document described in the module docstring.
 
@@ -286,11 +329,24 @@ def evaluate_predictions(
     external : optional ``{name: rows}`` of external test sets.
     seed : bootstrap seed.
     min_subgroup_count : subgroups smaller than this are flagged ``small``.
+    pooling : one of :data:`POOLING`; see ``scores`` in the module docstring.
     """
+    if pooling not in POOLING:
+        raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
     internal, externals = _partition(rows, external)
     val_rows, test_rows = internal["val"], internal["test"]
     if not val_rows or not test_rows:
         raise ValueError(f"need val and test rows, got {len(val_rows)} val and {len(test_rows)} test")
+    scores_block: dict = {"pooling": pooling, "rule": POOLING_RULES[pooling]}
+    if pooling == "lesion":
+        common = {"n_boot": n_boot, "seed": seed}
+        scores_block["per_image"] = {
+            "val": {key: _ranking(val_rows, "val")[key] for key in ("auroc", "auprc")},
+            "test": {key: _estimate(*value) for key, value in _ranking_with_ci(test_rows, "test", **common).items()},
+        }
+        internal = {split: pool_rows_by_lesion(split_rows, split) for split, split_rows in internal.items()}
+        externals = {name: pool_rows_by_lesion(set_rows, f"external set {name!r}") for name, set_rows in externals.items()}
+        val_rows, test_rows = internal["val"], internal["test"]
 
     warnings = []
     lesion_splits: dict[str, set[str]] = defaultdict(set)
@@ -319,6 +375,7 @@ def evaluate_predictions(
     common = {"n_boot": n_boot, "seed": seed, "min_subgroup_count": min_subgroup_count}
     return {
         "schema_version": SCHEMA_VERSION,
+        "scores": scores_block,
         "counts": {
             **{split: _count(split_rows) for split, split_rows in internal.items()},
             "external": {name: _count(set_rows) for name, set_rows in externals.items()},
@@ -373,7 +430,7 @@ def xcom_payload(metrics: dict, metrics_uri: str) -> dict:
     """The small summary handed to downstream Airflow tasks; the full document stays at
     ``metrics_uri``.
 
-    Returns ``{"threshold", "strategy", "target_sensitivity", "chosen_on", "val":
+    Returns ``{"threshold", "strategy", "target_sensitivity", "chosen_on", "pooling", "val":
     {"sensitivity", "specificity"}, "test": {"auroc", "auprc", "sensitivity",
     "specificity"}, "metrics_uri"}``; test sensitivity/specificity are at the validation
     threshold.
@@ -385,6 +442,7 @@ def xcom_payload(metrics: dict, metrics_uri: str) -> dict:
         "strategy": choice["strategy"],
         "target_sensitivity": choice["target_sensitivity"],
         "chosen_on": choice["chosen_on"],
+        "pooling": metrics["scores"]["pooling"],
         "val": {key: choice["val"][key] for key in ("sensitivity", "specificity")},
         "test": {key: test[key]["value"] for key in ("auroc", "auprc", "sensitivity", "specificity")},
         "metrics_uri": metrics_uri,

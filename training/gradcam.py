@@ -335,10 +335,11 @@ def run_gradcam(
 ) -> dict:
     """Heatmaps and lesion focus for every image of ``shard`` (the test split); writes the artefacts.
 
-    predictions: image_id -> melanoma probability from the evaluation step (every image of the
-    shard must have one; the outcomes must match the ones evaluation reported).
-    threshold_payload: the evaluation XCom, of which ``threshold``, ``strategy`` and
-    ``chosen_on`` are used.
+    predictions: image_id -> melanoma score from the evaluation step, lesion-pooled when it
+    pooled (every image of the shard must have one; the outcomes must match the ones
+    evaluation reported).
+    threshold_payload: the evaluation XCom, of which ``threshold``, ``strategy``,
+    ``chosen_on`` and ``pooling`` are used.
     Writes under ``out_prefix``: ``lesion_focus.csv`` (one row per image),
     ``gradcam_summary.json`` (threshold used, method, speed, focus summary, gallery) and
     ``overlays/<image_id>.png`` (original | overlay) for the gallery images.
@@ -392,6 +393,7 @@ def run_gradcam(
         "strategy": threshold_payload.get("strategy"),
         "chosen_on": threshold_payload.get("chosen_on"),
         "positive_rule": "probability >= threshold",
+        "pooling": threshold_payload.get("pooling", "none"),
         "n_images": len(rows),
         "heatmaps_per_s": speed,
         "focus": focus,

@@ -215,6 +215,41 @@ def choose_threshold(
     return float(np.clip(thresholds[int(np.argmax(objective))], 0.0, 1.0))
 
 
+#: Probabilities are clipped to [LOGIT_EPS, 1 - LOGIT_EPS] before taking logits, so a
+#: saturated 0.0 or 1.0 (float32 sigmoid) stays finite and cannot outvote the other images.
+LOGIT_EPS = 1e-7
+
+
+def lesion_pooled_scores(scores: ArrayLike, lesion_ids: ArrayLike) -> np.ndarray:
+    """Every image's score replaced by the pooled score of its lesion.
+
+    The pooled score is the sigmoid of the mean logit of the lesion's images (a geometric
+    mean of odds): several views of one lesion vote together, the way a dermatologist
+    reads them. A lesion with a single image keeps its score (up to the clipping by
+    :data:`LOGIT_EPS`).
+
+    Parameters
+    ----------
+    scores : float array (n_images,), probabilities in [0, 1].
+    lesion_ids : array (n_images,) of hashable lesion ids.
+
+    Returns
+    -------
+    float64 array (n_images,): image i's lesion's pooled probability, in input order.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(lesion_ids, dtype=object)
+    if s.ndim != 1 or ids.ndim != 1 or s.shape != ids.shape:
+        raise ValueError(f"scores and lesion_ids must be 1-D of one length, got shapes {s.shape} and {ids.shape}")
+    if not np.isfinite(s).all() or (s.size and (s.min() < 0.0 or s.max() > 1.0)):
+        raise ValueError("scores must be finite probabilities in [0, 1]")
+    clipped = np.clip(s, LOGIT_EPS, 1.0 - LOGIT_EPS)
+    logits = np.log(clipped) - np.log1p(-clipped)
+    _, group = np.unique(ids.astype(str), return_inverse=True)
+    mean_logit = np.bincount(group, weights=logits) / np.bincount(group)
+    return 1.0 / (1.0 + np.exp(-mean_logit[group]))
+
+
 @dataclass(frozen=True)
 class BootstrapCI:
     """A percentile bootstrap interval; unpacks as ``low, high``.

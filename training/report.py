@@ -137,7 +137,20 @@ def _metrics_section(metrics: dict) -> str:
         "resamples of lesions (all images of a lesion together). Counts and ratios below the "
         "interval rows are at the threshold chosen on validation.</p>"
     )
-    return "<h2>Metrics</h2>" + ci_note + _set_table(blocks) + _subgroups((metrics.get("test") or {}).get("subgroups") or {})
+    return "<h2>Metrics</h2>" + _scores_note(metrics) + ci_note + _set_table(blocks) + _subgroups((metrics.get("test") or {}).get("subgroups") or {})
+
+
+def _scores_note(metrics: dict) -> str:
+    """What the scores are: per image, or pooled per lesion (then the per-image AUROC/AUPRC too)."""
+    scores = metrics.get("scores") or {}
+    if scores.get("pooling", "none") == "none":
+        return '<p class="note">Scores: each image on its own.</p>'
+    per_image = (scores.get("per_image") or {}).get("test") or {}
+    return (
+        f'<p class="note">Scores: {_e(scores.get("rule", scores.get("pooling")))}. Every number below uses '
+        f"them, the threshold included. Per image, unpooled, test AUROC {_estimate(per_image.get('auroc'))}, "
+        f"AUPRC {_estimate(per_image.get('auprc'))}.</p>"
+    )
 
 
 def _subgroups(subgroups: dict) -> str:
@@ -164,9 +177,11 @@ def _threshold_section(metrics: dict, payload: dict, gradcam_summary: dict | Non
     threshold = payload.get("threshold", chosen.get("value"))
     strategy = payload.get("strategy", chosen.get("strategy"))
     chosen_on = payload.get("chosen_on", chosen.get("chosen_on"))
+    pooling = payload.get("pooling", (metrics.get("scores") or {}).get("pooling", "none"))
     parts = [
         "<h2>Decision threshold</h2>",
-        f"<p>Melanoma is called when the probability is &ge; <strong>{_num(threshold, 4)}</strong>, "
+        f"<p>Melanoma is called when the {'lesion-pooled ' if pooling == 'lesion' else ''}probability is "
+        f"&ge; <strong>{_num(threshold, 4)}</strong>, "
         f"chosen by <strong>{_e(strategy)}</strong> on the <strong>{_e(chosen_on)}</strong> split"
     ]
     target = payload.get("target_sensitivity", chosen.get("target_sensitivity"))

@@ -48,8 +48,14 @@ def _external_rows(model, spec: str) -> tuple[list[dict], list[dict]]:
 
 
 def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden", target_sensitivity: float = 0.95,
-                 n_boot: int = 1000, as_of: str | None = None, external: list[str] | None = None) -> dict:
-    """Score val and test, choose the threshold on val, write eval/ and return the XCom payload."""
+                 n_boot: int = 1000, as_of: str | None = None, external: list[str] | None = None,
+                 pooling: str = "lesion") -> dict:
+    """Score val and test, choose the threshold on val, write eval/ and return the XCom payload.
+
+    ``eval/predictions.csv`` keeps the model's per-image probabilities; with ``pooling="lesion"``
+    the metrics, the threshold and Grad-CAM's outcomes use the lesion-pooled scores
+    (:func:`training.metrics.lesion_pooled_scores`).
+    """
     from training.evaluation import evaluate_predictions, write_evaluation, xcom_payload
 
     storage, run = open_storage(processed_root), open_storage(run_root)
@@ -67,7 +73,7 @@ def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden"
     run.write_bytes("eval/predictions.csv", rows_to_csv(rows))
     internal = [r for r in rows if r["split"] in ("val", "test")]
     metrics = evaluate_predictions(internal, strategy=strategy, target_sensitivity=target_sensitivity, n_boot=n_boot,
-                                   external=external_sets or None)
+                                   external=external_sets or None, pooling=pooling)
     metrics["manifest_version"] = manifest["version"]
     if unscored:
         metrics["external_unscored"] = {name: {"count": len(items), "reasons": sorted({i["reason"] for i in items})} for name, items in unscored.items()}
@@ -85,17 +91,21 @@ def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, 
     import csv
     import io
 
+    import numpy as np
+
     from training.gradcam import run_gradcam
+    from training.metrics import lesion_pooled_scores
 
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of)
     model = load_model(run.uri(MODEL_KEY))
     test = load_split(storage, manifest, ["test"])
-    predictions = {
-        row["image_id"]: float(row["probability"])
-        for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
-        if row["split"] == "test"
-    }
+    test_rows = [row for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if row["split"] == "test"]
+    scores = np.array([float(row["probability"]) for row in test_rows])
+    # The threshold was chosen on the scores evaluate pooled (or not): compare like with like.
+    if threshold_payload.get("pooling", "none") == "lesion":
+        scores = lesion_pooled_scores(scores, [row["lesion_id"] for row in test_rows])
+    predictions = {row["image_id"]: float(score) for row, score in zip(test_rows, scores)}
     return run_gradcam(model, test, predictions, threshold_payload, run, "gradcam", layer_name=layer_name, plusplus=plusplus)
 
 
