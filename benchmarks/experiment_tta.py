@@ -1,12 +1,15 @@
 """Experiment: does averaging the model over flips of each image (test-time augmentation) help?
 
-    python benchmarks/experiment_tta.py [--model M] [--processed P]
+    python benchmarks/experiment_tta.py [--run NAME] [--processed P]
 
-Scores the val and test splits of the quality benchmark's data with the benchmark's model,
-once per flip variant (as stored, left-right, up-down, both), and compares the single view
-with the mean probability over the four. Val first: that is where a choice would be made.
-Prints one JSON object and writes ``benchmarks/results/experiment_tta.json``. The pipeline
-itself scores the single view (the model Grad-CAM explains); this only measures the option.
+Scores the val and test splits of the quality benchmark's data with a bench-quality run's
+model (``benchmarks/work/quality/runs/NAME``), once per flip variant (as stored,
+left-right, up-down, both), and compares the single view with the mean over the four, each
+also pooled per lesion (:func:`training.metrics.lesion_pooled_scores`, the pipeline's
+default scoring). Val first: that is where a choice would be made. Prints one JSON object
+and writes ``benchmarks/results/experiment_tta[-NAME].json``; the per-view probabilities
+go to the run's ``eval/tta_views.npz``. The pipeline itself scores the single view (the
+model Grad-CAM explains); this only measures the option.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ WORK = ROOT / "benchmarks" / "work" / "quality"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(WORK / "runs" / "bench" / "model" / "model.keras"))
+    parser.add_argument("--run", default="bench", help="bench-quality run folder name")
     parser.add_argument("--processed", default=str(WORK / "data"))
     parser.add_argument("--n-boot", type=int, default=1000)
     args = parser.parse_args(argv)
@@ -37,28 +40,38 @@ def main(argv: list[str] | None = None) -> int:
     from melanoma.manifest import latest_manifest
     from melanoma.storage import open_storage
     from training.data import load_arrays
-    from training.metrics import lesion_bootstrap_ci, ranking_metrics
+    from training.metrics import lesion_bootstrap_ci, lesion_pooled_scores, ranking_metrics
     from training.predict import load_model, predict_probabilities
     from training.train import flip_variant
 
     storage = open_storage(args.processed)
     manifest = latest_manifest(storage)
-    model = load_model(args.model)
+    run = WORK / "runs" / args.run
+    model_path = run / "model" / "model.keras"
+    model = load_model(str(model_path))
     result: dict = {"experiment": "tta-flips", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "model": os.path.relpath(args.model, ROOT), "splits": {}}
+                    "model": os.path.relpath(model_path, ROOT), "splits": {}}
+    saved = {}
     for split in ("val", "test"):
         data = load_arrays(storage, manifest, split)
         views = np.stack([predict_probabilities(model, flip_variant(data.images, v)) for v in range(4)])
         lesions = np.array([r["lesion_id"] for r in data.records])
+        saved.update({f"{split}_views": views, f"{split}_labels": data.labels, f"{split}_lesions": lesions.astype(str),
+                      f"{split}_image_ids": np.array([r["image_id"] for r in data.records]).astype(str)})
         entry = {"images": len(data), "melanoma": int(data.labels.sum())}
-        for name, scores in (("single", views[0]), ("flip4_mean", views.mean(axis=0))):
+        mean = views.mean(axis=0)
+        candidates = (("single", views[0]), ("flip4_mean", mean),
+                      ("single_lesion_pooled", lesion_pooled_scores(views[0], lesions)),
+                      ("flip4_mean_lesion_pooled", lesion_pooled_scores(mean, lesions)))
+        for name, scores in candidates:
             metrics = ranking_metrics(data.labels, scores)
             ci = lesion_bootstrap_ci(data.labels, scores, lesions, lambda y, s: ranking_metrics(y, s)["auroc"], n_boot=args.n_boot)
             entry[name] = {"auroc": round(metrics["auroc"], 4), "auprc": round(metrics["auprc"], 4),
                            "auroc_ci": [round(ci.low, 4), round(ci.high, 4)]}
         result["splits"][split] = entry
         print(split, json.dumps(entry), flush=True)
-    out = ROOT / "benchmarks" / "results" / "experiment_tta.json"
+    np.savez_compressed(run / "eval" / "tta_views.npz", **saved)
+    out = ROOT / "benchmarks" / "results" / ("experiment_tta.json" if args.run == "bench" else f"experiment_tta-{args.run}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0

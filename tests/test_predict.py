@@ -164,3 +164,53 @@ def test_predict_cli_with_the_project_classifier(tmp_path, ham10000_dir, capsys)
     )
     for image_id in HAM_IDS[:2]:
         assert cv2.imread(str(out / "overlays" / f"{image_id}.png")).shape == (150, 200, 3)
+
+
+def test_predict_pools_scores_per_lesion_with_a_lesion_map(tmp_path, ham10000_dir):
+    from training.metrics import lesion_pooled_scores
+    from training.predict import read_lesion_map
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = []
+    for image_id in HAM_IDS:
+        shutil.copy(ham10000_dir / "images" / f"{image_id}.jpg", folder)
+        files.append(folder / f"{image_id}.jpg")
+    lesion_csv = tmp_path / "lesions.csv"
+    # Two views of lesion A, one of B, and an entry for an image not in the folder (ignored).
+    lesion_csv.write_text(f"lesion_id,image_id,dx\nA,{HAM_IDS[0]},nv\nB,{HAM_IDS[1]},mel\nA,{HAM_IDS[2]},nv\nC,ISIC_9,nv\n")
+    model_path = tiny_model(tmp_path / "model.keras")
+    own = expected_probabilities(model_path, files)
+    threshold = float(np.median(own))
+
+    predict_folder(str(model_path), str(folder), str(tmp_path / "out"), threshold=threshold, lesion_of=read_lesion_map(str(lesion_csv)))
+
+    rows = read_csv(tmp_path / "out" / "predictions.csv")
+    assert list(rows[0]) == ["image_id", "key", "lesion_id", "image_probability", "probability", "label", "threshold"]
+    assert [r["lesion_id"] for r in rows] == ["A", "B", "A"]
+    np.testing.assert_allclose([float(r["image_probability"]) for r in rows], own, rtol=1e-5, atol=1e-7)
+    pooled = lesion_pooled_scores(own, ["A", "B", "A"])
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], pooled, rtol=1e-5, atol=1e-7)
+    assert rows[0]["probability"] == rows[2]["probability"]
+    assert [int(r["label"]) for r in rows] == [int(float(r["probability"]) >= threshold) for r in rows]
+
+    # An image the map does not cover is an error, not a silent per-image score.
+    lesion_csv.write_text(f"image_id,lesion_id\n{HAM_IDS[0]},A\n")
+    with pytest.raises(ValueError, match=f"no lesion in the lesion map, e.g. {HAM_IDS[1]}"):
+        predict_folder(str(model_path), str(folder), str(tmp_path / "out2"), lesion_of=read_lesion_map(str(lesion_csv)))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("image_id,dx\nx,nv\n", "needs the columns"),
+        ("image_id,lesion_id\nx,\n", "line 2: empty"),
+        ("image_id,lesion_id\nx,A\nx,B\n", "two lesions"),
+    ],
+)
+def test_read_lesion_map_refuses_bad_maps(tmp_path, text, message):
+    from training.predict import read_lesion_map
+
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_lesion_map(str(tmp_path / "m.csv"))

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="folder or URI for predictions.csv")
     predict.add_argument("--threshold", type=float, default=0.5)
     predict.add_argument("--overlays", action="store_true", help="also write a Grad-CAM overlay per image")
+    predict.add_argument("--lesions", default=None,
+                         help="CSV with image_id,lesion_id (e.g. HAM10000_metadata.csv): pool the scores per lesion, as evaluate does")
     return parser
 
 
@@ -85,9 +87,10 @@ def run(args: argparse.Namespace) -> dict:
 
         return report_run(args.run_root, args.threshold)
     if args.command == "predict":
-        from training.predict import predict_folder
+        from training.predict import predict_folder, read_lesion_map
 
-        return predict_folder(args.model, args.input, args.output, threshold=args.threshold, overlays=args.overlays)
+        lesion_of = read_lesion_map(args.lesions) if args.lesions else None
+        return predict_folder(args.model, args.input, args.output, threshold=args.threshold, overlays=args.overlays, lesion_of=lesion_of)
     raise AssertionError(args.command)
 
 

@@ -90,13 +90,34 @@ def images_in_folder(folder_uri: str) -> list[tuple[str, str]]:
 _ORIGINAL_SIZE = 1 << 30
 
 
+def read_lesion_map(source: str) -> dict[str, str]:
+    """image_id -> lesion_id from a CSV (path or URI) with those two columns, e.g. a drop's
+    ``HAM10000_metadata.csv``. Empty or conflicting entries raise ``ValueError``."""
+    storage, name = split_uri(source)
+    reader = csv.DictReader(io.StringIO(storage.read_bytes(name).decode("utf-8-sig"), newline=""))
+    if not {"image_id", "lesion_id"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"{source}: a lesion map needs the columns image_id and lesion_id, found {reader.fieldnames}")
+    lesion_of: dict[str, str] = {}
+    for row in reader:
+        image_id, lesion_id = (row["image_id"] or "").strip(), (row["lesion_id"] or "").strip()
+        if not image_id or not lesion_id:
+            raise ValueError(f"{source} line {reader.line_num}: empty image_id or lesion_id")
+        if lesion_of.setdefault(image_id, lesion_id) != lesion_id:
+            raise ValueError(f"{source}: image {image_id} is given two lesions, {lesion_of[image_id]} and {lesion_id}")
+    return lesion_of
+
+
 def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: float = 0.5, overlays: bool = False,
-                   layer_name: str | None = None) -> dict:
+                   layer_name: str | None = None, lesion_of: dict[str, str] | None = None) -> dict:
     """Score every image under ``folder_uri``; write ``predictions.csv`` (and overlays) under ``out_uri``.
 
     Each image goes through :func:`melanoma.imaging.preprocess_image_bytes`, the Spark job's
     own preprocessing. ``predictions.csv``: image_id, key (the file under the folder),
-    probability, label (1 when ``probability >= threshold``), threshold. Unreadable files are
+    probability, label (1 when ``probability >= threshold``), threshold. With ``lesion_of``
+    (image_id -> lesion_id, every scored image must be in it) the scores are pooled per
+    lesion as the pipeline's evaluate step pools them (:func:`training.metrics.lesion_pooled_scores`),
+    so a threshold from a lesion-pooled run applies; the file then also has lesion_id and
+    image_probability (the image's own score), and ``probability`` is the pooled one. Unreadable files are
     listed in ``rejected.csv`` with their reason, never skipped silently. With ``overlays``,
     ``overlays/<image_id>.png`` is the Grad-CAM heatmap of the melanoma score blended over the
     image at its original size (display orientation).
@@ -113,12 +134,23 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
         images.append(array)
         scored.append((image_id, key))
     batch = np.stack(images) if images else np.zeros((0, 224, 224, 3), np.uint8)
+    if lesion_of is not None:
+        unmapped = [image_id for image_id, _key in scored if image_id not in lesion_of]
+        if unmapped:
+            raise ValueError(f"{len(unmapped)} scored image(s) have no lesion in the lesion map, e.g. {', '.join(unmapped[:5])}")
     probabilities = predict_probabilities(model, batch)
-    rows = [
-        {"image_id": image_id, "key": key, "probability": float(p), "label": int(p >= threshold), "threshold": threshold}
-        for (image_id, key), p in zip(scored, probabilities)
-    ]
-    out.write_bytes("predictions.csv", rows_to_csv(rows, ("image_id", "key", "probability", "label", "threshold")))
+    columns: tuple[str, ...] = ("image_id", "key", "probability", "label", "threshold")
+    rows = [{"image_id": image_id, "key": key, "probability": float(p)} for (image_id, key), p in zip(scored, probabilities)]
+    if lesion_of is not None:
+        from training.metrics import lesion_pooled_scores
+
+        lesions = [lesion_of[row["image_id"]] for row in rows]
+        for row, lesion_id, pooled in zip(rows, lesions, lesion_pooled_scores(probabilities, lesions)):
+            row.update(lesion_id=lesion_id, image_probability=row["probability"], probability=float(pooled))
+        columns = ("image_id", "key", "lesion_id", "image_probability", "probability", "label", "threshold")
+    for row in rows:
+        row.update(label=int(row["probability"] >= threshold), threshold=threshold)
+    out.write_bytes("predictions.csv", rows_to_csv(rows, columns))
     out.write_bytes("rejected.csv", rows_to_csv(rejected, ("image_id", "key", "reason", "detail")))
     written = ["predictions.csv", "rejected.csv"]
     if overlays and images:
