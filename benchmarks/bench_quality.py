@@ -306,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-decay-patience", type=int, default=2, help="x0.3 learning rate after this many epochs without a better val AUROC")
     parser.add_argument("--train-flips", type=int, default=4, choices=[1, 2, 4], help="flip variants of the training images")
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, shuffling, dropout); the split does not depend on it")
     parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--pooling", default="lesion", choices=["lesion", "none"], help="decision scores: pooled per lesion or per image")
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
         learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
         class_weight=args.class_weight, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
-        train_flips=args.train_flips, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget,
+        train_flips=args.train_flips, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget, seed=args.seed,
     )
     log(f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)")
     trained = run_training(cfg)
