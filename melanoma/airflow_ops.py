@@ -44,6 +44,7 @@ PARAM_DEFAULTS: dict[str, Any] = {
     "fine_tune_learning_rate": 1e-5,
     "lr_decay_patience": 0,
     "max_train_minutes": 0,
+    "ensemble_size": 1,
     "max_train_images": 0,
     "threshold_strategy": "youden",
     "target_sensitivity": 0.95,
@@ -214,6 +215,7 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         "fine_tune_learning_rate": float(values["fine_tune_learning_rate"]),
         "lr_decay_patience": int(values["lr_decay_patience"]),
         "max_train_seconds": float(values["max_train_minutes"]) * 60 or None,
+        "ensemble_size": int(values["ensemble_size"]),
         "limit_train": int(values["max_train_images"]) or None,
         "as_of": as_of,
     }

@@ -297,3 +297,36 @@ def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, 
     out = capsys.readouterr().out
     assert "epoch 1/" not in out and "cached" not in out  # nothing retrained, nothing recomputed
     assert again["best_val_auroc"] == first["best_val_auroc"] and again["epochs_run"] == first["epochs_run"]
+
+
+@pytest.mark.slow
+def test_ensemble_training_trains_each_seed_and_exports_their_average(processed_root, tmp_path):
+    from training.ensemble import gradcam_layer_names
+    from training.predict import load_model
+
+    run_root = str(tmp_path / "run")
+    cfg = TrainConfig(processed_root, run_root, epochs=2, limit_train=120, ensemble_size=2, seed=5)
+    result = run_training(cfg)
+
+    run = open_storage(run_root)
+    assert sorted(result["members"]) == ["seed-5", "seed-6"] and result["ensemble_size"] == 2
+    member_models = [load_model(run.uri(f"members/seed-{seed}/model/model.keras")) for seed in (5, 6)]
+    ensemble = load_model(result["model_uri"])
+    assert result["model_uri"] == run.uri("model/model.keras")
+    assert gradcam_layer_names(ensemble) == ["m0_top_activation", "m1_top_activation"]
+    val = load_arrays(open_storage(processed_root), latest_manifest(open_storage(processed_root)), "val")
+    images = val.images[:16]
+    member_p = np.stack([m.predict(images, verbose=0)[:, 0].astype(np.float64) for m in member_models])
+    assert not np.allclose(member_p[0], member_p[1], atol=1e-4)  # different seeds, different members
+    expected = 1 / (1 + np.exp(-np.mean(np.log(member_p) - np.log1p(-member_p), axis=0)))
+    np.testing.assert_allclose(ensemble.predict(images, verbose=0)[:, 0], expected, rtol=1e-4, atol=1e-6)
+    provenance = json.loads(run.read_bytes("model/provenance.json"))
+    assert sorted(provenance["ensemble_of"]) == ["seed-5", "seed-6"]
+    # A second call resumes: both members are finished, nothing is retrained.
+    again = run_training(cfg)
+    assert {name: m["epochs_run"] for name, m in again["members"].items()} == {name: m["epochs_run"] for name, m in result["members"].items()}
+
+
+def test_ensemble_size_is_checked():
+    with pytest.raises(ValueError, match="ensemble_size"):
+        TrainConfig("p", "r", ensemble_size=0)

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-root", required=True)
     report.add_argument("--threshold", type=_json_arg, required=True)
 
+    ensemble = commands.add_parser("ensemble", help="one model averaging the melanoma logits of trained models")
+    ensemble.add_argument("--member", action="append", required=True, help="path or URI of a member's model.keras, repeatable (2 or more)")
+    ensemble.add_argument("--output", required=True, help="path or URI of the ensemble's model.keras")
+
     predict = commands.add_parser("predict", help="score a folder of images with a trained model")
     predict.add_argument("--model", required=True, help="path or URI of model.keras")
     predict.add_argument("--input", required=True, help="folder or URI of images (bare, or a drop in either layout)")
@@ -86,6 +90,10 @@ def run(args: argparse.Namespace) -> dict:
         from training.tasks import report_run
 
         return report_run(args.run_root, args.threshold)
+    if args.command == "ensemble":
+        from training.ensemble import save_ensemble
+
+        return save_ensemble(args.member, args.output)
     if args.command == "predict":
         from training.predict import predict_folder, read_lesion_map
 

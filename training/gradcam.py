@@ -23,7 +23,7 @@ import json
 import re
 import statistics
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -35,8 +35,15 @@ CLASS_NAMES = {1: "melanoma", 0: "other"}
 # --------------------------------------------------------------------------- heatmaps
 
 
-def _score_model(model, layer_name: str) -> tuple[Any, Callable]:
-    """A model giving (feature maps (N,h,w,C), head input) and the function head input -> logit (N,).
+def _layer_list(layer_name: str | Sequence[str]) -> list[str]:
+    names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
+    if not names:
+        raise ValueError("no layer to take Grad-CAM maps from")
+    return names
+
+
+def _score_model(model, layer_names: Sequence[str]) -> tuple[Any, Callable]:
+    """A model giving (feature maps (N,h,w,C) per layer..., head input) and the function head input -> logit (N,).
 
     We differentiate the sigmoid's pre-activation logit, not the probability: d sigmoid(z)/dz =
     p(1-p) vanishes as p nears 0 or 1, so confidently classified images (the ones most worth
@@ -45,7 +52,9 @@ def _score_model(model, layer_name: str) -> tuple[Any, Callable]:
     """
     import keras
 
-    conv_output = model.get_layer(layer_name).output
+    conv_outputs = [model.get_layer(name).output for name in layer_names]
+    if len({tuple(output.shape[1:3]) for output in conv_outputs}) != 1:
+        raise ValueError(f"layers {list(layer_names)} give maps of different sizes: {[tuple(o.shape[1:3]) for o in conv_outputs]}")
     head = model.layers[-1]
     sigmoid_head = getattr(head, "activation", None) is keras.activations.sigmoid
     if sigmoid_head and isinstance(head, keras.layers.Dense):
@@ -56,12 +65,12 @@ def _score_model(model, layer_name: str) -> tuple[Any, Callable]:
             logit = keras.ops.matmul(keras.ops.cast(features, head.kernel.dtype), head.kernel)
             return logit + head.bias if head.use_bias else logit
 
-        outputs, score_input = [conv_output, head.input], to_logit
+        outputs, score_input = [*conv_outputs, head.input], to_logit
     elif sigmoid_head and isinstance(head, keras.layers.Activation):
-        outputs, score_input = [conv_output, head.input], lambda logit: logit
+        outputs, score_input = [*conv_outputs, head.input], lambda logit: logit
     else:
         # No sigmoid we know how to undo: the output is taken as the score itself.
-        outputs, score_input = [conv_output, model.outputs[0]], lambda score: score
+        outputs, score_input = [*conv_outputs, model.outputs[0]], lambda score: score
 
     def to_score(head_input):
         score = score_input(head_input)
@@ -95,7 +104,7 @@ def _normalise(cams: np.ndarray) -> np.ndarray:
     return np.where(peaks > 0, cams / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
 
 
-def _cam_step(model, layer_name: str, batch_shape: tuple, dtype, plusplus: bool) -> Callable:
+def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool) -> Callable:
     """One compiled graph: a fixed-shape batch of images -> its un-normalised maps (N,h,w) float64.
 
     Built once per :func:`gradcam_heatmaps` call and traced once (the batch shape is fixed;
@@ -103,20 +112,22 @@ def _cam_step(model, layer_name: str, batch_shape: tuple, dtype, plusplus: bool)
     score's gradient at ``layer_name`` (the backward pass stops there: only the head lies
     between the maps and the score), the channel weights and the weighted sum, with no
     per-image Python work. The weight arithmetic runs in float64 like :func:`_channel_weights`.
+    Several layers (an ensemble's members) are taken as one: their maps are concatenated
+    along the channels.
     """
     import tensorflow as tf
 
-    grad_model, to_score = _score_model(model, layer_name)
+    grad_model, to_score = _score_model(model, layer_names)
 
     @tf.function(input_signature=[tf.TensorSpec(batch_shape, dtype)])
     def step(batch):
         with tf.GradientTape() as tape:
-            maps, head_input = grad_model(tf.cast(batch, tf.float32), training=False)
+            *maps, head_input = grad_model(tf.cast(batch, tf.float32), training=False)
             scores = to_score(head_input)
         # Gradient of the summed scores: in inference mode an image's score depends only on
         # its own feature maps, so this is each image's own gradient, in one backward pass.
-        grads = tf.cast(tape.gradient(scores, maps), tf.float64)
-        maps = tf.cast(maps, tf.float64)
+        grads = tf.concat([tf.cast(g, tf.float64) for g in tape.gradient(scores, maps)], axis=-1)
+        maps = tf.concat([tf.cast(m, tf.float64) for m in maps], axis=-1)
         if plusplus:
             g2 = tf.square(grads)
             g3 = g2 * grads
@@ -131,13 +142,14 @@ def _cam_step(model, layer_name: str, batch_shape: tuple, dtype, plusplus: bool)
 
 
 def gradcam_heatmaps(
-    model, images: np.ndarray, layer_name: str, *, batch_size: int = 32, plusplus: bool = False
+    model, images: np.ndarray, layer_name: str | Sequence[str], *, batch_size: int = 32, plusplus: bool = False
 ) -> np.ndarray:
     """Grad-CAM (or Grad-CAM++) maps of the melanoma score for a batch of images.
 
     model: functional Keras model, images (N,H,W,3) -> one score per image (N,1).
     images: (N,H,W,3) uint8 or float, as the model takes them (it preprocesses internally).
-    layer_name: the convolutional layer whose maps are weighted (usually the last one).
+    layer_name: the convolutional layer whose maps are weighted (usually the last one), or
+    several with maps of one size (an ensemble's members), weighted as one concatenated map.
     batch_size: images per graph call (fewer when there are fewer images); the last batch is
     padded to it, so the graph is traced once.
     Returns float32 (N,h,w) in [0,1] at that layer's resolution; use :func:`upsample_heatmap`
@@ -145,14 +157,15 @@ def gradcam_heatmaps(
     """
     import tensorflow as tf
 
+    layer_names = _layer_list(layer_name)
     images = np.asarray(images)
     if len(images) == 0:
-        _, h, w, _ = model.get_layer(layer_name).output.shape
+        _, h, w, _ = model.get_layer(layer_names[0]).output.shape
         return np.zeros((0, h or 0, w or 0), np.float32)
     if images.dtype != np.uint8:
         images = images.astype(np.float32, copy=False)
     batch = min(int(batch_size), len(images))
-    step = _cam_step(model, layer_name, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus)
+    step = _cam_step(model, layer_names, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus)
     heatmaps = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
@@ -346,9 +359,9 @@ def run_gradcam(
     Returns a small JSON-able dict for XCom.
     """
     if layer_name is None:
-        from training.model import last_conv_layer_name
+        from training.ensemble import gradcam_layer_names
 
-        layer_name = last_conv_layer_name(model)
+        layer_name = gradcam_layer_names(model)
     threshold = float(threshold_payload["threshold"])
     missing = [r["image_id"] for r in shard.records if r["image_id"] not in predictions]
     if missing:
@@ -387,7 +400,7 @@ def run_gradcam(
     speed = len(rows) / elapsed if elapsed > 0 and rows else None
     summary = {
         "method": "gradcam++" if plusplus else "gradcam",
-        "layer_name": layer_name,
+        "layer_name": " + ".join(_layer_list(layer_name)),
         "heatmap_shape": list(heatmaps.shape[1:]),
         "threshold": threshold,
         "strategy": threshold_payload.get("strategy"),

@@ -157,9 +157,9 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
         import cv2
 
         from training.gradcam import _safe_name, gradcam_heatmaps, overlay_heatmap, upsample_heatmap
-        from training.model import last_conv_layer_name
+        from training.ensemble import gradcam_layer_names
 
-        heatmaps = gradcam_heatmaps(model, batch, layer_name or last_conv_layer_name(model))
+        heatmaps = gradcam_heatmaps(model, batch, layer_name or gradcam_layer_names(model))
         del batch, images
         # One image at a time at full size: the originals are never all held in memory.
         for (image_id, key), heatmap in zip(scored, heatmaps):

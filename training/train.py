@@ -80,6 +80,9 @@ class TrainConfig:
     # and both). Epoch e trains on variant e mod train_flips; cached runs cache every variant.
     train_flips: int = 1
     seed: int = 0
+    # Members of an ensemble (1: one model). Member k is a full run with seed + k under
+    # <run_root>/members/seed-<seed + k>/; model/model.keras averages their logits.
+    ensemble_size: int = 1
     # Wall-clock budget of the whole run_training call: no new epoch starts when the mean epoch
     # so far would not fit in what is left (None: no limit). The state records the stop.
     max_train_seconds: float | None = None
@@ -103,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"train_flips must be 1, 2 or 4, got {self.train_flips}")
         if self.cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
+        if not 1 <= self.ensemble_size <= 10:
+            raise ValueError(f"ensemble_size must be in [1, 10], got {self.ensemble_size}")
         if self.batch_size < 1 or self.epochs < 0 or self.fine_tune_epochs < 0 or self.patience < 1:
             raise ValueError("batch_size and patience must be >= 1, epochs and fine_tune_epochs >= 0")
 
@@ -517,6 +522,8 @@ def _caches(model, cfg: TrainConfig, run: Storage, train: SplitArrays, val: Spli
 
 def run_training(cfg: TrainConfig) -> dict:
     """Train (or resume) one run; writes model.keras, history.json, config.json, provenance.json."""
+    if cfg.ensemble_size > 1:
+        return run_ensemble_training(cfg)
     import keras
 
     from training.model import build_classifier, weights_provenance
@@ -600,4 +607,52 @@ def run_training(cfg: TrainConfig) -> dict:
         "train_seconds": round(seconds, 1),
         "cache_seconds": round(cache_seconds, 1),
         "cpu_lock_wait_seconds": round(CpuTurns.waited - waited_before, 1),
+    }
+
+
+def run_ensemble_training(cfg: TrainConfig) -> dict:
+    """Train (or resume) ``cfg.ensemble_size`` members, then export their ensemble.
+
+    Member k is :func:`run_training` with ``seed + k`` under ``<run_root>/members/seed-<seed + k>``
+    (each resumes on its own); a time budget is shared out as the members go (each gets an
+    equal share of what is left). ``model/model.keras`` is :func:`training.ensemble.build_ensemble`
+    of the members; ``model/history.json`` and ``provenance.json`` list them.
+    """
+    from training.ensemble import build_ensemble
+    from training.predict import load_model
+
+    started = time.perf_counter()
+    run = open_storage(cfg.run_root)
+    members = []
+    for index in range(cfg.ensemble_size):
+        budget = None
+        if cfg.max_train_seconds:
+            budget = max(0.0, cfg.max_train_seconds - (time.perf_counter() - started)) / (cfg.ensemble_size - index)
+        seed = cfg.seed + index
+        member_cfg = dataclasses.replace(cfg, run_root=run.uri(f"members/seed-{seed}"), seed=seed,
+                                         ensemble_size=1, max_train_seconds=budget)
+        print(f"train: ensemble member {index + 1}/{cfg.ensemble_size} (seed {seed}) under {member_cfg.run_root}", flush=True)
+        members.append(run_training(member_cfg))
+    ensemble = build_ensemble([load_model(member["model_uri"]) for member in members])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        ensemble.save(path)
+        with open(path, "rb") as handle:
+            run.write_bytes("model/model.keras", handle.read())
+    by_member = {f"seed-{cfg.seed + index}": member for index, member in enumerate(members)}
+    run.write_bytes("model/config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str).encode())
+    run.write_bytes("model/history.json", json.dumps({name: member["best_val_auroc"] for name, member in by_member.items()}, indent=2).encode())
+    run.write_bytes("model/provenance.json", json.dumps({"ensemble_of": {name: member["model_uri"] for name, member in by_member.items()},
+                                                         "members": {name: member["weights"] for name, member in by_member.items()}},
+                                                        indent=2).encode())
+    return {
+        "model_uri": run.uri("model/model.keras"),
+        "manifest_version": members[0]["manifest_version"],
+        "backbone": cfg.backbone,
+        "target": cfg.target,
+        "ensemble_size": cfg.ensemble_size,
+        "members": {name: {key: member[key] for key in ("model_uri", "best_val_auroc", "epochs_run", "stop_reason", "train_seconds")}
+                    for name, member in by_member.items()},
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "cpu_lock_wait_seconds": round(sum(member["cpu_lock_wait_seconds"] for member in members), 1),
     }
