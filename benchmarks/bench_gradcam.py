@@ -128,17 +128,20 @@ def real_inputs() -> dict:
             payload = {"threshold": float(threshold), "strategy": _find_key(quality, "strategy"),
                        "chosen_on": _find_key(quality, "chosen_on")}
         source = str(_rel(QUALITY_JSON))
+        if payload is not None:
+            payload["pooling"] = quality.get("pooling", "none") if isinstance(quality, dict) else "none"
     if payload is None or payload.get("threshold") is None:
         raise MissingInput("no validation threshold in the run's eval/metrics.json nor in quality.json")
     if payload.get("chosen_on") not in (None, "val"):
         raise MissingInput(f"the threshold was chosen on {payload['chosen_on']!r}, not on the validation split")
     predictions = None
     if run is not None and run.exists("eval/predictions.csv"):
-        predictions = {
-            row["image_id"]: float(row["probability"])
-            for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
-            if row["split"] == "test"
-        }
+        from training.evaluation import decision_scores
+
+        rows = [row for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if row["split"] == "test"]
+        # Scored as evaluate scored them (lesion-pooled or not): the threshold applies to those.
+        predictions = decision_scores([r["image_id"] for r in rows], [float(r["probability"]) for r in rows],
+                                      [r["lesion_id"] for r in rows], payload.get("pooling", "none"))
     return {"model_uri": model_uri, "run_uri": run_uri, "payload": payload, "threshold_source": source,
             "processed": processed, "manifest": manifest, "predictions": predictions}
 
@@ -255,7 +258,8 @@ def markdown(doc: dict) -> str:
         f"Model: `{doc['model_uri']}` ({doc['backbone']}, layer `{doc['layer_name']}`), "
         f"{doc['n_images']} HAM10000 test images (manifest v{doc['manifest_version']}), "
         f"threshold {doc['threshold']['threshold']:.4f} ({doc['threshold'].get('strategy')} on "
-        f"{doc['threshold'].get('chosen_on')}, from `{doc['threshold_source']}`).",
+        f"{doc['threshold'].get('chosen_on')}, from `{doc['threshold_source']}`), applied to "
+        f"{'lesion-pooled scores' if doc.get('pooling') == 'lesion' else 'per-image scores'}.",
         "",
         "| | images/s |",
         "|---|---:|",
@@ -288,7 +292,9 @@ def run_real(args) -> int:
         print(f"bench-gradcam: cannot run: {missing}. No result written.", file=sys.stderr)
         return 2
     from melanoma.manifest import load_split
-    from training.model import backbone_name, last_conv_layer_name
+    from training.ensemble import ensemble_backbones, gradcam_layer_names
+    from training.evaluation import decision_scores
+    from training.model import backbone_name
     from training.predict import load_model, predict_probabilities
 
     model = load_model(inputs["model_uri"])
@@ -299,7 +305,8 @@ def run_real(args) -> int:
     predictions = inputs["predictions"]
     predictions_source = "eval/predictions.csv"
     if predictions is None or any(r["image_id"] not in predictions for r in test.records):
-        predictions = dict(zip((r["image_id"] for r in test.records), predict_probabilities(model, test.images)))
+        predictions = decision_scores([r["image_id"] for r in test.records], predict_probabilities(model, test.images),
+                                      [r["lesion_id"] for r in test.records], inputs["payload"].get("pooling", "none"))
         predictions_source = "scored here with the model"
 
     load_before = os.getloadavg()
@@ -314,8 +321,9 @@ def run_real(args) -> int:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "model_uri": _rel(inputs["model_uri"]),
-        "backbone": backbone_name(model),
-        "layer_name": last_conv_layer_name(model),
+        "backbone": (f"ensemble of {len(ensemble_backbones(model))}: " + ", ".join(ensemble_backbones(model))) if ensemble_backbones(model) else backbone_name(model),
+        "layer_name": " + ".join(gradcam_layer_names(model)),
+        "pooling": inputs["payload"].get("pooling", "none"),
         "processed_root": str(_rel(PROCESSED_ROOT)),
         "manifest_version": inputs["manifest"]["version"],
         "n_images": len(test),

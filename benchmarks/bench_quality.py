@@ -27,6 +27,12 @@ eval/) stays under ``benchmarks/work/quality/runs/<name>``.
 
 evaluates the model that ``results/quality.json`` records again (no training), e.g. after
 a change to the evaluation, keeping that file's training figures.
+
+    python benchmarks/bench_quality.py --ensemble-of deeper11,seed1 --name ens2
+
+builds the ensemble of finished runs (:func:`training.ensemble.build_ensemble`, the model
+a run with ``ensemble_size`` exports) under ``runs/ens2`` and evaluates it; each member's
+training figures are read from its own run folder.
 """
 
 from __future__ import annotations
@@ -216,6 +222,105 @@ def reevaluate(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def member_summary(run_root: Path) -> dict:
+    """Training figures of one finished run, from its own files."""
+    config = json.loads((run_root / "model" / "config.json").read_text())
+    history = json.loads((run_root / "model" / "history.json").read_text())
+    state = json.loads((run_root / "model" / "checkpoints" / "state.json").read_text())
+    phases = {}
+    for phase, h in history.items():
+        seconds = h.get("epoch_seconds", [])
+        phases[phase] = {"epochs": len(h.get("val_auroc", [])), "best_val_auroc": max(h.get("val_auroc", [float("nan")])),
+                         "mean_epoch_seconds": round(sum(seconds) / len(seconds), 1) if seconds else None,
+                         "train_seconds": round(sum(seconds), 1)}
+    return {"model_uri": rel(run_root / "model" / "model.keras"), "seed": config["seed"], "fine_tune_blocks": config["fine_tune_blocks"],
+            "target": config["target"], "train_flips": config["train_flips"], "budget_seconds": config.get("max_train_seconds"),
+            "phases": phases, "phase2_stop_reason": state.get("stop_reason")}
+
+
+def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
+    from training.ensemble import save_ensemble
+    from training.tasks import evaluate_run
+
+    names = [n.strip() for n in args.ensemble_of.split(",") if n.strip()]
+    if len(names) < 2 or args.name in names:
+        raise SystemExit("--ensemble-of needs two or more finished runs, and a --name of its own")
+    members = {name: member_summary(WORK / "runs" / name) for name in names}
+    run_root = WORK / "runs" / args.name
+    shutil.rmtree(run_root, ignore_errors=True)
+    started = time.perf_counter()
+    save_ensemble([str(WORK / "runs" / name / "model" / "model.keras") for name in names], str(run_root / "model" / "model.keras"))
+    evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling)
+    metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
+    manifest = processed_manifest()
+    test = metrics["test"]
+    result = {
+        **evaluation_fields(metrics),
+        "ensemble_of": members,
+        "evaluate_seconds": round(time.perf_counter() - started, 1),
+        "model_uri": rel(run_root / "model" / "model.keras"),
+        "metrics_uri": rel(run_root / "eval" / "metrics.json"),
+        "counts": {"train": manifest["counts"]["train"]["0"] + manifest["counts"]["train"]["1"],
+                   "train_augmented": manifest["augmented_counts"]["train"]["1"],
+                   "val": manifest["counts"]["val"]["0"] + manifest["counts"]["val"]["1"],
+                   "test": test["n_images"], "test_melanoma": test["n_melanoma"], "test_lesions": test["n_lesions"]},
+        "machine": machine(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "notes": args.notes,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_ensemble_markdown(result, RESULTS / "quality.md")
+    log(f"ensemble of {names}: test AUROC {result['auroc']:.4f} {result['auroc_ci']}, AUPRC {result['auprc']:.4f} {result['auprc_ci']}; "
+        f"val {result['val']['auroc']:.4f} / {result['val']['auprc']:.4f}")
+    return 0
+
+
+def write_ensemble_markdown(result: dict, path: Path) -> None:
+    r = result
+    fmt = lambda e: f"{e['value']:.3f} (95% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"  # noqa: E731
+    lines = [
+        "## Model quality (HAM10000, ensemble of EfficientNet-Lite0 runs, CPU)",
+        "",
+        f"Command: `{r['command']}` — {r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, no GPU "
+        f"(TensorFlow {r['machine']['tensorflow']}, Keras {r['machine']['keras']}).",
+        "",
+        f"One model averaging the melanoma logits of {len(r['ensemble_of'])} bench-quality runs (the model a run with "
+        f"`ensemble_size={len(r['ensemble_of'])}` exports). Lesion-grouped split: {r['counts']['train']} train images "
+        f"(+{r['counts']['train_augmented']} augmented melanoma copies), {r['counts']['val']} val, {r['counts']['test']} test "
+        f"({r['counts']['test_melanoma']} melanoma). Threshold chosen on validation ({r['threshold_strategy']}). "
+        + ("Scores pooled per lesion (sigmoid of the mean logit of the lesion's images)." if r.get("pooling") == "lesion" else "Each image scored on its own."),
+        "",
+        "| test metric | value |",
+        "|---|---|",
+        f"| AUROC | {fmt(r['auroc_ci'])} |",
+        f"| AUPRC | {fmt(r['auprc_ci'])} |",
+        f"| threshold (chosen on val) | {r['threshold']:.3f} |",
+        f"| sensitivity at it | {fmt(r['sensitivity_ci'])} |",
+        f"| specificity at it | {fmt(r['specificity_ci'])} |",
+        f"| val AUROC / AUPRC (the scores the threshold was chosen on) | {r['val']['auroc']:.3f} / {r['val']['auprc']:.3f} |",
+    ]
+    if r.get("per_image"):
+        per_image = r["per_image"]
+        lines += [
+            f"| per image, unpooled: test AUROC | {fmt(per_image['test']['auroc'])} |",
+            f"| per image, unpooled: test AUPRC | {fmt(per_image['test']['auprc'])} |",
+            f"| per image, unpooled: val AUROC / AUPRC | {per_image['val']['auroc']:.3f} / {per_image['val']['auprc']:.3f} |",
+        ]
+    lines += ["", f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.", "",
+              "| member | seed | blocks | phase 1 epochs (best val AUROC) | phase 2 epochs (best val AUROC) | phase 2 s/epoch | phase 2 stop |",
+              "|---|---|---|---|---|---|---|"]
+    for name, m in r["ensemble_of"].items():
+        p1, p2 = m["phases"].get("phase1", {}), m["phases"].get("phase2", {})
+        lines.append(f"| `{name}` | {m['seed']} | {m['fine_tune_blocks']} | {p1.get('epochs')} ({p1.get('best_val_auroc', float('nan')):.3f}) | "
+                     f"{p2.get('epochs')} ({p2.get('best_val_auroc', float('nan')):.3f}) | {p2.get('mean_epoch_seconds')} | {m.get('phase2_stop_reason')} |")
+    lines.append("")
+    if r.get("notes"):
+        lines += [r["notes"], ""]
+    path.write_text("\n".join(lines))
+
+
 def write_markdown(result: dict, path: Path) -> None:
     r = result
     fmt = lambda e: f"{e['value']:.3f} (95% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"  # noqa: E731
@@ -310,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--pooling", default="lesion", choices=["lesion", "none"], help="decision scores: pooled per lesion or per image")
+    parser.add_argument("--ensemble-of", default="", help="comma-separated finished run names: evaluate their ensemble as --name (no training)")
     parser.add_argument("--reevaluate", action="store_true",
                         help="no training: evaluate again the run that results/quality.json records (it must be --name)")
     parser.add_argument("--reprocess", action="store_true", help="rerun the Spark jobs even if processed data exists")
@@ -321,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bench_quality.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
     if args.reevaluate:
         return reevaluate(args, command)
+    if args.ensemble_of:
+        return ensemble_of_runs(args, command)
     prep = preprocess(args.reprocess)
 
     from melanoma.storage import open_storage

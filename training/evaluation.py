@@ -190,6 +190,16 @@ def _partition(
     return internal, externals
 
 
+def decision_scores(image_ids: Sequence[str], probabilities: Sequence[float], lesion_ids: Sequence[str], pooling: str) -> dict[str, float]:
+    """image_id -> the score the threshold applies to under ``pooling`` (one set's images)."""
+    if pooling not in POOLING:
+        raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
+    scores = np.asarray(probabilities, dtype=np.float64)
+    if pooling == "lesion":
+        scores = m.lesion_pooled_scores(scores, np.asarray(lesion_ids, dtype=object))
+    return dict(zip(image_ids, scores.tolist()))
+
+
 def pool_rows_by_lesion(rows: Sequence[dict], name: str) -> list[dict]:
     """Copies of ``rows`` whose ``probability`` is the lesion-pooled score of
     :func:`training.metrics.lesion_pooled_scores`; the model's own output is kept as

@@ -91,21 +91,17 @@ def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, 
     import csv
     import io
 
-    import numpy as np
-
+    from training.evaluation import decision_scores
     from training.gradcam import run_gradcam
-    from training.metrics import lesion_pooled_scores
 
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of)
     model = load_model(run.uri(MODEL_KEY))
     test = load_split(storage, manifest, ["test"])
     test_rows = [row for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if row["split"] == "test"]
-    scores = np.array([float(row["probability"]) for row in test_rows])
     # The threshold was chosen on the scores evaluate pooled (or not): compare like with like.
-    if threshold_payload.get("pooling", "none") == "lesion":
-        scores = lesion_pooled_scores(scores, [row["lesion_id"] for row in test_rows])
-    predictions = {row["image_id"]: float(score) for row, score in zip(test_rows, scores)}
+    predictions = decision_scores([row["image_id"] for row in test_rows], [float(row["probability"]) for row in test_rows],
+                                  [row["lesion_id"] for row in test_rows], threshold_payload.get("pooling", "none"))
     return run_gradcam(model, test, predictions, threshold_payload, run, "gradcam", layer_name=layer_name, plusplus=plusplus)
 
 
