@@ -42,7 +42,7 @@ def _layer_list(layer_name: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _score_model(model, layer_names: Sequence[str]) -> tuple[Any, Callable]:
+def _score_model(model, layer_names: str | Sequence[str]) -> tuple[Any, Callable]:
     """A model giving (feature maps (N,h,w,C) per layer..., head input) and the function head input -> logit (N,).
 
     We differentiate the sigmoid's pre-activation logit, not the probability: d sigmoid(z)/dz =
@@ -52,6 +52,7 @@ def _score_model(model, layer_names: Sequence[str]) -> tuple[Any, Callable]:
     """
     import keras
 
+    layer_names = _layer_list(layer_names)
     conv_outputs = [model.get_layer(name).output for name in layer_names]
     if len({tuple(output.shape[1:3]) for output in conv_outputs}) != 1:
         raise ValueError(f"layers {list(layer_names)} give maps of different sizes: {[tuple(o.shape[1:3]) for o in conv_outputs]}")
