@@ -129,7 +129,7 @@ def real_inputs() -> dict:
                        "chosen_on": _find_key(quality, "chosen_on")}
         source = str(_rel(QUALITY_JSON))
         if payload is not None:
-            payload["pooling"] = quality.get("pooling", "none") if isinstance(quality, dict) else "none"
+            payload["pooling"] = quality.get("pooling", "none")
     if payload is None or payload.get("threshold") is None:
         raise MissingInput("no validation threshold in the run's eval/metrics.json nor in quality.json")
     if payload.get("chosen_on") not in (None, "val"):

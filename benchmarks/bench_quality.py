@@ -260,10 +260,7 @@ def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
         "evaluate_seconds": round(time.perf_counter() - started, 1),
         "model_uri": rel(run_root / "model" / "model.keras"),
         "metrics_uri": rel(run_root / "eval" / "metrics.json"),
-        "counts": {"train": manifest["counts"]["train"]["0"] + manifest["counts"]["train"]["1"],
-                   "train_augmented": manifest["augmented_counts"]["train"]["1"],
-                   "val": manifest["counts"]["val"]["0"] + manifest["counts"]["val"]["1"],
-                   "test": test["n_images"], "test_melanoma": test["n_melanoma"], "test_lesions": test["n_lesions"]},
+        "counts": split_counts(manifest, test),
         "machine": machine(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
@@ -277,9 +274,44 @@ def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def split_counts(manifest: dict, test: dict) -> dict:
+    """Image counts of the processed data set, from its manifest and the test block of metrics.json."""
+    return {"train": manifest["counts"]["train"]["0"] + manifest["counts"]["train"]["1"],
+            "train_augmented": manifest["augmented_counts"]["train"]["1"],
+            "val": manifest["counts"]["val"]["0"] + manifest["counts"]["val"]["1"],
+            "test": test["n_images"], "test_melanoma": test["n_melanoma"], "test_lesions": test["n_lesions"]}
+
+
+def _estimate_text(e: dict) -> str:
+    return f"{e['value']:.3f} (95% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"
+
+
+def test_metric_rows(r: dict, extra: list[str] = ()) -> list[str]:
+    """The markdown table of test metrics (with the unpooled figures when scores were pooled)."""
+    fmt = _estimate_text
+    rows = [
+        "| test metric | value |",
+        "|---|---|",
+        f"| AUROC | {fmt(r['auroc_ci'])} |",
+        f"| AUPRC | {fmt(r['auprc_ci'])} |",
+        f"| threshold (chosen on val) | {r['threshold']:.3f} |",
+        f"| sensitivity at it | {fmt(r['sensitivity_ci'])} |",
+        f"| specificity at it | {fmt(r['specificity_ci'])} |",
+        f"| val AUROC / AUPRC (the scores the threshold was chosen on) | {r['val']['auroc']:.3f} / {r['val']['auprc']:.3f} |",
+        *extra,
+    ]
+    if r.get("per_image"):
+        per_image = r["per_image"]
+        rows += [
+            f"| per image, unpooled: test AUROC | {fmt(per_image['test']['auroc'])} |",
+            f"| per image, unpooled: test AUPRC | {fmt(per_image['test']['auprc'])} |",
+            f"| per image, unpooled: val AUROC / AUPRC | {per_image['val']['auroc']:.3f} / {per_image['val']['auprc']:.3f} |",
+        ]
+    return rows
+
+
 def write_ensemble_markdown(result: dict, path: Path) -> None:
     r = result
-    fmt = lambda e: f"{e['value']:.3f} (95% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"  # noqa: E731
     lines = [
         "## Model quality (HAM10000, ensemble of EfficientNet-Lite0 runs, CPU)",
         "",
@@ -292,22 +324,8 @@ def write_ensemble_markdown(result: dict, path: Path) -> None:
         f"({r['counts']['test_melanoma']} melanoma). Threshold chosen on validation ({r['threshold_strategy']}). "
         + ("Scores pooled per lesion (sigmoid of the mean logit of the lesion's images)." if r.get("pooling") == "lesion" else "Each image scored on its own."),
         "",
-        "| test metric | value |",
-        "|---|---|",
-        f"| AUROC | {fmt(r['auroc_ci'])} |",
-        f"| AUPRC | {fmt(r['auprc_ci'])} |",
-        f"| threshold (chosen on val) | {r['threshold']:.3f} |",
-        f"| sensitivity at it | {fmt(r['sensitivity_ci'])} |",
-        f"| specificity at it | {fmt(r['specificity_ci'])} |",
-        f"| val AUROC / AUPRC (the scores the threshold was chosen on) | {r['val']['auroc']:.3f} / {r['val']['auprc']:.3f} |",
+        *test_metric_rows(r),
     ]
-    if r.get("per_image"):
-        per_image = r["per_image"]
-        lines += [
-            f"| per image, unpooled: test AUROC | {fmt(per_image['test']['auroc'])} |",
-            f"| per image, unpooled: test AUPRC | {fmt(per_image['test']['auprc'])} |",
-            f"| per image, unpooled: val AUROC / AUPRC | {per_image['val']['auroc']:.3f} / {per_image['val']['auprc']:.3f} |",
-        ]
     lines += ["", f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.", "",
               "| member | seed | blocks | phase 1 epochs (best val AUROC) | phase 2 epochs (best val AUROC) | phase 2 s/epoch | phase 2 stop |",
               "|---|---|---|---|---|---|---|"]
@@ -323,7 +341,6 @@ def write_ensemble_markdown(result: dict, path: Path) -> None:
 
 def write_markdown(result: dict, path: Path) -> None:
     r = result
-    fmt = lambda e: f"{e['value']:.3f} (95% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"  # noqa: E731
     s = r["settings"]
     epochs = r["epochs"]
     lines = [
@@ -339,23 +356,10 @@ def write_markdown(result: dict, path: Path) -> None:
         + ("Scores pooled per lesion: each image scored by the sigmoid of the mean logit of its lesion's images (the pipeline's default)."
            if r.get("pooling") == "lesion" else "Each image scored on its own."),
         "",
-        "| test metric | value |",
-        "|---|---|",
-        f"| AUROC | {fmt(r['auroc_ci'])} |",
-        f"| AUPRC | {fmt(r['auprc_ci'])} |",
-        f"| threshold (chosen on val) | {r['threshold']:.3f} |",
-        f"| sensitivity at it | {fmt(r['sensitivity_ci'])} |",
-        f"| specificity at it | {fmt(r['specificity_ci'])} |",
-        f"| val AUROC / AUPRC (the scores the threshold was chosen on) | {r['val']['auroc']:.3f} / {r['val']['auprc']:.3f} |",
-        f"| best val AUROC in training, per image (phase 1 / 2) | {r['best_val_auroc'].get('phase1', float('nan')):.3f} / {r['best_val_auroc'].get('phase2', float('nan')):.3f} |",
+        *test_metric_rows(r, extra=[
+            f"| best val AUROC in training, per image (phase 1 / 2) | {r['best_val_auroc'].get('phase1', float('nan')):.3f} / "
+            f"{r['best_val_auroc'].get('phase2', float('nan')):.3f} |"]),
     ]
-    if r.get("per_image"):
-        per_image = r["per_image"]
-        lines += [
-            f"| per image, unpooled: test AUROC | {fmt(per_image['test']['auroc'])} |",
-            f"| per image, unpooled: test AUPRC | {fmt(per_image['test']['auprc'])} |",
-            f"| per image, unpooled: val AUROC / AUPRC | {per_image['val']['auroc']:.3f} / {per_image['val']['auprc']:.3f} |",
-        ]
     lines += [
         "",
         f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.",
@@ -493,10 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                    "stop_reason": trained.get("stop_reason")},
         "epoch_seconds": {"phase1": round(p1[2], 2), "phase2": round(p2[2], 1)},
         "settings": {k: v for k, v in json.loads(run.read_bytes("model/config.json")).items() if k not in ("processed_root", "run_root", "extra")},
-        "counts": {"train": manifest["counts"]["train"]["0"] + manifest["counts"]["train"]["1"],
-                   "train_augmented": manifest["augmented_counts"]["train"]["1"],
-                   "val": manifest["counts"]["val"]["0"] + manifest["counts"]["val"]["1"],
-                   "test": test["n_images"], "test_melanoma": test["n_melanoma"], "test_lesions": test["n_lesions"]},
+        "counts": split_counts(manifest, test),
         "preprocess": prep,
         "speedup": sp,
         "machine": machine(),

@@ -351,7 +351,7 @@ def evaluate_predictions(
     if pooling == "lesion":
         common = {"n_boot": n_boot, "seed": seed}
         scores_block["per_image"] = {
-            "val": {key: _ranking(val_rows, "val")[key] for key in ("auroc", "auprc")},
+            "val": {key: value for key, value in _ranking(val_rows, "val").items() if key in ("auroc", "auprc")},
             "test": {key: _estimate(*value) for key, value in _ranking_with_ci(test_rows, "test", **common).items()},
         }
         internal = {split: pool_rows_by_lesion(split_rows, split) for split, split_rows in internal.items()}
