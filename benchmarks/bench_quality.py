@@ -391,6 +391,10 @@ def write_markdown(result: dict, path: Path) -> None:
             f"to cache. Largest val AUROC difference between the two runs: {sp['max_val_auroc_difference']:.5f}.",
             "",
         ]
+    if r.get("continued_from"):
+        c = r["continued_from"]
+        lines += [f"Continued from run `{c['run']}`, whose phase {c['phase']} had stopped after {c['epochs_before']} epochs "
+                  f"({c['stop_reason_before']}): the epochs above include those, while the training time is this call's only.", ""]
     if r.get("reevaluated"):
         lines += [f"Evaluation rerun on this model with `{r['reevaluated']['command']}` ({r['reevaluated']['date']}); "
                   "the training figures are from the original run.", ""]
@@ -420,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--pooling", default="lesion", choices=["lesion", "none"], help="decision scores: pooled per lesion or per image")
     parser.add_argument("--ensemble-of", default="", help="comma-separated finished run names: evaluate their ensemble as --name (no training)")
+    parser.add_argument("--continue-from", default="",
+                        help="a finished run stopped by its time budget: copy it to --name and train on from its last epoch "
+                             "with its own settings under --budget-minutes (the source run stays as recorded)")
     parser.add_argument("--reevaluate", action="store_true",
                         help="no training: evaluate again the run that results/quality.json records (it must be --name)")
     parser.add_argument("--reprocess", action="store_true", help="rerun the Spark jobs even if processed data exists")
@@ -439,19 +446,36 @@ def main(argv: list[str] | None = None) -> int:
     from training.tasks import evaluate_run
     from training.train import CpuTurns, TrainConfig, run_training
 
-    sp = speedup(args.speedup_images, args.fine_tune_blocks, args.target) if args.speedup_images > 0 else None
-
     run_root = WORK / "runs" / args.name
-    shutil.rmtree(run_root, ignore_errors=True)
+    continued = None
+    if args.continue_from:
+        source = WORK / "runs" / args.continue_from
+        source_state = source / "model" / "checkpoints" / "state.json"
+        if not source_state.exists() or not (source / "model" / "config.json").exists():
+            raise SystemExit(f"--continue-from {args.continue_from}: {rel(source)} holds no finished run")
+        if not run_root.exists():  # else an interrupted continuation resumes where it stopped
+            shutil.copytree(source, run_root)
+        before = json.loads(source_state.read_text())
+        continued = {"run": args.continue_from, "phase": before["phase"], "epochs_before": before["epoch"] + 1,
+                     "stop_reason_before": before.get("stop_reason")}
+        sp = None
+    else:
+        sp = speedup(args.speedup_images, args.fine_tune_blocks, args.target) if args.speedup_images > 0 else None
+        shutil.rmtree(run_root, ignore_errors=True)
     budget_s = args.budget_minutes * 60
     train_budget = budget_s - (time.perf_counter() - started - CpuTurns.waited) - EVAL_RESERVE_S
-    cfg = TrainConfig(
-        str(PROCESSED), str(run_root), backbone="efficientnet_lite0", weights="imagenet", target=args.target,
-        epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
-        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
-        class_weight=args.class_weight, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
-        train_flips=args.train_flips, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget, seed=args.seed,
-    )
+    if continued:
+        settings = json.loads((WORK / "runs" / args.continue_from / "model" / "config.json").read_text())
+        cfg = TrainConfig.from_dict({**settings, "processed_root": str(PROCESSED), "run_root": str(run_root),
+                                     "max_train_seconds": train_budget, "continue_after_budget": True})
+    else:
+        cfg = TrainConfig(
+            str(PROCESSED), str(run_root), backbone="efficientnet_lite0", weights="imagenet", target=args.target,
+            epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
+            learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
+            class_weight=args.class_weight, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
+            train_flips=args.train_flips, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget, seed=args.seed,
+        )
     log(f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)")
     trained = run_training(cfg)
     log(f"trained: {json.dumps(trained['best_val_auroc'])} best val AUROC, epochs {trained['epochs_run']}, {trained['train_seconds']:.0f} s")
@@ -500,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "counts": split_counts(manifest, test),
         "preprocess": prep,
         "speedup": sp,
+        "continued_from": continued,
         "machine": machine(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,

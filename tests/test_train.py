@@ -280,6 +280,28 @@ def test_killed_training_resumes_from_the_next_epoch(processed_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_root, tmp_path, capsys):
+    run_root = str(tmp_path / "run")
+    # A budget this small lets each phase run its first epoch (no epoch time known yet), then stops it.
+    config = dict(epochs=3, fine_tune_epochs=3, fine_tune_blocks=1, limit_train=120, target="dx")
+    first = run_training(TrainConfig(processed_root, run_root, max_train_seconds=1e-3, **config))
+    assert first["epochs_run"] == {"phase1": 1, "phase2": 1}
+    assert first["stop_reason"]["phase2"].startswith("time budget")
+    stopped = read_state(open_storage(run_root))
+
+    again = run_training(TrainConfig(processed_root, run_root, **config))  # a finished run is left as it is
+    assert again["epochs_run"] == first["epochs_run"]
+    capsys.readouterr()
+    longer = run_training(TrainConfig(processed_root, run_root, continue_after_budget=True, **config))
+    out = capsys.readouterr().out
+    assert "continuing it" in out and "resuming phase 2 at epoch 2" in out and "phase 2 epoch 1/3" not in out
+    assert longer["epochs_run"] == {"phase1": 1, "phase2": 3}
+    history = json.loads(open_storage(run_root).read_bytes("model/history.json"))
+    assert history["phase2"]["val_auroc"][:1] == stopped["history"]["val_auroc"]  # the first epoch kept, not retrained
+    assert read_state(open_storage(run_root))["stop_reason"] == "epochs done"
+
+
+@pytest.mark.slow
 def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, capsys):
     """Run root in S3 (moto): checkpoints each epoch, artifacts, and a rerun that reuses them."""
     run_root = f"s3://{s3_bucket}/runs/r1"

@@ -86,6 +86,10 @@ class TrainConfig:
     # Wall-clock budget of the whole run_training call: no new epoch starts when the mean epoch
     # so far would not fit in what is left (None: no limit). The state records the stop.
     max_train_seconds: float | None = None
+    # Resume a run whose last phase stopped on its time budget (done, yet not converged):
+    # it goes on from that phase's last epoch, with its optimizer state and early-stopping
+    # counters, under this call's budget. Without it a finished run is left as it is.
+    continue_after_budget: bool = False
     limit_train: int | None = None
     limit_val: int | None = None
     as_of: str | None = None
@@ -552,6 +556,10 @@ def run_training(cfg: TrainConfig) -> dict:
     # Seconds spent waiting for the CPU lock do not count against the budget (see CpuTurns).
     deadline = started + cfg.max_train_seconds + waited_before if cfg.max_train_seconds else None
     state = read_state(run)
+    if cfg.continue_after_budget and state and state["done"] and str(state.get("stop_reason") or "").startswith("time budget"):
+        print(f"train: phase {state['phase']} stopped on its time budget after epoch {state['epoch'] + 1} "
+              f"({state['stop_reason']}); continuing it", flush=True)
+        state = {**state, "done": False}
     phase1_done = bool(state) and (state["phase"] == 2 or state["done"])
     cache_started, waited_before_cache = time.perf_counter(), CpuTurns.waited
     phase2_done = bool(state) and state["phase"] == 2 and state["done"]
