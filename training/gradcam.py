@@ -105,7 +105,10 @@ def _normalise(cams: np.ndarray) -> np.ndarray:
     return np.where(peaks > 0, cams / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
 
 
-def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool) -> Callable:
+COMBINE_LAYERS = ("each", "joint")
+
+
+def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool, combine_layers: str = "joint") -> Callable:
     """One compiled graph: a fixed-shape batch of images -> its un-normalised maps (N,h,w) float64.
 
     Built once per :func:`gradcam_heatmaps` call and traced once (the batch shape is fixed;
@@ -113,8 +116,10 @@ def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plus
     score's gradient at ``layer_name`` (the backward pass stops there: only the head lies
     between the maps and the score), the channel weights and the weighted sum, with no
     per-image Python work. The weight arithmetic runs in float64 like :func:`_channel_weights`.
-    Several layers (an ensemble's members) are taken as one: their maps are concatenated
-    along the channels.
+    Several layers (an ensemble's members): ``each`` keeps the positive part of every layer's
+    weighted sum and adds them (for an averaged logit, the mean of the members' own Grad-CAM
+    maps); ``joint`` concatenates the maps along the channels and keeps the positive part of
+    the total, so one member's counter-evidence can cancel another's evidence.
     """
     import tensorflow as tf
 
@@ -127,8 +132,13 @@ def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plus
             scores = to_score(head_input)
         # Gradient of the summed scores: in inference mode an image's score depends only on
         # its own feature maps, so this is each image's own gradient, in one backward pass.
-        grads = tf.concat([tf.cast(g, tf.float64) for g in tape.gradient(scores, maps)], axis=-1)
-        maps = tf.concat([tf.cast(m, tf.float64) for m in maps], axis=-1)
+        grads = [tf.cast(g, tf.float64) for g in tape.gradient(scores, maps)]
+        maps = [tf.cast(m, tf.float64) for m in maps]
+        if combine_layers == "joint":
+            grads, maps = [tf.concat(grads, axis=-1)], [tf.concat(maps, axis=-1)]
+        return tf.add_n([weighted_sum(m, g) for m, g in zip(maps, grads)])
+
+    def weighted_sum(maps, grads):
         if plusplus:
             g2 = tf.square(grads)
             g3 = g2 * grads
@@ -143,14 +153,17 @@ def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plus
 
 
 def gradcam_heatmaps(
-    model, images: np.ndarray, layer_name: str | Sequence[str], *, batch_size: int = 32, plusplus: bool = False
+    model, images: np.ndarray, layer_name: str | Sequence[str], *, batch_size: int = 32, plusplus: bool = False,
+    combine_layers: str = "joint",
 ) -> np.ndarray:
     """Grad-CAM (or Grad-CAM++) maps of the melanoma score for a batch of images.
 
     model: functional Keras model, images (N,H,W,3) -> one score per image (N,1).
     images: (N,H,W,3) uint8 or float, as the model takes them (it preprocesses internally).
     layer_name: the convolutional layer whose maps are weighted (usually the last one), or
-    several with maps of one size (an ensemble's members), weighted as one concatenated map.
+    several with maps of one size (an ensemble's members).
+    combine_layers: with several layers, ``each`` (the sum of each layer's own map) or
+    ``joint`` (one map of their concatenated channels); see :func:`_cam_step`.
     batch_size: images per graph call (fewer when there are fewer images); the last batch is
     padded to it, so the graph is traced once.
     Returns float32 (N,h,w) in [0,1] at that layer's resolution; use :func:`upsample_heatmap`
@@ -159,6 +172,8 @@ def gradcam_heatmaps(
     import tensorflow as tf
 
     layer_names = _layer_list(layer_name)
+    if combine_layers not in COMBINE_LAYERS:
+        raise ValueError(f"combine_layers must be one of {COMBINE_LAYERS}, got {combine_layers!r}")
     images = np.asarray(images)
     if len(images) == 0:
         _, h, w, _ = model.get_layer(layer_names[0]).output.shape
@@ -166,7 +181,7 @@ def gradcam_heatmaps(
     if images.dtype != np.uint8:
         images = images.astype(np.float32, copy=False)
     batch = min(int(batch_size), len(images))
-    step = _cam_step(model, layer_names, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus)
+    step = _cam_step(model, layer_names, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus, combine_layers)
     heatmaps = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]

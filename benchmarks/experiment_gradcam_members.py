@@ -1,0 +1,107 @@
+"""Experiment: how an ensemble's Grad-CAM combines its members' maps, chosen on the validation split.
+
+An ensemble averages its members' melanoma logits, so the gradient reaching member m's last
+conv maps is 1/M of that member's own gradient. Two ways to turn that into one heatmap
+(``training.gradcam.gradcam_heatmaps(combine_layers=...)``):
+
+- ``joint``: the members' maps as one concatenated map, positive part of the total (one
+  member's counter-evidence can cancel another's evidence);
+- ``each``: the positive part of each member's weighted sum, added up: the mean of the
+  members' own Grad-CAM maps.
+
+Both are scored for lesion focus (share of the map's energy on the segmented lesion, pointing
+game) on every validation image with a mask, grouped as ``bench-gradcam`` groups the test
+split, at the run's validation threshold on the scores evaluate used. The test split is not
+read. Writes ``benchmarks/results/experiment_gradcam_members-<run>.json``.
+
+    python benchmarks/experiment_gradcam_members.py --run ens3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORK = ROOT / "benchmarks" / "work" / "quality"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def focus_rows(model, shard, scores: dict[str, float], threshold: float, layers: list[str], combine: str) -> tuple[list[dict], float]:
+    """One row per image (label, outcome, lesion focus) and the seconds the heatmaps took."""
+    from training.gradcam import gradcam_heatmaps, lesion_focus, outcome, upsample_heatmap
+
+    started = time.perf_counter()
+    heatmaps = gradcam_heatmaps(model, shard.images, layers, combine_layers=combine)
+    seconds = time.perf_counter() - started
+    rows = []
+    for record, heatmap, mask in zip(shard.records, heatmaps, shard.masks):
+        row = {"label": record["label"], "outcome": outcome(record["label"], scores[record["image_id"]], threshold),
+               "has_mask": bool(record.get("has_mask")) and bool(mask.any())}
+        focus = lesion_focus(upsample_heatmap(heatmap, shard.images.shape[1:3]), mask) if row["has_mask"] else {}
+        row.update({key: focus.get(key) for key in ("energy_inside", "pointing_hit", "lesion_area_share")})
+        rows.append(row)
+    return rows, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="ens3", help="an ensemble run under benchmarks/work/quality/runs with eval/ done")
+    args = parser.parse_args(argv)
+
+    from melanoma.manifest import latest_manifest, load_split
+    from melanoma.storage import open_storage
+    from training.ensemble import gradcam_layer_names
+    from training.evaluation import decision_scores, xcom_payload
+    from training.gradcam import COMBINE_LAYERS, summarise_focus
+    from training.predict import load_model
+
+    run = open_storage(str(WORK / "runs" / args.run))
+    model = load_model(run.uri("model/model.keras"))
+    layers = gradcam_layer_names(model)
+    if len(layers) < 2:
+        raise SystemExit(f"run {args.run} is not an ensemble (one Grad-CAM layer: {layers})")
+    payload = xcom_payload(json.loads(run.read_bytes("eval/metrics.json")), run.uri("eval/metrics.json"))
+    rows = [r for r in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if r["split"] == "val"]
+    scores = decision_scores([r["image_id"] for r in rows], [float(r["probability"]) for r in rows],
+                             [r["lesion_id"] for r in rows], payload.get("pooling", "none"))
+    processed = open_storage(str(WORK / "data"))
+    val = load_split(processed, latest_manifest(processed), ["val"])
+
+    results = {}
+    for combine in COMBINE_LAYERS:
+        focus, seconds = focus_rows(model, val, scores, float(payload["threshold"]), layers, combine)
+        summary = summarise_focus(focus)
+        results[combine] = {"heatmaps_per_s": round(len(val) / seconds, 2), "focus": summary}
+        tp, mel = summary["by_outcome"]["TP"], summary["by_class"]["melanoma"]
+        print(f"{combine}: all {summary['overall']['energy_inside_mean']:.3f} energy / {summary['overall']['pointing_hit_rate']:.3f} pointing; "
+              f"melanoma {mel['energy_inside_mean']:.3f} / {mel['pointing_hit_rate']:.3f}; TP {tp['energy_inside_mean']:.3f} / "
+              f"{tp['pointing_hit_rate']:.3f} (lesion area {tp['lesion_area_share_mean']:.3f}); {len(val) / seconds:.1f} maps/s", flush=True)
+    doc = {
+        "command": "python benchmarks/experiment_gradcam_members.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run": args.run,
+        "layers": layers,
+        "split": "val",
+        "n_images": len(val),
+        "threshold": payload["threshold"],
+        "pooling": payload.get("pooling", "none"),
+        "results": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"experiment_gradcam_members-{args.run}.json"
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
