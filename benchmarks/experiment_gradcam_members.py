@@ -9,7 +9,7 @@ conv maps is 1/M of that member's own gradient. Two ways to turn that into one h
 - ``each``: the positive part of each member's weighted sum, added up: the mean of the
   members' own Grad-CAM maps.
 
-Both are scored for lesion focus (share of the map's energy on the segmented lesion, pointing
+Both (and each member's own map) are scored for lesion focus (share of the map's energy on the segmented lesion, pointing
 game) on every validation image with a mask, grouped as ``bench-gradcam`` groups the test
 split, at the run's validation threshold on the scores evaluate used. The test split is not
 read. Writes ``benchmarks/results/experiment_gradcam_members-<run>.json``.
@@ -76,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     processed = open_storage(str(WORK / "data"))
     val = load_split(processed, latest_manifest(processed), ["val"])
 
+    # Each member's own map too (one layer: the gradient of the averaged logit there is 1/M of
+    # the member's own, which the scaling to peak 1 removes), to see where the focus is lost.
+    variants = {combine: (layers, combine) for combine in COMBINE_LAYERS}
+    variants.update({f"member {layer}": ([layer], "each") for layer in layers})
     results = {}
-    for combine in COMBINE_LAYERS:
-        focus, seconds = focus_rows(model, val, scores, float(payload["threshold"]), layers, combine)
+    for name, (chosen, combine) in variants.items():
+        focus, seconds = focus_rows(model, val, scores, float(payload["threshold"]), chosen, combine)
         summary = summarise_focus(focus)
-        results[combine] = {"heatmaps_per_s": round(len(val) / seconds, 2), "focus": summary}
+        results[name] = {"heatmaps_per_s": round(len(val) / seconds, 2), "focus": summary}
         tp, mel = summary["by_outcome"]["TP"], summary["by_class"]["melanoma"]
-        print(f"{combine}: all {summary['overall']['energy_inside_mean']:.3f} energy / {summary['overall']['pointing_hit_rate']:.3f} pointing; "
+        print(f"{name}: all {summary['overall']['energy_inside_mean']:.3f} energy / {summary['overall']['pointing_hit_rate']:.3f} pointing; "
               f"melanoma {mel['energy_inside_mean']:.3f} / {mel['pointing_hit_rate']:.3f}; TP {tp['energy_inside_mean']:.3f} / "
               f"{tp['pointing_hit_rate']:.3f} (lesion area {tp['lesion_area_share_mean']:.3f}); {len(val) / seconds:.1f} maps/s", flush=True)
     doc = {

@@ -52,8 +52,8 @@ def test_ensemble_probability_is_the_sigmoid_of_the_mean_member_logit(members, i
 
 
 def test_ensemble_of_one_model_twice_explains_like_the_model(members, images):
-    # Two copies: the same probability, and Grad-CAM on the concatenated maps (each copy's
-    # gradient halved, the maps doubled) is the single model's map.
+    # Two copies: the same probability, and the same Grad-CAM map (each copy's gradient
+    # halved, two copies added: the scaling to peak 1 leaves the single model's map).
     member = members[0]
     twice = build_ensemble([member, member])
     np.testing.assert_allclose(twice.predict(images, verbose=0), member.predict(images, verbose=0), rtol=1e-4, atol=1e-6)

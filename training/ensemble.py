@@ -7,10 +7,11 @@
 The result is a model like any other (images (N,224,224,3) in, (N,1) probability out), so
 evaluate, predict and the DAG's tasks use it unchanged. Averaging logits, not
 probabilities, is the same rule as lesion pooling (:func:`training.metrics.lesion_pooled_scores`).
-Grad-CAM explains the averaged logit at the members' last conv layers taken together
-(:func:`gradcam_layer_names`): their maps share one resolution, so the heatmap is Grad-CAM
-on the channel concatenation of those maps, i.e. the sum of the members' weighted maps
-before the ReLU.
+Grad-CAM explains the averaged logit at every member's last conv layer
+(:func:`gradcam_layer_names`): the gradient reaching member m is 1/M of its own, so the
+default heatmap (``combine_layers="each"``) is the mean of the members' own Grad-CAM maps;
+``"joint"`` sums the weighted maps before the ReLU instead (see BENCHMARKS.md for why
+``each`` was chosen).
 """
 
 from __future__ import annotations

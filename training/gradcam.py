@@ -108,7 +108,7 @@ def _normalise(cams: np.ndarray) -> np.ndarray:
 COMBINE_LAYERS = ("each", "joint")
 
 
-def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool, combine_layers: str = "joint") -> Callable:
+def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool, combine_layers: str = "each") -> Callable:
     """One compiled graph: a fixed-shape batch of images -> its un-normalised maps (N,h,w) float64.
 
     Built once per :func:`gradcam_heatmaps` call and traced once (the batch shape is fixed;
@@ -154,7 +154,7 @@ def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plus
 
 def gradcam_heatmaps(
     model, images: np.ndarray, layer_name: str | Sequence[str], *, batch_size: int = 32, plusplus: bool = False,
-    combine_layers: str = "joint",
+    combine_layers: str = "each",
 ) -> np.ndarray:
     """Grad-CAM (or Grad-CAM++) maps of the melanoma score for a batch of images.
 
