@@ -329,6 +329,7 @@ def test_run_gradcam_end_to_end(tmp_path):
     summary = json.loads(storage.read_bytes("runs/r1/gradcam/gradcam_summary.json"))
     assert summary["threshold"] == 0.5 and summary["strategy"] == "youden" and summary["chosen_on"] == "val"
     assert summary["heatmaps_per_s"] > 0 and summary["heatmap_shape"] == [16, 16]
+    assert summary["combine_layers"] is None  # one layer: nothing to combine
     assert summary["focus"]["n_without_mask"] == 2 and summary["focus"]["n_empty_heatmap"] == 1
     assert summary["focus"]["by_outcome"]["TP"]["pointing_hit_rate"] == 1.0
 

@@ -286,3 +286,13 @@ def test_report_says_which_scores_it_measured():
     assert "lesion-pooled probability" in document and "mean logit of the lesion" in document
     assert f"test AUROC {per_image['value']:.3f}" in document
     assert per_image["value"] != pooled["test"]["auroc"]["value"]
+
+
+def test_report_says_how_an_ensembles_maps_were_combined():
+    metrics = metrics_doc()
+    payload = payload_of(metrics)
+    single = render_report(metrics, payload, gradcam_summary(payload["threshold"], []), [], {})
+    assert "members" not in single
+    summary = dict(gradcam_summary(payload["threshold"], []), layer_name="m0_top_conv + m1_top_conv", combine_layers="each")
+    ensemble = render_report(metrics, payload, summary, [], {})
+    assert "<code>m0_top_conv + m1_top_conv</code> (an ensemble: the mean of its members' own maps)" in ensemble

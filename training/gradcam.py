@@ -361,6 +361,7 @@ def run_gradcam(
     *,
     layer_name: str | None = None,
     plusplus: bool = False,
+    combine_layers: str = "each",
 ) -> dict:
     """Heatmaps and lesion focus for every image of ``shard`` (the test split); writes the artefacts.
 
@@ -384,7 +385,7 @@ def run_gradcam(
         raise ValueError(f"{len(missing)} images have no prediction, e.g. {missing[:3]}")
 
     started = time.perf_counter()
-    heatmaps = gradcam_heatmaps(model, shard.images, layer_name, plusplus=plusplus)
+    heatmaps = gradcam_heatmaps(model, shard.images, layer_name, plusplus=plusplus, combine_layers=combine_layers)
     elapsed = time.perf_counter() - started
 
     size = shard.images.shape[1:3]
@@ -417,6 +418,7 @@ def run_gradcam(
     summary = {
         "method": "gradcam++" if plusplus else "gradcam",
         "layer_name": " + ".join(_layer_list(layer_name)),
+        "combine_layers": combine_layers if len(_layer_list(layer_name)) > 1 else None,
         "heatmap_shape": list(heatmaps.shape[1:]),
         "threshold": threshold,
         "strategy": threshold_payload.get("strategy"),

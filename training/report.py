@@ -250,8 +250,10 @@ def _gradcam_section(summary: dict | None) -> str:
     speed = summary.get("heatmaps_per_s")
     parts = [
         "<h2>Grad-CAM: where the model looks</h2>",
-        f"<p>{_e(summary.get('method', 'gradcam'))} on layer <code>{_e(summary.get('layer_name'))}</code>, "
-        f"{_num(summary.get('n_images'))} test images"
+        f"<p>{_e(summary.get('method', 'gradcam'))} on layer <code>{_e(summary.get('layer_name'))}</code>"
+        + (" (an ensemble: the mean of its members' own maps)" if summary.get("combine_layers") == "each"
+           else f" (members combined: {_e(summary['combine_layers'])})" if summary.get("combine_layers") else "")
+        + f", {_num(summary.get('n_images'))} test images"
         + (f", {_num(float(speed), 1)} heatmaps/s" if speed else "")
         + ". <em>Energy inside</em> is the share of the heatmap's mass on the segmented lesion; "
         "compare it with the lesion's share of the image (what a uniform map would score). "
