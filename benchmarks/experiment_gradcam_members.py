@@ -1,4 +1,4 @@
-"""Experiment: how an ensemble's Grad-CAM combines its members' maps, chosen on the validation split.
+"""Experiment: how an ensemble's Grad-CAM combines its members' maps, and how each model's maps sit on val lesions.
 
 An ensemble averages its members' melanoma logits, so the gradient reaching member m's last
 conv maps is 1/M of that member's own gradient. Two ways to turn that into one heatmap
@@ -12,9 +12,10 @@ conv maps is 1/M of that member's own gradient. Two ways to turn that into one h
 Both (and each member's own map) are scored for lesion focus (share of the map's energy on the segmented lesion, pointing
 game) on every validation image with a mask, grouped as ``bench-gradcam`` groups the test
 split, at the run's validation threshold on the scores evaluate used. The test split is not
-read. Writes ``benchmarks/results/experiment_gradcam_members-<run>.json``.
+read. A run of one model gets its own map scored the same way. Writes
+``benchmarks/results/experiment_gradcam_members-<run>.json``.
 
-    python benchmarks/experiment_gradcam_members.py --run ens3
+    python benchmarks/experiment_gradcam_members.py --run ens3-long
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def focus_rows(model, shard, scores: dict[str, float], threshold: float, layers:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default="ens3", help="an ensemble run under benchmarks/work/quality/runs with eval/ done")
+    parser.add_argument("--run", default="ens3-long", help="a run under benchmarks/work/quality/runs with eval/ done (an ensemble, or one model)")
     args = parser.parse_args(argv)
 
     from melanoma.manifest import latest_manifest, load_split
@@ -67,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     run = open_storage(str(WORK / "runs" / args.run))
     model = load_model(run.uri("model/model.keras"))
     layers = gradcam_layer_names(model)
-    if len(layers) < 2:
-        raise SystemExit(f"run {args.run} is not an ensemble (one Grad-CAM layer: {layers})")
     payload = xcom_payload(json.loads(run.read_bytes("eval/metrics.json")), run.uri("eval/metrics.json"))
     rows = [r for r in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if r["split"] == "val"]
     scores = decision_scores([r["image_id"] for r in rows], [float(r["probability"]) for r in rows],
@@ -78,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each member's own map too (one layer: the gradient of the averaged logit there is 1/M of
     # the member's own, which the scaling to peak 1 removes), to see where the focus is lost.
-    variants = {combine: (layers, combine) for combine in COMBINE_LAYERS}
-    variants.update({f"member {layer}": ([layer], "each") for layer in layers})
+    if len(layers) > 1:
+        variants = {combine: (layers, combine) for combine in COMBINE_LAYERS}
+        variants.update({f"member {layer}": ([layer], "each") for layer in layers})
+    else:  # one model: its own map only
+        variants = {"model": (layers, "each")}
     results = {}
     for name, (chosen, combine) in variants.items():
         focus, seconds = focus_rows(model, val, scores, float(payload["threshold"]), chosen, combine)
