@@ -456,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         if not run_root.exists():  # else an interrupted continuation resumes where it stopped
             shutil.copytree(source, run_root)
         before = json.loads(source_state.read_text())
+        settings = json.loads((source / "model" / "config.json").read_text())
         continued = {"run": args.continue_from, "phase": before["phase"], "epochs_before": before["epoch"] + 1,
                      "stop_reason_before": before.get("stop_reason")}
         sp = None
@@ -465,7 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     budget_s = args.budget_minutes * 60
     train_budget = budget_s - (time.perf_counter() - started - CpuTurns.waited) - EVAL_RESERVE_S
     if continued:
-        settings = json.loads((WORK / "runs" / args.continue_from / "model" / "config.json").read_text())
         cfg = TrainConfig.from_dict({**settings, "processed_root": str(PROCESSED), "run_root": str(run_root),
                                      "max_train_seconds": train_budget, "continue_after_budget": True})
     else:

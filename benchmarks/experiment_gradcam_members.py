@@ -36,21 +36,14 @@ WORK = ROOT / "benchmarks" / "work" / "quality"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def focus_rows(model, shard, scores: dict[str, float], threshold: float, layers: list[str], combine: str) -> tuple[list[dict], float]:
-    """One row per image (label, outcome, lesion focus) and the seconds the heatmaps took."""
-    from training.gradcam import gradcam_heatmaps, lesion_focus, outcome, upsample_heatmap
+def scored_rows(model, shard, scores: dict[str, float], threshold: float, layers: list[str], combine: str) -> tuple[list[dict], float]:
+    """Per-image focus rows (:func:`training.gradcam.focus_rows`) and the seconds the heatmaps took."""
+    from training.gradcam import focus_rows, gradcam_heatmaps
 
     started = time.perf_counter()
     heatmaps = gradcam_heatmaps(model, shard.images, layers, combine_layers=combine)
     seconds = time.perf_counter() - started
-    rows = []
-    for record, heatmap, mask in zip(shard.records, heatmaps, shard.masks):
-        row = {"label": record["label"], "outcome": outcome(record["label"], scores[record["image_id"]], threshold),
-               "has_mask": bool(record.get("has_mask")) and bool(mask.any())}
-        focus = lesion_focus(upsample_heatmap(heatmap, shard.images.shape[1:3]), mask) if row["has_mask"] else {}
-        row.update({key: focus.get(key) for key in ("energy_inside", "pointing_hit", "lesion_area_share")})
-        rows.append(row)
-    return rows, seconds
+    return focus_rows(shard, heatmaps, scores, threshold), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     run = open_storage(str(WORK / "runs" / args.run))
     model = load_model(run.uri("model/model.keras"))
     layers = gradcam_layer_names(model)
-    payload = xcom_payload(json.loads(run.read_bytes("eval/metrics.json")), run.uri("eval/metrics.json"))
+    metrics = json.loads(run.read_bytes("eval/metrics.json"))
+    if "scores" not in metrics:
+        raise SystemExit(f"run {args.run} was evaluated before metrics.json schema 2 (no 'scores' block): evaluate it again first")
+    payload = xcom_payload(metrics, run.uri("eval/metrics.json"))
     rows = [r for r in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if r["split"] == "val"]
     scores = decision_scores([r["image_id"] for r in rows], [float(r["probability"]) for r in rows],
                              [r["lesion_id"] for r in rows], payload.get("pooling", "none"))
@@ -84,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"model": (layers, "each")}
     results = {}
     for name, (chosen, combine) in variants.items():
-        focus, seconds = focus_rows(model, val, scores, float(payload["threshold"]), chosen, combine)
+        focus, seconds = scored_rows(model, val, scores, float(payload["threshold"]), chosen, combine)
         summary = summarise_focus(focus)
         results[name] = {"heatmaps_per_s": round(len(val) / seconds, 2), "focus": summary}
         tp, mel = summary["by_outcome"]["TP"], summary["by_class"]["melanoma"]

@@ -351,6 +351,25 @@ def _focus_csv(rows: list[dict]) -> bytes:
     return buffer.getvalue().encode()
 
 
+def focus_rows(shard, heatmaps: np.ndarray, predictions: dict[str, float], threshold: float) -> list[dict]:
+    """One row per image of ``shard`` (FOCUS_COLUMNS): its score, outcome and lesion focus.
+
+    heatmaps: (N,h,w) maps of the shard's images, in its order; predictions: image_id -> score.
+    """
+    size = shard.images.shape[1:3]
+    rows = []
+    for record, heatmap, mask in zip(shard.records, heatmaps, shard.masks):
+        probability = float(predictions[record["image_id"]])
+        row = {key: record.get(key) for key in ("image_id", "lesion_id", "dx", "label")}
+        row.update(probability=probability, outcome=outcome(record["label"], probability, threshold))
+        # A record without a mask carries an all-zero one: it is counted, never scored.
+        row["has_mask"] = bool(record.get("has_mask")) and bool(mask.any())
+        focus = lesion_focus(upsample_heatmap(heatmap, size), mask) if row["has_mask"] else {}
+        row.update({key: focus.get(key) for key in ("energy_inside", "pointing_hit", "lesion_area_share")})
+        rows.append(row)
+    return rows
+
+
 def run_gradcam(
     model,
     shard,
@@ -389,16 +408,7 @@ def run_gradcam(
     elapsed = time.perf_counter() - started
 
     size = shard.images.shape[1:3]
-    rows = []
-    for record, heatmap, mask in zip(shard.records, heatmaps, shard.masks):
-        probability = float(predictions[record["image_id"]])
-        row = {key: record.get(key) for key in ("image_id", "lesion_id", "dx", "label")}
-        row.update(probability=probability, outcome=outcome(record["label"], probability, threshold))
-        # A record without a mask carries an all-zero one: it is counted, never scored.
-        row["has_mask"] = bool(record.get("has_mask")) and bool(mask.any())
-        focus = lesion_focus(upsample_heatmap(heatmap, size), mask) if row["has_mask"] else {}
-        row.update({key: focus.get(key) for key in ("energy_inside", "pointing_hit", "lesion_area_share")})
-        rows.append(row)
+    rows = focus_rows(shard, heatmaps, predictions, threshold)
 
     index = {record["image_id"]: i for i, record in enumerate(shard.records)}
     gallery = select_gallery(rows, threshold)

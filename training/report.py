@@ -243,6 +243,15 @@ def _focus_rows(groups: dict) -> list[list[str]]:
 _OUTCOME_ORDER = ("TP", "FP", "FN", "TN")
 
 
+def _combine_text(combine_layers: str | None) -> str:
+    """How an ensemble's member maps became one (nothing for a single model)."""
+    if not combine_layers:
+        return ""
+    if combine_layers == "each":
+        return " (an ensemble: the mean of its members' own maps)"
+    return f" (members combined: {_e(combine_layers)})"
+
+
 def _gradcam_section(summary: dict | None) -> str:
     if not summary:
         return '<h2>Grad-CAM</h2><p class="warning">No Grad-CAM summary for this run.</p>'
@@ -251,8 +260,7 @@ def _gradcam_section(summary: dict | None) -> str:
     parts = [
         "<h2>Grad-CAM: where the model looks</h2>",
         f"<p>{_e(summary.get('method', 'gradcam'))} on layer <code>{_e(summary.get('layer_name'))}</code>"
-        + (" (an ensemble: the mean of its members' own maps)" if summary.get("combine_layers") == "each"
-           else f" (members combined: {_e(summary['combine_layers'])})" if summary.get("combine_layers") else "")
+        + _combine_text(summary.get("combine_layers"))
         + f", {_num(summary.get('n_images'))} test images"
         + (f", {_num(float(speed), 1)} heatmaps/s" if speed else "")
         + ". <em>Energy inside</em> is the share of the heatmap's mass on the segmented lesion; "
