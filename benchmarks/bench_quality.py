@@ -234,7 +234,8 @@ def member_summary(run_root: Path) -> dict:
                          "mean_epoch_seconds": round(sum(seconds) / len(seconds), 1) if seconds else None,
                          "train_seconds": round(sum(seconds), 1)}
     return {"model_uri": rel(run_root / "model" / "model.keras"), "seed": config["seed"], "fine_tune_blocks": config["fine_tune_blocks"],
-            "target": config["target"], "train_flips": config["train_flips"], "budget_seconds": config.get("max_train_seconds"),
+            "target": config["target"], "train_flips": config["train_flips"], "train_augment": config.get("train_augment", False),
+            "budget_seconds": config.get("max_train_seconds"),
             "phases": phases, "phase2_stop_reason": state.get("stop_reason")}
 
 
@@ -367,7 +368,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Training {r['train_seconds'] / 60:.1f} min; the whole benchmark {r['total_seconds_excluding_lock_waits'] / 60:.1f} min"
         f"{' (%.1f min wall clock, the rest waiting while other benchmarks held the CPU lock)' % (r['total_seconds'] / 60) if r['cpu_lock_wait_seconds'] >= 1 else ''}. "
         f"target `{s['target']}`, "
-        + (f"training images in {s['train_flips']} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {s['train_flips']}), "
+        + (f"training images in {s['train_flips']} variants (stored, then {s['train_flips'] - 1} random draws per image of the augment "
+           f"job's flips, rotation, zoom and brightness; epoch e uses variant e mod {s['train_flips']}), "
+           if s['train_flips'] > 1 and s.get('train_augment') else
+           f"training images in {s['train_flips']} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {s['train_flips']}), "
            if s['train_flips'] > 1 else "training images as stored, ")
         + f"phase 1 head on cached pooled features, lr {s['learning_rate']}, {epochs['phase1']} epochs (best {epochs['phase1_best']}); "
         f"phase 2 last {s['fine_tune_blocks']} blocks + head on cached activations ({s['cache_dtype']}), lr {s['fine_tune_learning_rate']}, "
@@ -418,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--lr-decay-patience", type=int, default=2, help="x0.3 learning rate after this many epochs without a better val AUROC")
     parser.add_argument("--train-flips", type=int, default=4, choices=[1, 2, 4], help="flip variants of the training images")
+    parser.add_argument("--train-augment", action="store_true",
+                        help="variants 1.. of every training image are random draws of the augment job's transform, not flips")
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, shuffling, dropout); the split does not depend on it")
     parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
             learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
             class_weight=args.class_weight, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
-            train_flips=args.train_flips, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget, seed=args.seed,
+            train_flips=args.train_flips, train_augment=args.train_augment, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget, seed=args.seed,
         )
     log(f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)")
     trained = run_training(cfg)

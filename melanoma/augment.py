@@ -51,7 +51,12 @@ def augmented_image_id(image_id: str, copy_index: int) -> str:
 
 def sample_params(image_id: str, copy_index: int) -> AugmentParams:
     """The draw for one copy, a pure function of (image_id, copy_index)."""
-    digest = hashlib.sha256(f"{image_id}:{copy_index}".encode()).digest()
+    return draw_params(f"{image_id}:{copy_index}")
+
+
+def draw_params(key: str) -> AugmentParams:
+    """One draw of the transform in :data:`AUGMENT_PARAMS`, a pure function of ``key``."""
+    digest = hashlib.sha256(key.encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
     low_rot, high_rot = AUGMENT_PARAMS["rotation_degrees"]
     return AugmentParams(
@@ -91,9 +96,16 @@ def apply_augment(image: np.ndarray, mask: np.ndarray, params: AugmentParams) ->
     """Warp image uint8 (H, W, 3) and mask uint8 (H, W) alike; brighten the image only."""
     height, width = mask.shape
     matrix = affine_matrix(params, width, height)
-    warped = cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     warped_mask = cv2.warpAffine(mask, matrix, (width, height), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
-    return adjust_brightness(warped, params.brightness), warped_mask
+    return augment_image(image, params), warped_mask
+
+
+def augment_image(image: np.ndarray, params: AugmentParams) -> np.ndarray:
+    """The image part of :func:`apply_augment`: uint8 (H, W, 3) -> warped and brightened, same shape."""
+    height, width = image.shape[:2]
+    warped = cv2.warpAffine(image, affine_matrix(params, width, height), (width, height), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REFLECT_101)
+    return adjust_brightness(warped, params.brightness)
 
 
 def augment_pair(image: np.ndarray, mask: np.ndarray, image_id: str, copy_index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,10 @@ from melanoma.augment import (
     AUGMENT_PARAMS,
     AugmentParams,
     apply_augment,
+    augment_image,
     augment_pair,
     augmented_image_id,
+    draw_params,
     sample_params,
 )
 
@@ -103,3 +105,10 @@ def test_empty_mask_stays_empty(pair):
 def test_bad_shapes_are_refused(image, mask):
     with pytest.raises(ValueError):
         augment_pair(image, mask, "x", 0)
+
+
+def test_augment_image_is_the_image_half_of_apply_augment(pair):
+    image, mask = pair
+    params = sample_params("ISIC_9", 1)
+    assert np.array_equal(augment_image(image, params), apply_augment(image, mask, params)[0])
+    assert draw_params("ISIC_9:1") == params

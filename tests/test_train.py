@@ -27,7 +27,16 @@ from melanoma.manifest import commit_manifest, latest_manifest, require_manifest
 from melanoma.splits import assign_split  # noqa: E402
 from melanoma.storage import open_storage  # noqa: E402
 from training.data import DX_CLASSES, class_weights, load_arrays, target_class_weights  # noqa: E402
-from training.train import TrainConfig, epoch_order, fine_tune_cut, read_state, run_training  # noqa: E402
+from training.train import (  # noqa: E402
+    CHECKPOINTS,
+    TrainConfig,
+    _check_resumable,
+    epoch_order,
+    fine_tune_cut,
+    read_state,
+    run_training,
+    train_variant,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DROP = "ham-small-2026-01-01"
@@ -107,6 +116,34 @@ def test_epoch_order_is_a_function_of_seed_phase_epoch():
     np.testing.assert_array_equal(a, epoch_order(50, 0, 1, 3))
     assert not np.array_equal(a, epoch_order(50, 0, 1, 4))
     assert not np.array_equal(a, epoch_order(50, 0, 2, 3))
+
+
+def test_train_variants_flip_or_draw_the_augment_transform_per_image_and_seed():
+    from melanoma.augment import augment_image, draw_params
+
+    images = np.random.default_rng(1).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    ids = ["ISIC_a", "ISIC_b", "ISIC_c"]
+    np.testing.assert_array_equal(train_variant(images, ids, 1), images[:, :, ::-1])  # no seed: the flips
+    np.testing.assert_array_equal(train_variant(images, ids, 0, augment_seed=7), images)  # variant 0 is as stored
+    drawn = train_variant(images, ids, 2, augment_seed=7)
+    assert drawn.shape == images.shape and drawn.dtype == np.uint8
+    np.testing.assert_array_equal(drawn[1], augment_image(images[1], draw_params("ISIC_b:train-variant:7:2")))
+    np.testing.assert_array_equal(drawn, train_variant(images, ids, 2, augment_seed=7))  # a rerun draws the same
+    assert not np.array_equal(drawn, train_variant(images, ids, 2, augment_seed=8))
+    assert not np.array_equal(drawn, train_variant(images, ids, 3, augment_seed=7))
+    with pytest.raises(ValueError, match="ids"):
+        train_variant(images, ids[:2], 1, augment_seed=7)
+    with pytest.raises(ValueError, match="caches"):
+        TrainConfig("p", "r", train_augment=True, fine_tune_cache=False)
+
+
+def test_resuming_checks_settings_added_since_as_their_defaults(tmp_path):
+    run = open_storage(str(tmp_path / "run"))
+    older = {name: value for name, value in json.loads(json.dumps(TrainConfig("p", "r").__dict__)).items() if name != "train_augment"}
+    run.write_bytes(f"{CHECKPOINTS}/run-config.json", json.dumps(older).encode())
+    _check_resumable(run, TrainConfig("p", "r"))  # the setting did not exist then: it was off
+    with pytest.raises(ValueError, match="train_augment"):
+        _check_resumable(run, TrainConfig("p", "r", train_augment=True))
 
 
 def test_fine_tune_cut_is_the_input_of_the_first_unfrozen_block():
@@ -299,6 +336,21 @@ def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_ro
     history = json.loads(open_storage(run_root).read_bytes("model/history.json"))
     assert history["phase2"]["val_auroc"][:1] == stopped["history"]["val_auroc"]  # the first epoch kept, not retrained
     assert read_state(open_storage(run_root))["stop_reason"] == "epochs done"
+
+
+def test_augmented_training_variants_are_cached_once_per_variant(processed_root, tmp_path):
+    run_root = str(tmp_path / "run")
+    config = TrainConfig(processed_root, run_root, epochs=2, fine_tune_epochs=1, fine_tune_blocks=1, limit_train=60, train_flips=2,
+                         train_augment=True, seed=3)
+    result = run_training(config)
+    assert result["epochs_run"] == {"phase1": 2, "phase2": 1}
+    run = open_storage(run_root)
+    metas = {key: json.loads(run.read_bytes(key)) for key in run.list_keys(CHECKPOINTS) if "/features-train" in key and key.endswith(".json")}
+    drawn = {key: meta for key, meta in metas.items() if "/features-train-aug1-" in key}
+    assert len(drawn) == 2 and all(meta["augment"]["seed"] == 3 and meta["flip_variant"] == 1 for meta in drawn.values())
+    assert not any("-flip" in key for key in metas)
+    stored = [meta for key, meta in metas.items() if "/features-train-" in key and "-aug" not in key]
+    assert len(stored) == 2 and not any("augment" in meta for meta in stored)
 
 
 @pytest.mark.slow

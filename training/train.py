@@ -47,7 +47,7 @@ from training.data import DX_CLASSES, TARGETS, SplitArrays, class_weights, load_
 
 CHECKPOINTS = "model/checkpoints"
 # Settings a resumed run must share with the attempt that wrote the checkpoints.
-_STRUCTURAL = ("backbone", "weights", "target", "train_flips", "fine_tune_blocks", "feature_cache", "fine_tune_cache", "cache_dtype",
+_STRUCTURAL = ("backbone", "weights", "target", "train_flips", "train_augment", "fine_tune_blocks", "feature_cache", "fine_tune_cache", "cache_dtype",
                "limit_train", "limit_val", "as_of", "seed")
 
 
@@ -78,7 +78,14 @@ class TrainConfig:
     target: str = "melanoma"
     # Flipped copies of the training images (1: as stored; 2: + horizontal flip; 4: + vertical
     # and both). Epoch e trains on variant e mod train_flips; cached runs cache every variant.
+    # With train_augment, the number of training variants (see below).
     train_flips: int = 1
+    # Variants 1.. as random draws of the augment job's transform (melanoma.augment: flips,
+    # rotation with reflected borders, zoom, brightness), one per image, variant and seed, in
+    # place of pure flips; variant 0 stays as stored. Every training image then shows moved and
+    # changed borders, not only the augmented melanoma copies (a shortcut otherwise open to the
+    # model: reflected borders mean melanoma). Drawn once into the activation caches.
+    train_augment: bool = False
     seed: int = 0
     # Members of an ensemble (1: one model). Member k is a full run with seed + k under
     # <run_root>/members/seed-<seed + k>/; model/model.keras averages their logits.
@@ -108,6 +115,9 @@ class TrainConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.train_flips not in (1, 2, 4):
             raise ValueError(f"train_flips must be 1, 2 or 4, got {self.train_flips}")
+        if self.train_augment and not (self.feature_cache and self.fine_tune_cache):
+            raise ValueError("train_augment draws each training variant once, into the activation caches: "
+                             "it needs feature_cache and fine_tune_cache on")
         if self.cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if not 1 <= self.ensemble_size <= 10:
@@ -200,7 +210,9 @@ def _check_resumable(run: Storage, cfg: TrainConfig) -> None:
     mine = {name: getattr(cfg, name) for name in _STRUCTURAL}
     if run.exists(key):
         theirs = json.loads(run.read_bytes(key))
-        changed = sorted(name for name in _STRUCTURAL if json.dumps(theirs.get(name), default=str) != json.dumps(mine[name], default=str))
+        # A setting added after those checkpoints were written had its default then.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        changed = sorted(name for name in _STRUCTURAL if json.dumps(theirs.get(name, defaults[name]), default=str) != json.dumps(mine[name], default=str))
         if changed:
             raise ValueError(f"{run.uri(CHECKPOINTS)} holds checkpoints of a run with different {changed}: "
                              "use a new run root (or delete those checkpoints) to train with new settings")
@@ -296,15 +308,16 @@ def _fingerprint(model, layer: str, ids: list[str], dtype: str) -> dict:
 
 
 def cached_activations(run: Storage, split: str, model, tensors: dict[str, object], images: np.ndarray, ids: list[str],
-                       dtypes: dict[str, str], batch_size: int = 64, variant: int = 0) -> dict[str, np.ndarray]:
+                       dtypes: dict[str, str], batch_size: int = 64, variant: int = 0,
+                       augment_seed: int | None = None) -> dict[str, np.ndarray]:
     """Frozen-network outputs (one per name in ``tensors``) for ``images``, computed in ONE pass
     and kept with the run's checkpoints, so a resumed run reuses them.
 
     The backbone before these tensors is frozen and deterministic (no dropout, BatchNorm in
     inference mode), so one forward pass per stored image gives exactly what every epoch
     would compute again. A cache is reused only when its layer, weights, dtype and image ids
-    all match (``features-<split>-<layer>.npy`` + ``.json``). ``variant``: the flip applied to
-    the images first (:func:`flip_variant`).
+    all match (``features-<split>-<layer>.npy`` + ``.json``). ``variant`` and ``augment_seed``:
+    the training variant the images are turned into first (:func:`train_variant`).
     """
     import keras
 
@@ -314,6 +327,8 @@ def cached_activations(run: Storage, split: str, model, tensors: dict[str, objec
         layer = tensor._keras_history.operation.name
         key = f"{CHECKPOINTS}/features-{split}-{layer}"
         meta = dict(_fingerprint(model, layer, ids, dtypes[name]), flip_variant=variant)
+        if augment_seed is not None and variant:
+            meta["augment"] = {"seed": augment_seed, "transform_version": _augment_version()}
         if run.exists(f"{key}.json") and json.loads(run.read_bytes(f"{key}.json")) == meta and run.exists(f"{key}.npy"):
             out[name] = np.load(io.BytesIO(run.read_bytes(f"{key}.npy")), allow_pickle=False)
         else:
@@ -325,7 +340,8 @@ def cached_activations(run: Storage, split: str, model, tensors: dict[str, objec
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for start in range(0, len(images), 1024):  # bounded memory: cast each chunk to its storage dtype
             with CpuTurns.turn():
-                outputs = extractor.predict(flip_variant(images[start : start + 1024], variant), batch_size=batch_size, verbose=0)
+                chunk = train_variant(images[start : start + 1024], ids[start : start + 1024], variant, augment_seed)
+                outputs = extractor.predict(chunk, batch_size=batch_size, verbose=0)
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             for n, value in zip(names, outputs):
                 parts[n].append(np.asarray(value).astype(dtypes[n]))
@@ -397,6 +413,31 @@ def flip_variant(images: np.ndarray, variant: int) -> np.ndarray:
     return np.ascontiguousarray(np.flip(images, FLIP_AXES[variant])) if variant else images
 
 
+def _augment_version() -> int:
+    from melanoma.augment import AUGMENT_PARAMS
+
+    return int(AUGMENT_PARAMS["version"])
+
+
+def train_variant(images: np.ndarray, ids: list[str], variant: int, augment_seed: int | None = None) -> np.ndarray:
+    """Training images uint8 (N, H, W, 3) as epoch variant ``variant`` shows them, same shape.
+
+    ``augment_seed`` None: :func:`flip_variant`. Otherwise variant 0 is the images as stored and
+    variant v >= 1 warps each image by its own draw of the augment job's transform, keyed by
+    (image id, seed, v), so a rerun or a resumed run draws the same images.
+    """
+    if augment_seed is None or variant == 0:
+        return flip_variant(images, variant)
+    from melanoma.augment import augment_image, draw_params
+
+    if len(ids) != len(images):
+        raise ValueError(f"{len(images)} images but {len(ids)} ids")
+    out = np.empty_like(images)
+    for i, image_id in enumerate(ids):
+        out[i] = augment_image(images[i], draw_params(f"{image_id}:train-variant:{augment_seed}:{variant}"))
+    return out
+
+
 def epoch_order(n: int, seed: int, phase: int, epoch: int) -> np.ndarray:
     """The shuffle of one epoch: a function of (seed, phase, epoch) only, so a resumed run
     sees the same batches as an uninterrupted one, and cached and uncached runs the same."""
@@ -446,7 +487,7 @@ def _run_phase(phase: int, model, cfg: TrainConfig, run: Storage, start, train_x
             if isinstance(train_x, (list, np.ndarray)):
                 variant = epoch % cfg.train_flips
                 order = epoch_order(len(train_y), cfg.seed, phase, epoch)
-                if isinstance(train_x, list):  # cached outputs, one array per flip variant
+                if isinstance(train_x, list):  # cached outputs, one array per training variant
                     epoch_x = train_x[variant][order]
                 else:  # images: flipped here, exactly as the cached variants were
                     epoch_x = flip_variant(train_x[order], variant)
@@ -471,7 +512,7 @@ def train_phase1(model, cfg: TrainConfig, run: Storage, train: SplitArrays, val:
     freeze_backbone(model)
     if cfg.feature_cache:
         start = model.get_layer("head_pool").output
-        train_x, val_x = cache["train"]["pooled"], cache["val"]["pooled"]  # train: one array per flip variant
+        train_x, val_x = cache["train"]["pooled"], cache["val"]["pooled"]  # train: one array per training variant
     else:
         start, train_x, val_x = model.input, train.images, val.images
     return _run_phase(1, model, cfg, run, start, train_x, train.targets(cfg.target), val_x, val.labels.astype(np.float64),
@@ -513,9 +554,11 @@ def _caches(model, cfg: TrainConfig, run: Storage, train: SplitArrays, val: Spli
     if not tensors:
         return None
     cache = {"val": cached_activations(run, "val", model, tensors, val.images, val.ids(), dtypes), "train": {name: [] for name in tensors}}
+    augment_seed = cfg.seed if cfg.train_augment else None
     for variant in range(cfg.train_flips):
-        name = "train" if variant == 0 else f"train-flip{variant}"
-        outputs = cached_activations(run, name, model, tensors, train.images, train.ids(), dtypes, variant=variant)
+        name = "train" if variant == 0 else f"train-{'aug' if cfg.train_augment else 'flip'}{variant}"
+        outputs = cached_activations(run, name, model, tensors, train.images, train.ids(), dtypes, variant=variant,
+                                     augment_seed=augment_seed)
         for key, value in outputs.items():
             cache["train"][key].append(value)
     return cache
