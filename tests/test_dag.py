@@ -207,6 +207,7 @@ def test_default_params_validate(serialized_dag):
         ({"fine_tune_blocks": 0}, "fine_tune_blocks"),
         ({"target": "binary"}, "target"),
         ({"train_flips": 3}, "train_flips"),
+        ({"train_augment": "yes"}, "train_augment"),
         ({"learning_rate": 0}, "learning_rate"),
         ({"fine_tune_learning_rate": 1}, "fine_tune_learning_rate"),
         ({"lr_decay_patience": -1}, "lr_decay_patience"),
@@ -300,16 +301,16 @@ def test_training_params_reach_a_valid_training_config(roots):
     """Every training Param lands in train_config under a name the trainer knows."""
     from training.train import TrainConfig
 
-    params = {"target": "dx", "train_flips": 4, "learning_rate": 3e-4, "fine_tune_learning_rate": 2e-4,
+    params = {"target": "dx", "train_flips": 4, "train_augment": True, "learning_rate": 3e-4, "fine_tune_learning_rate": 2e-4,
               "lr_decay_patience": 2, "max_train_minutes": 1.5, "fine_tune_epochs": 3, "fine_tune_blocks": 5}
     run = resolve("manual", params=params)
     cfg = TrainConfig.from_dict({"processed_root": "p", "run_root": "r", **run["train_config"]})
-    assert (cfg.target, cfg.train_flips, cfg.learning_rate, cfg.fine_tune_learning_rate) == ("dx", 4, 3e-4, 2e-4)
+    assert (cfg.target, cfg.train_flips, cfg.learning_rate, cfg.fine_tune_learning_rate) == ("dx", 4, 3e-4, 2e-4) and cfg.train_augment
     assert (cfg.lr_decay_patience, cfg.max_train_seconds, cfg.fine_tune_epochs, cfg.fine_tune_blocks) == (2, 90.0, 3, 5)
     defaults = TrainConfig.from_dict({"processed_root": "p", "run_root": "r", **resolve("manual")["train_config"]})
     # No Param given: the seed's recipe (binary target, lr 1e-4 then 1e-5, no decay, no budget).
     assert (defaults.target, defaults.train_flips, defaults.learning_rate, defaults.fine_tune_learning_rate) == ("melanoma", 1, 1e-4, 1e-5)
-    assert defaults.lr_decay_patience == 0 and defaults.max_train_seconds is None
+    assert defaults.lr_decay_patience == 0 and defaults.max_train_seconds is None and not defaults.train_augment
 
 
 def test_scheduled_and_backfill_runs_take_their_intervals_drops(roots):
