@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from melanoma.storage import open_storage
     from training.ensemble import gradcam_layer_names
     from training.evaluation import decision_scores, xcom_payload
-    from training.gradcam import COMBINE_LAYERS, summarise_focus
+    from training.gradcam import COMBINE_LAYERS, lesion_focus_check, summarise_focus
     from training.predict import load_model
 
     run = open_storage(str(WORK / "runs" / args.run))
@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (chosen, combine) in variants.items():
         focus, seconds = scored_rows(model, val, scores, float(payload["threshold"]), chosen, combine)
         summary = summarise_focus(focus)
-        results[name] = {"heatmaps_per_s": round(len(val) / seconds, 2), "focus": summary}
+        results[name] = {"heatmaps_per_s": round(len(val) / seconds, 2), "focus": summary, "lesion_focus_check": lesion_focus_check(summary)}
         tp, mel = summary["by_outcome"]["TP"], summary["by_class"]["melanoma"]
         print(f"{name}: all {summary['overall']['energy_inside_mean']:.3f} energy / {summary['overall']['pointing_hit_rate']:.3f} pointing; "
               f"melanoma {mel['energy_inside_mean']:.3f} / {mel['pointing_hit_rate']:.3f}; TP {tp['energy_inside_mean']:.3f} / "
-              f"{tp['pointing_hit_rate']:.3f} (lesion area {tp['lesion_area_share_mean']:.3f}); {len(val) / seconds:.1f} maps/s", flush=True)
+              f"{tp['pointing_hit_rate']:.3f} (lesion area {tp['lesion_area_share_mean']:.3f}); {len(val) / seconds:.1f} maps/s; "
+              f"melanoma maps on the lesion: {results[name]['lesion_focus_check']['on_lesion']}", flush=True)
     doc = {
         "command": "python benchmarks/experiment_gradcam_members.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -265,6 +265,17 @@ def test_summarise_focus_counts_and_means():
     json.dumps(summary)  # it goes into a JSON file and an XCom
 
 
+def test_lesion_focus_check_compares_melanoma_maps_with_a_uniform_map():
+    on = summarise_focus([_row(1, "TP", 0.5, True, area=0.3), _row(1, "FN", 0.3, False, area=0.3), _row(0, "TN", 0.0, False)])
+    check = gradcam.lesion_focus_check(on)
+    assert check["on_lesion"] is True and check["n_scored"] == 2
+    assert check["energy_inside_mean"] == pytest.approx(0.4) and check["lesion_area_share_mean"] == pytest.approx(0.3)
+    # Melanoma maps no better than uniform fail, however well the other class's maps do.
+    off = summarise_focus([_row(1, "TP", 0.1, False, area=0.3), _row(0, "TN", 0.9, True)])
+    assert gradcam.lesion_focus_check(off)["on_lesion"] is False
+    assert gradcam.lesion_focus_check(summarise_focus([_row(1, "TP", None, None, has_mask=False)]))["on_lesion"] is None
+
+
 def test_select_gallery_confident_and_borderline():
     probabilities = {"a": 0.99, "b": 0.7, "c": 0.55, "d": 0.3, "e": 0.45, "f": 0.01, "g": 0.6}
     labels = {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0, "f": 0, "g": 0}
@@ -332,6 +343,9 @@ def test_run_gradcam_end_to_end(tmp_path):
     assert summary["combine_layers"] is None  # one layer: nothing to combine
     assert summary["focus"]["n_without_mask"] == 2 and summary["focus"]["n_empty_heatmap"] == 1
     assert summary["focus"]["by_outcome"]["TP"]["pointing_hit_rate"] == 1.0
+    # Melanomas: ISIC_1's map is on its lesion, ISIC_2's is not; their mean beats the area share.
+    assert summary["lesion_focus_check"]["n_scored"] == 2 and summary["lesion_focus_check"]["on_lesion"] is True
+    assert result["melanoma_maps_on_lesion"] is True
 
     # Every image is in a group of at most 2, so all five are in the gallery, with overlays.
     assert sorted(g["image_id"] for g in summary["gallery"]) == sorted(ids)

@@ -296,3 +296,17 @@ def test_report_says_how_an_ensembles_maps_were_combined():
     summary = dict(gradcam_summary(payload["threshold"], []), layer_name="m0_top_conv + m1_top_conv", combine_layers="each")
     ensemble = render_report(metrics, payload, summary, [], {})
     assert "<code>m0_top_conv + m1_top_conv</code> (an ensemble: the mean of its members' own maps)" in ensemble
+
+
+def test_report_warns_when_the_melanoma_maps_are_off_the_lesion():
+    metrics = metrics_doc()
+    payload = payload_of(metrics)
+    check = {"group": "class: melanoma", "n_scored": 12, "energy_inside_mean": 0.11, "lesion_area_share_mean": 0.34, "on_lesion": False}
+    failed = render_report(metrics, payload, dict(gradcam_summary(payload["threshold"], []), lesion_focus_check=check), [], {})
+    assert 'class="warning">Lesion focus check failed: the maps of the 12 melanoma images' in failed
+    assert "11.0%" in failed and "34.0%" in failed
+    passed = render_report(metrics, payload, dict(gradcam_summary(payload["threshold"], []),
+                                                  lesion_focus_check=dict(check, energy_inside_mean=0.7, on_lesion=True)), [], {})
+    assert "Lesion focus check passed" in passed and "check failed" not in passed
+    older = render_report(metrics, payload, gradcam_summary(payload["threshold"], []), [], {})  # a summary from before the check
+    assert "Lesion focus check" not in older

@@ -285,6 +285,25 @@ def summarise_focus(rows: Iterable[dict]) -> dict:
     }
 
 
+def lesion_focus_check(focus: dict) -> dict:
+    """Do the maps of the melanomas sit on their lesions more than a uniform map would?
+
+    ``focus``: the output of :func:`summarise_focus`. A model whose melanoma maps put no more
+    of their energy on the lesion than the lesion's share of the image is looking elsewhere
+    (borders, framing, rulers) for its evidence. ``on_lesion`` is None when no melanoma image
+    with a mask was scored.
+    """
+    melanoma = focus["by_class"]["melanoma"]
+    energy, area = melanoma["energy_inside_mean"], melanoma["lesion_area_share_mean"]
+    return {
+        "group": "class: melanoma",
+        "n_scored": melanoma["n_scored"],
+        "energy_inside_mean": energy,
+        "lesion_area_share_mean": area,
+        "on_lesion": None if energy is None or area is None else bool(energy > area),
+    }
+
+
 def select_gallery(rows: Iterable[dict], threshold: float, per_group: int = 3) -> list[dict]:
     """Images worth looking at: per outcome, the ``per_group`` most confident and ``per_group`` borderline.
 
@@ -438,6 +457,7 @@ def run_gradcam(
         "n_images": len(rows),
         "heatmaps_per_s": speed,
         "focus": focus,
+        "lesion_focus_check": lesion_focus_check(focus),
         "gallery": gallery,
     }
     out_storage.write_bytes(focus_key, _focus_csv(rows))
@@ -450,6 +470,7 @@ def run_gradcam(
         "n_without_mask": focus["n_without_mask"],
         "energy_inside_mean": focus["overall"]["energy_inside_mean"],
         "pointing_hit_rate": focus["overall"]["pointing_hit_rate"],
+        "melanoma_maps_on_lesion": summary["lesion_focus_check"]["on_lesion"],
         "heatmaps_per_s": speed,
         "keys": {"lesion_focus": focus_key, "summary": summary_key, "overlays": overlay_keys},
     }

@@ -277,7 +277,21 @@ def _gradcam_section(summary: dict | None) -> str:
     ordered = [k for k in _OUTCOME_ORDER if k in by_outcome] + [k for k in by_outcome if k not in _OUTCOME_ORDER]
     groups.update({f"outcome: {k}": by_outcome[k] for k in ordered})
     parts.append(_table(header, _focus_rows(groups)))
+    parts.append(_focus_check_text(summary.get("lesion_focus_check")))
     return "".join(parts)
+
+
+def _focus_check_text(check: dict | None) -> str:
+    """The verdict of :func:`training.gradcam.lesion_focus_check`, a warning when it fails."""
+    if not check or check.get("on_lesion") is None:
+        return ""
+    figures = (f"the maps of the {_num(check.get('n_scored'))} melanoma images with a mask put {_pct(check.get('energy_inside_mean'))} "
+               f"of their energy on the lesion, which covers {_pct(check.get('lesion_area_share_mean'))} of the image")
+    if check["on_lesion"]:
+        return f"<p>Lesion focus check passed: {figures}.</p>"
+    return (f'<p class="warning">Lesion focus check failed: {figures}, no more than a uniform map would. '
+            "The model draws its evidence from elsewhere in the image (borders, framing, markers); "
+            "its scores may not carry over to images taken another way.</p>")
 
 
 def _gallery_section(gallery: list[dict], images: dict[str, bytes]) -> str:
