@@ -279,6 +279,11 @@ def markdown(doc: dict) -> str:
             f"| {row['group']} | {row['n']} | {row['n_scored']} | {_pct(row['energy_inside_mean'])} | "
             f"{_pct(row['energy_inside_median'])} | {_pct(row['lesion_area_share_mean'])} | {_pct(row['pointing_hit_rate'])} |"
         )
+    check = doc.get("lesion_focus_check")
+    if check and check["on_lesion"] is not None:
+        lines += ["", f"Lesion focus check (the melanomas' maps on the lesion more than a uniform map's): "
+                      f"**{'passed' if check['on_lesion'] else 'failed'}** ({_pct(check['energy_inside_mean'])} against "
+                      f"{_pct(check['lesion_area_share_mean'])})."]
     return "\n".join(lines) + "\n"
 
 
@@ -341,6 +346,7 @@ def run_real(args) -> int:
         },
         "focus": summary["focus"],
         "focus_table": _focus_table(summary["focus"]),
+        "lesion_focus_check": summary["lesion_focus_check"],
         "outputs": _rel(WORK / "gradcam"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
