@@ -44,6 +44,7 @@ def occluded(images: np.ndarray) -> dict[str, np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="deeper8,deeper11,seed1-long", help="comma-separated runs under benchmarks/work/quality/runs")
+    parser.add_argument("--name", default="", help="writes results/experiment_occlusion-<name>.json (default: experiment_occlusion.json)")
     args = parser.parse_args(argv)
 
     from sklearn.metrics import roc_auc_score
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "experiment_occlusion.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {(RESULTS / 'experiment_occlusion.json').relative_to(ROOT)}")
+    out = RESULTS / f"experiment_occlusion{'-' + args.name if args.name else ''}.json"
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
     return 0
 
 
