@@ -328,11 +328,12 @@ def write_ensemble_markdown(result: dict, path: Path) -> None:
         *test_metric_rows(r),
     ]
     lines += ["", f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.", "",
-              "| member | seed | blocks | phase 1 epochs (best val AUROC) | phase 2 epochs (best val AUROC) | phase 2 s/epoch | phase 2 stop |",
-              "|---|---|---|---|---|---|---|"]
+              "| member | seed | blocks | training variants | phase 1 epochs (best val AUROC) | phase 2 epochs (best val AUROC) | phase 2 s/epoch | phase 2 stop |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, m in r["ensemble_of"].items():
         p1, p2 = m["phases"].get("phase1", {}), m["phases"].get("phase2", {})
-        lines.append(f"| `{name}` | {m['seed']} | {m['fine_tune_blocks']} | {p1.get('epochs')} ({p1.get('best_val_auroc', float('nan')):.3f}) | "
+        variants = f"{m['train_flips']} ({'stored + augment draws' if m.get('train_augment') else 'flips'})" if m["train_flips"] > 1 else "1"
+        lines.append(f"| `{name}` | {m['seed']} | {m['fine_tune_blocks']} | {variants} | {p1.get('epochs')} ({p1.get('best_val_auroc', float('nan')):.3f}) | "
                      f"{p2.get('epochs')} ({p2.get('best_val_auroc', float('nan')):.3f}) | {p2.get('mean_epoch_seconds')} | {m.get('phase2_stop_reason')} |")
     lines.append("")
     if r.get("notes"):
