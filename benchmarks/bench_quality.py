@@ -423,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--lr-decay-patience", type=int, default=2, help="x0.3 learning rate after this many epochs without a better val AUROC")
     parser.add_argument("--train-flips", type=int, default=4, choices=[1, 2, 4], help="flip variants of the training images")
-    parser.add_argument("--train-augment", action="store_true",
-                        help="variants 1.. of every training image are random draws of the augment job's transform, not flips")
+    parser.add_argument("--train-augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="variants 1.. of every training image are random draws of the augment job's transform, not flips "
+                             "(the default since aug0/aug4: their maps stay on the lesion; --no-train-augment: pure flips)")
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, shuffling, dropout); the split does not depend on it")
     parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
