@@ -341,6 +341,17 @@ def write_ensemble_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def training_variants_text(settings: dict) -> str:
+    """What the epochs train on, from a run's resolved config."""
+    n = settings["train_flips"]
+    if n == 1:
+        return "training images as stored"
+    if settings.get("train_augment"):
+        return (f"training images in {n} variants (stored, then {n - 1} random draws per image of the augment job's flips, "
+                f"rotation, zoom and brightness; epoch e uses variant e mod {n})")
+    return f"training images in {n} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {n})"
+
+
 def write_markdown(result: dict, path: Path) -> None:
     r = result
     s = r["settings"]
@@ -368,13 +379,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Training {r['train_seconds'] / 60:.1f} min; the whole benchmark {r['total_seconds_excluding_lock_waits'] / 60:.1f} min"
         f"{' (%.1f min wall clock, the rest waiting while other benchmarks held the CPU lock)' % (r['total_seconds'] / 60) if r['cpu_lock_wait_seconds'] >= 1 else ''}. "
-        f"target `{s['target']}`, "
-        + (f"training images in {s['train_flips']} variants (stored, then {s['train_flips'] - 1} random draws per image of the augment "
-           f"job's flips, rotation, zoom and brightness; epoch e uses variant e mod {s['train_flips']}), "
-           if s['train_flips'] > 1 and s.get('train_augment') else
-           f"training images in {s['train_flips']} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {s['train_flips']}), "
-           if s['train_flips'] > 1 else "training images as stored, ")
-        + f"phase 1 head on cached pooled features, lr {s['learning_rate']}, {epochs['phase1']} epochs (best {epochs['phase1_best']}); "
+        f"target `{s['target']}`, {training_variants_text(s)}, "
+        f"phase 1 head on cached pooled features, lr {s['learning_rate']}, {epochs['phase1']} epochs (best {epochs['phase1_best']}); "
         f"phase 2 last {s['fine_tune_blocks']} blocks + head on cached activations ({s['cache_dtype']}), lr {s['fine_tune_learning_rate']}, "
         f"{epochs['phase2']} epochs (best {epochs['phase2_best']}){' — stopped by the time budget' if epochs.get('phase2_stopped_by_budget') else ''}. "
         f"Adam (0.9, 0.999), batch {s['batch_size']}, class weights {s['class_weight']}, early-stopping patience {s['patience']}"
