@@ -18,6 +18,11 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+# Airflow's SQLite connections wait this long for a lock (sqlite3's default is 5 s). Under
+# `airflow standalone` the scheduler can hold the write lock longer than that while it starts a
+# run, and a CLI write at that moment (`airflow backfill create`) failed with "database is locked".
+SQLITE_CONNECT_ARGS: dict[str, object] = {"timeout": 60}
+
 
 def missing_prerequisites() -> list[str]:
     """One line per missing tool, saying what to install."""
@@ -43,6 +48,7 @@ def airflow_env(airflow_home: Path, data_root: str, raw_root: str, extra: dict[s
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "melanoma.demo.SQLITE_CONNECT_ARGS",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "local[2]"}),
             "SPARK_LOCAL_IP": "127.0.0.1",

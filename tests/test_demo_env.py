@@ -1,0 +1,22 @@
+"""The embedded Airflow's environment (``melanoma.demo.airflow_env``), as Airflow itself reads it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from melanoma.demo import PROJECT_ROOT, airflow_env
+
+
+def test_embedded_airflow_waits_for_sqlite_locks_longer_than_sqlite_default(tmp_path):
+    # Read back through Airflow's own config, in a fresh process with exactly that environment:
+    # a wrong import path or a value Airflow ignores fails here, not as a flaky "database is locked".
+    env = airflow_env(tmp_path / "airflow", str(tmp_path / "data"), str(tmp_path / "raw"))
+    code = ("import json; from airflow.configuration import conf; "
+            "print(json.dumps(conf.getimport('database', 'sql_alchemy_connect_args')))")
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    connect_args = json.loads(result.stdout.strip().splitlines()[-1])
+    assert connect_args["timeout"] >= 30  # seconds; sqlite3 defaults to 5
