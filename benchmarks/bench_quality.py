@@ -332,13 +332,20 @@ def write_ensemble_markdown(result: dict, path: Path) -> None:
               "|---|---|---|---|---|---|---|---|"]
     for name, m in r["ensemble_of"].items():
         p1, p2 = m["phases"].get("phase1", {}), m["phases"].get("phase2", {})
-        variants = f"{m['train_flips']} ({'stored + augment draws' if m.get('train_augment') else 'flips'})" if m["train_flips"] > 1 else "1"
-        lines.append(f"| `{name}` | {m['seed']} | {m['fine_tune_blocks']} | {variants} | {p1.get('epochs')} ({p1.get('best_val_auroc', float('nan')):.3f}) | "
+        lines.append(f"| `{name}` | {m['seed']} | {m['fine_tune_blocks']} | {training_variants_cell(m)} | {p1.get('epochs')} ({p1.get('best_val_auroc', float('nan')):.3f}) | "
                      f"{p2.get('epochs')} ({p2.get('best_val_auroc', float('nan')):.3f}) | {p2.get('mean_epoch_seconds')} | {m.get('phase2_stop_reason')} |")
     lines.append("")
     if r.get("notes"):
         lines += [r["notes"], ""]
     path.write_text("\n".join(lines))
+
+
+def training_variants_cell(settings: dict) -> str:
+    """The ensemble member table's short form of :func:`training_variants_text`."""
+    n = settings["train_flips"]
+    if n == 1:
+        return "1"
+    return f"{n} ({'stored + augment draws' if settings.get('train_augment') else 'flips'})"
 
 
 def training_variants_text(settings: dict) -> str:
