@@ -10,7 +10,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-fast bench-preprocess bench-quality bench-gradcam airflow-standalone-check clean
+.PHONY: venv demo test test-fast bench-preprocess bench-quality bench-gradcam clean
 
 venv: $(STAMP)
 
