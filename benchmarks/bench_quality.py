@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="dx", choices=["dx", "melanoma"])
     parser.add_argument("--epochs", type=int, default=30, help="phase 1 (head) epochs at most")
     parser.add_argument("--fine-tune-epochs", type=int, default=40, help="phase 2 epochs at most (the budget may stop it first)")
-    parser.add_argument("--fine-tune-blocks", type=int, default=11, help="backbone blocks phase 2 unfreezes (5, 8 and 11 measured, see BENCHMARKS.md)")
+    parser.add_argument("--fine-tune-blocks", type=int, default=11, help="backbone blocks phase 2 unfreezes (5, 8, 11 and 13 measured, see BENCHMARKS.md)")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--fine-tune-learning-rate", type=float, default=3e-4)
     parser.add_argument("--patience", type=int, default=10)
