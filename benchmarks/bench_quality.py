@@ -390,7 +390,8 @@ def write_markdown(result: dict, path: Path) -> None:
         f"phase 1 head on cached pooled features, lr {s['learning_rate']}, {epochs['phase1']} epochs (best {epochs['phase1_best']}); "
         f"phase 2 last {s['fine_tune_blocks']} blocks + head on cached activations ({s['cache_dtype']}), lr {s['fine_tune_learning_rate']}, "
         f"{epochs['phase2']} epochs (best {epochs['phase2_best']}){' — stopped by the time budget' if epochs.get('phase2_stopped_by_budget') else ''}. "
-        f"Adam (0.9, 0.999), batch {s['batch_size']}, class weights {s['class_weight']}, early-stopping patience {s['patience']}"
+        f"Adam (0.9, 0.999), batch {s['batch_size']}, class weights {s['class_weight']}"
+        f"{', label smoothing %s' % s['label_smoothing'] if s.get('label_smoothing') else ''}, early-stopping patience {s['patience']}"
         f"{', learning rate x%s after %d epochs without improvement' % (s['lr_decay_factor'], s['lr_decay_patience']) if s['lr_decay_patience'] else ''}. "
         f"Per epoch: phase 1 {r['epoch_seconds']['phase1']:.1f} s, phase 2 {r['epoch_seconds']['phase2']:.0f} s; "
         f"one-time caching {r['cache_seconds']:.0f} s.",
@@ -439,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-augment", action=argparse.BooleanOptionalAction, default=True,
                         help="variants 1.. of every training image are random draws of the augment job's transform, not flips "
                              "(the default since aug0/aug4: their maps stay on the lesion; --no-train-augment: pure flips)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss's targets (0: none)")
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, shuffling, dropout); the split does not depend on it")
     parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
@@ -494,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             str(PROCESSED), str(run_root), backbone="efficientnet_lite0", weights="imagenet", target=args.target,
             epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
             learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
-            class_weight=args.class_weight, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
+            class_weight=args.class_weight, label_smoothing=args.label_smoothing, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
             train_flips=args.train_flips, train_augment=args.train_augment, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget, seed=args.seed,
         )
     log(f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)")

@@ -404,3 +404,28 @@ def test_ensemble_training_trains_each_seed_and_exports_their_average(processed_
 def test_ensemble_size_is_checked():
     with pytest.raises(ValueError, match="ensemble_size"):
         TrainConfig("p", "r", ensemble_size=0)
+
+
+def test_label_smoothing_is_checked():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig("p", "r", label_smoothing=1.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig("p", "r", label_smoothing=-0.1)
+
+
+def test_smoothed_sparse_crossentropy_is_the_cross_entropy_against_smoothed_targets():
+    from training.train import smoothed_sparse_crossentropy
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 7)).astype(np.float32)
+    labels = np.array([0, 1, 2, 4, 6, 4])
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    for smoothing in (0.0, 0.1, 0.3):
+        targets = np.full((6, 7), smoothing / 7)
+        targets[np.arange(6), labels] += 1.0 - smoothing
+        expected = -(targets * log_softmax).sum(axis=1)
+        got = np.asarray(smoothed_sparse_crossentropy(smoothing, 7)(labels.reshape(-1, 1), logits))
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # Without smoothing it is Keras' own sparse cross-entropy.
+    plain = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    np.testing.assert_allclose(np.asarray(smoothed_sparse_crossentropy(0.0, 7)(labels, logits)), np.asarray(plain), rtol=1e-5)

@@ -69,6 +69,9 @@ class TrainConfig:
     lr_decay_patience: int = 0
     lr_decay_factor: float = 0.3
     class_weight: str | dict = "balanced"
+    # Label smoothing of the loss's targets (0: none, the seed's): epsilon moves each one-hot
+    # target towards the uniform distribution over the classes (2 for melanoma, 7 for dx).
+    label_smoothing: float = 0.0
     feature_cache: bool = True
     # Phase 2 on cached activations at the input of the unfrozen blocks (same math, far cheaper).
     fine_tune_cache: bool = True
@@ -122,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if not 1 <= self.ensemble_size <= 10:
             raise ValueError(f"ensemble_size must be in [1, 10], got {self.ensemble_size}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.batch_size < 1 or self.epochs < 0 or self.fine_tune_epochs < 0 or self.patience < 1:
             raise ValueError("batch_size and patience must be >= 1, epochs and fine_tune_epochs >= 0")
 
@@ -395,11 +400,29 @@ def _training_output(model, target: str):
     return model.output if target == "melanoma" else model.get_layer("dx_logits").output
 
 
+def smoothed_sparse_crossentropy(smoothing: float, classes: int):
+    """Loss (labels (N,) or (N,1) int, logits (N,K)) -> (N,): cross-entropy against smoothed one-hot targets.
+
+    Keras' sparse cross-entropy has no label smoothing, so the labels are one-hot encoded and
+    the categorical loss (target (1 - smoothing) * one_hot + smoothing / K) is used.
+    """
+    import keras
+
+    def loss(labels, logits):
+        one_hot = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(labels, "int32"), (-1,)), classes)
+        return keras.losses.categorical_crossentropy(one_hot, logits, from_logits=True, label_smoothing=smoothing)
+
+    return loss
+
+
 def _compile(trainee, cfg: TrainConfig, learning_rate: float) -> None:
     import keras
 
     if cfg.target == "melanoma":
-        loss, metrics = "binary_crossentropy", [keras.metrics.AUC(num_thresholds=1000, name="auroc")]
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing)
+        metrics = [keras.metrics.AUC(num_thresholds=1000, name="auroc")]
+    elif cfg.label_smoothing:
+        loss, metrics = smoothed_sparse_crossentropy(cfg.label_smoothing, len(DX_CLASSES)), []
     else:
         loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=True), []
     trainee.compile(optimizer=keras.optimizers.Adam(learning_rate, beta_1=0.9, beta_2=0.999), loss=loss, metrics=metrics)
