@@ -30,6 +30,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 WORK = ROOT / "benchmarks" / "work" / "quality"
 
 
+def flip_views(model_path: Path, storage, manifest) -> dict[str, np.ndarray]:
+    """The model's probabilities for val and test in the 4 flip views (as stored, left-right, up-down, both).
+
+    Returns, per split: ``{split}_views`` float (4,N), ``{split}_labels`` (N,), ``{split}_lesions`` and
+    ``{split}_image_ids`` str (N,), the layout of ``eval/tta_views.npz``.
+    """
+    from training.data import load_arrays
+    from training.predict import load_model, predict_probabilities
+    from training.train import flip_variant
+
+    model = load_model(str(model_path))
+    saved: dict[str, np.ndarray] = {}
+    for split in ("val", "test"):
+        data = load_arrays(storage, manifest, split)
+        saved[f"{split}_views"] = np.stack([predict_probabilities(model, flip_variant(data.images, v)) for v in range(4)])
+        saved[f"{split}_labels"] = data.labels
+        saved[f"{split}_lesions"] = np.array([r["lesion_id"] for r in data.records]).astype(str)
+        saved[f"{split}_image_ids"] = np.array([r["image_id"] for r in data.records]).astype(str)
+    return saved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="bench", help="bench-quality run folder name")
@@ -39,33 +60,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from melanoma.manifest import latest_manifest
     from melanoma.storage import open_storage
-    from training.data import load_arrays
     from training.metrics import lesion_bootstrap_ci, lesion_pooled_scores, ranking_metrics
-    from training.predict import load_model, predict_probabilities
-    from training.train import flip_variant
 
     storage = open_storage(args.processed)
     manifest = latest_manifest(storage)
     run = WORK / "runs" / args.run
     model_path = run / "model" / "model.keras"
-    model = load_model(str(model_path))
     result: dict = {"experiment": "tta-flips", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "model": os.path.relpath(model_path, ROOT), "splits": {}}
-    saved = {}
+    saved = flip_views(model_path, storage, manifest)
     for split in ("val", "test"):
-        data = load_arrays(storage, manifest, split)
-        views = np.stack([predict_probabilities(model, flip_variant(data.images, v)) for v in range(4)])
-        lesions = np.array([r["lesion_id"] for r in data.records])
-        saved.update({f"{split}_views": views, f"{split}_labels": data.labels, f"{split}_lesions": lesions.astype(str),
-                      f"{split}_image_ids": np.array([r["image_id"] for r in data.records]).astype(str)})
-        entry = {"images": len(data), "melanoma": int(data.labels.sum())}
+        views, labels, lesions = saved[f"{split}_views"], saved[f"{split}_labels"], saved[f"{split}_lesions"]
+        entry = {"images": len(labels), "melanoma": int(labels.sum())}
         mean = views.mean(axis=0)
         candidates = (("single", views[0]), ("flip4_mean", mean),
                       ("single_lesion_pooled", lesion_pooled_scores(views[0], lesions)),
                       ("flip4_mean_lesion_pooled", lesion_pooled_scores(mean, lesions)))
         for name, scores in candidates:
-            metrics = ranking_metrics(data.labels, scores)
-            ci = lesion_bootstrap_ci(data.labels, scores, lesions, lambda y, s: ranking_metrics(y, s)["auroc"], n_boot=args.n_boot)
+            metrics = ranking_metrics(labels, scores)
+            ci = lesion_bootstrap_ci(labels, scores, lesions, lambda y, s: ranking_metrics(y, s)["auroc"], n_boot=args.n_boot)
             entry[name] = {"auroc": round(metrics["auroc"], 4), "auprc": round(metrics["auprc"], 4),
                            "auroc_ci": [round(ci.low, 4), round(ci.high, 4)]}
         result["splits"][split] = entry

@@ -34,49 +34,49 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 WORK = ROOT / "benchmarks" / "work" / "quality"
-VIEWS = 4
 
 
-def to_logits(probabilities: np.ndarray) -> np.ndarray:
-    """Probabilities (...,) -> logits (...,), clipped like lesion pooling clips them."""
-    from training.metrics import LOGIT_EPS
-
-    p = np.clip(np.asarray(probabilities, np.float64), LOGIT_EPS, 1.0 - LOGIT_EPS)
-    return np.log(p) - np.log1p(-p)
+def rel(path: Path) -> str:
+    return os.path.relpath(path, ROOT)
 
 
 def run_views(run: Path, storage, manifest) -> dict[str, np.ndarray]:
-    """The run's per-view probabilities: ``{split}_views`` (4,N) plus ids, labels and lesions per split."""
+    """The run's per-view probabilities (:func:`experiment_tta.flip_views`), from its ``eval/tta_views.npz`` when there."""
     cache = run / "eval" / "tta_views.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as saved:
             return {key: saved[key] for key in saved.files}
-    from training.data import load_arrays
-    from training.predict import load_model, predict_probabilities
-    from training.train import flip_variant
+    from experiment_tta import flip_views  # this folder is on sys.path when the script runs
 
-    model = load_model(str(run / "model" / "model.keras"))
-    saved: dict[str, np.ndarray] = {}
-    for split in ("val", "test"):
-        data = load_arrays(storage, manifest, split)
-        saved[f"{split}_views"] = np.stack([predict_probabilities(model, flip_variant(data.images, v)) for v in range(VIEWS)])
-        saved[f"{split}_labels"] = data.labels
-        saved[f"{split}_lesions"] = np.array([r["lesion_id"] for r in data.records]).astype(str)
-        saved[f"{split}_image_ids"] = np.array([r["image_id"] for r in data.records]).astype(str)
+    saved = flip_views(run / "model" / "model.keras", storage, manifest)
     np.savez_compressed(cache, **saved)
     return saved
 
 
+def run_logits(views: dict[str, np.ndarray], split: str, mode: str) -> np.ndarray:
+    """A run's logits (N,) on ``split``: the stored view (``single``) or the mean over the 4 flip views (``flip4``)."""
+    from training.metrics import clipped_logits
+
+    logits = clipped_logits(views[f"{split}_views"])
+    return logits[0] if mode == "single" else logits.mean(axis=0)
+
+
+def ensemble_scores(logits: dict[str, np.ndarray], combo: tuple, lesions: np.ndarray) -> np.ndarray:
+    """Lesion-pooled probabilities (N,) of the ensemble ``combo``: the sigmoid of its members' mean logit."""
+    from training.metrics import lesion_pooled_scores
+
+    return lesion_pooled_scores(1.0 / (1.0 + np.exp(-np.mean([logits[n] for n in combo], axis=0))), lesions)
+
+
 def pick(logits: dict[str, np.ndarray], labels: np.ndarray, lesions: np.ndarray, tie: float) -> tuple[list[tuple], tuple]:
     """All combinations ranked by lesion-pooled val AUROC, and the rule's pick (ties to the fewest members)."""
-    from training.metrics import lesion_pooled_scores, ranking_metrics
+    from training.metrics import ranking_metrics
 
     names = list(logits)
     ranked = []
     for size in range(1, len(names) + 1):
         for combo in itertools.combinations(names, size):
-            scores = lesion_pooled_scores(1.0 / (1.0 + np.exp(-np.mean([logits[n] for n in combo], axis=0))), lesions)
-            metrics = ranking_metrics(labels, scores)
+            metrics = ranking_metrics(labels, ensemble_scores(logits, combo, lesions))
             ranked.append((metrics["auroc"], metrics["auprc"], combo))
     ranked.sort(key=lambda row: (-row[0], len(row[2])))
     best = ranked[0][0]
@@ -85,9 +85,9 @@ def pick(logits: dict[str, np.ndarray], labels: np.ndarray, lesions: np.ndarray,
 
 
 def test_figures(logits: dict[str, np.ndarray], combo: tuple, labels, lesions, n_boot: int) -> dict:
-    from training.metrics import lesion_bootstrap_ci, lesion_pooled_scores, ranking_metrics
+    from training.metrics import lesion_bootstrap_ci, ranking_metrics
 
-    scores = lesion_pooled_scores(1.0 / (1.0 + np.exp(-np.mean([logits[n] for n in combo], axis=0))), lesions)
+    scores = ensemble_scores(logits, combo, lesions)
     metrics = ranking_metrics(labels, scores)
     out = {"members": list(combo), "auroc": round(metrics["auroc"], 4), "auprc": round(metrics["auprc"], 4)}
     for key in ("auroc", "auprc"):
@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     storage = open_storage(args.processed)
     manifest = latest_manifest(storage)
     names = [name for name in args.runs.split(",") if name]
+    if not names:
+        parser.error("--runs names no run")
+    missing = [name for name in names if not (WORK / "runs" / name / "model" / "model.keras").exists()]
+    if missing:
+        parser.error(f"no model.keras under {rel(WORK / 'runs')} for {missing}")
     views = {}
     for name in names:
         views[name] = run_views(WORK / "runs" / name, storage, manifest)
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     val_labels, val_lesions = first["val_labels"], first["val_lesions"]
     chosen = {}
     for mode in ("single", "flip4"):
-        logits = {n: to_logits(views[n]["val_views"][0]) if mode == "single" else to_logits(views[n]["val_views"]).mean(axis=0) for n in names}
+        logits = {n: run_logits(views[n], "val", mode) for n in names}
         ranked, chosen[mode] = pick(logits, val_labels, val_lesions, args.tie)
         result["val"][mode] = {"pick": {"members": list(chosen[mode][2]), "auroc": round(chosen[mode][0], 4), "auprc": round(chosen[mode][1], 4)},
                                "top10": [{"members": list(c), "auroc": round(a, 4), "auprc": round(b, 4)} for a, b, c in ranked[:10]],
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only now, with both picks fixed on val, the test split.
     test_labels, test_lesions = first["test_labels"], first["test_lesions"]
     for mode in ("single", "flip4"):
-        logits = {n: to_logits(views[n]["test_views"][0]) if mode == "single" else to_logits(views[n]["test_views"]).mean(axis=0) for n in names}
+        logits = {n: run_logits(views[n], "test", mode) for n in names}
         result["test"][mode] = test_figures(logits, chosen[mode][2], test_labels, test_lesions, args.n_boot)
         print(f"test {mode}: {json.dumps(result['test'][mode])}", flush=True)
     out = ROOT / "benchmarks" / "results" / "experiment_tta_ensembles.json"

@@ -405,3 +405,11 @@ def test_lesion_pooled_scores_average_not_accumulate():
 def test_lesion_pooled_scores_rejects_bad_input(scores, lesions, message):
     with pytest.raises(ValueError, match=message):
         m.lesion_pooled_scores(scores, lesions)
+
+
+def test_clipped_logits_inverts_the_sigmoid_and_clips_like_lesion_pooling():
+    from training.metrics import clipped_logits
+
+    z = np.array([-5.0, 0.0, 3.0])
+    np.testing.assert_allclose(clipped_logits(1.0 / (1.0 + np.exp(-z))), z, atol=1e-9)
+    assert np.isfinite(clipped_logits(np.array([0.0, 1.0]))).all()

@@ -220,6 +220,12 @@ def choose_threshold(
 LOGIT_EPS = 1e-7
 
 
+def clipped_logits(probabilities: ArrayLike) -> np.ndarray:
+    """Probabilities (any shape) -> float64 logits of the same shape, clipped to :data:`LOGIT_EPS`."""
+    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), LOGIT_EPS, 1.0 - LOGIT_EPS)
+    return np.log(clipped) - np.log1p(-clipped)
+
+
 def lesion_pooled_scores(scores: ArrayLike, lesion_ids: ArrayLike) -> np.ndarray:
     """Every image's score replaced by the pooled score of its lesion.
 
@@ -243,8 +249,7 @@ def lesion_pooled_scores(scores: ArrayLike, lesion_ids: ArrayLike) -> np.ndarray
         raise ValueError(f"scores and lesion_ids must be 1-D of one length, got shapes {s.shape} and {ids.shape}")
     if not np.isfinite(s).all() or (s.size and (s.min() < 0.0 or s.max() > 1.0)):
         raise ValueError("scores must be finite probabilities in [0, 1]")
-    clipped = np.clip(s, LOGIT_EPS, 1.0 - LOGIT_EPS)
-    logits = np.log(clipped) - np.log1p(-clipped)
+    logits = clipped_logits(s)
     _, group = np.unique(ids.astype(str), return_inverse=True)
     mean_logit = np.bincount(group, weights=logits) / np.bincount(group)
     return 1.0 / (1.0 + np.exp(-mean_logit[group]))
