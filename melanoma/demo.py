@@ -18,9 +18,11 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# Airflow's SQLite connections wait this long for a lock (sqlite3's default is 5 s). Under
+# Airflow's SQLite connections wait this long for a lock (sqlite3's default is 5 s): under
 # `airflow standalone` the scheduler can hold the write lock longer than that while it starts a
-# run, and a CLI write at that moment (`airflow backfill create`) failed with "database is locked".
+# run. It cannot help when SQLite sees a deadlock (a reader upgrading to write while another
+# process waits to write): that fails at once with "database is locked", which is why the
+# backfill test creates its backfill before standalone starts. SQLite is for the embedded demo only.
 SQLITE_CONNECT_ARGS: dict[str, object] = {"timeout": 60}
 
 

@@ -260,7 +260,24 @@ def test_backfill_processes_past_drops_in_order_like_the_scheduled_runs(history,
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
     })
     home.airflow_home.mkdir(parents=True)
+    # The backfill is created before `airflow standalone` starts. Created while its scheduler
+    # writes to the same SQLite file, the CLI's INSERT can fail at once with "database is
+    # locked": a read lock that must be upgraded while the other process waits to write is a
+    # deadlock that SQLite reports without waiting (its busy timeout does not apply).
+    for step in (("db", "migrate"), ("dags", "reserialize")):
+        done = home.airflow(*step)
+        assert done.returncode == 0, done.stdout[-3000:]
+    # Without --reprocess-behavior Airflow refuses: preprocess depends_on_past.
+    refused = home.airflow("backfill", "create", "--dag-id", DAG_ID, "--from-date", "2026-01-01", "--to-date", "2026-01-02")
+    assert refused.returncode != 0 and "reprocess" in refused.stdout.lower(), refused.stdout[-2000:]
+    created = home.airflow("backfill", "create", "--dag-id", DAG_ID, "--from-date", "2026-01-01", "--to-date", "2026-01-02",
+                           "--reprocess-behavior", "failed", "--dag-run-conf", json.dumps(SHORT))
+    assert created.returncode == 0, created.stdout[-3000:]
+    unpaused = home.airflow("dags", "unpause", DAG_ID)
+    assert unpaused.returncode == 0, unpaused.stdout[-2000:]
+
     log_path = tmp_path / "standalone.log"
+    started = time.monotonic()
     with open(log_path, "wb") as log:
         process = subprocess.Popen([airflow_binary(), "standalone"], env=home.env, cwd=ROOT, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -274,26 +291,6 @@ def test_backfill_processes_past_drops_in_order_like_the_scheduled_runs(history,
                     return value
                 time.sleep(3)
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; see {log_path} and {home.log}")
-
-        def dag_parsed():
-            try:
-                with home.db() as db:
-                    return db.execute("select count(*) from serialized_dag where dag_id=?", (DAG_ID,)).fetchone()[0] > 0
-            except sqlite3.Error:  # the DB is still being created
-                return False
-
-        started = time.monotonic()
-        wait_for(dag_parsed, 300, "the DAG to be parsed")
-        print(f"standalone up and the DAG parsed in {time.monotonic() - started:.0f} s")
-
-        # Without --reprocess-behavior Airflow refuses: preprocess depends_on_past.
-        refused = home.airflow("backfill", "create", "--dag-id", DAG_ID, "--from-date", "2026-01-01", "--to-date", "2026-01-02")
-        assert refused.returncode != 0 and "reprocess" in refused.stdout.lower(), refused.stdout[-2000:]
-        created = home.airflow("backfill", "create", "--dag-id", DAG_ID, "--from-date", "2026-01-01", "--to-date", "2026-01-02",
-                               "--reprocess-behavior", "failed", "--dag-run-conf", json.dumps(SHORT))
-        assert created.returncode == 0, created.stdout[-3000:]
-        unpaused = home.airflow("dags", "unpause", DAG_ID)
-        assert unpaused.returncode == 0, unpaused.stdout[-2000:]
 
         def runs_finished():
             with home.db() as db:
