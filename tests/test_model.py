@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from training import efficientnet_lite0 as lite0
+from training import efficientnet_lite as lite
 from training import model as M
 from training.weights import WeightsUnavailableError, sha256_file
 
@@ -123,7 +123,7 @@ def test_efficientnet_lite0_classifier_uses_package_weights() -> None:
     assert not any(isinstance(layer, keras.Model) for layer in model.layers)
     assert M.last_conv_layer_name(model) == "top_activation"
     # The classifier's trunk must equal the verified ImageNet network on normalised input.
-    reference = lite0.efficientnet_lite0_imagenet_classifier(lite0.IMAGENET_PACKAGE)
+    reference = lite.efficientnet_lite_imagenet_classifier(lite.IMAGENET_PACKAGE)
     images = _images(n=1, seed=4)
     trunk = keras.Model(model.input, model.get_layer("top_activation").output)
     expected_trunk = keras.Model(reference.input, reference.get_layer("top_activation").output)
@@ -131,7 +131,7 @@ def test_efficientnet_lite0_classifier_uses_package_weights() -> None:
     np.testing.assert_allclose(
         np.asarray(trunk(images.astype("float32"))), np.asarray(expected_trunk(normalised)), atol=1e-5
     )
-    assert M.weights_provenance(model)["weights_sha256"] == lite0.PACKAGE_WEIGHTS_SHA256
+    assert M.weights_provenance(model)["weights_sha256"] == lite.PACKAGE_WEIGHTS_SHA256
     assert M.weights_provenance({"backbone": "efficientnet_lite0", "weights": "imagenet"}) == (
         M.weights_provenance(model)
     )

