@@ -35,6 +35,10 @@ Quarantine reasons at scan time:
 - ``unknown-dx``: a diagnosis outside :data:`DX_CODES` (ISIC diagnoses are mapped first).
 - ``bad-metadata``: a row or JSON that cannot be parsed (wrong column count, unreadable
   JSON, no image_id, a non-numeric age...).
+- ``bad-key``: an object whose name cannot be addressed safely (``//``, ``/./``, ``/../``,
+  ``\\`` in a local folder name); every such object is one input, whatever it holds.
+- ``refused-object``: an object the store refuses to read for good (a symlink leaving a local
+  root); a refused metadata file is one input, and its rows' images become ``missing-metadata``.
 
 Scanning costs one listing and reads of the metadata files only, never image bytes.
 """
@@ -47,11 +51,14 @@ import io
 import json
 import math
 import posixpath
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from melanoma.storage import Storage
+from melanoma.storage import ObjectRefused, Storage, is_valid_key
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("ham10000", "isic")
 #: HAM10000 diagnosis codes; ``mel`` is the positive class.
@@ -73,6 +80,10 @@ ISIC_DIAGNOSIS_TO_DX = {
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 MASK_SUFFIX = "_segmentation.png"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: A drop id: a folder name, never a path nor a list (no "/", ",", "..", no leading dot or "_").
+#: The DAG's Param schema uses the same pattern.
+DROP_ID_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
+_DROP_ID = re.compile(DROP_ID_PATTERN)
 # Values meaning "not recorded" in HAM10000 and ISIC metadata.
 _MISSING = {"", "unknown", "nan", "na", "n/a", "none", "null"}
 _ISIC_JSON = re.compile(r"^ISIC_[^/]*\.json$")
@@ -122,20 +133,91 @@ class DropScan:
     inputs: list[InputItem] = field(default_factory=list)
     quarantined: list[QuarantineEntry] = field(default_factory=list)
     n_inputs: int = 0
+    #: key -> size of every object of the drop when it was scanned (late files are found against it).
+    listing: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
 # Drops under the raw root
 
 
-def list_drops(raw: Storage) -> list[str]:
-    """First-level folders under the raw root, sorted.
+def is_valid_drop_id(drop_id: str) -> bool:
+    return bool(_DROP_ID.match(drop_id))
 
-    Folders starting with ``.`` or ``_`` are skipped: that is where uploads in progress
-    are staged (``_tmp``, ``.staging``) before being renamed into a drop.
+
+def list_drops(raw: Storage) -> list[str]:
+    """First-level folders under the raw root whose name is a valid drop id, sorted.
+
+    Folders starting with ``.`` or ``_`` are skipped quietly: that is where uploads in
+    progress are staged (``_tmp``, ``.staging``) before being renamed into a drop. Any other
+    folder whose name is not a drop id (a ``,``, a space...) is skipped with a warning: it
+    could not be named in a run's ``drops`` nor passed to Spark safely.
     """
     drops = {key.split("/", 1)[0] for key in raw.list_keys("") if "/" in key}
-    return sorted(d for d in drops if not d.startswith((".", "_")))
+    staged = {d for d in drops if d.startswith((".", "_"))}
+    refused = sorted(d for d in drops - staged if not is_valid_drop_id(d))
+    if refused:
+        log.warning("folders under %s that are not valid drop ids (%s) are not drops, rename them: %s",
+                    raw.root_uri, DROP_ID_PATTERN, refused)
+    return sorted(d for d in drops - staged if is_valid_drop_id(d))
+
+
+# ---------------------------------------------------------------------------------------
+# Late files: a drop is sealed when it is ingested
+
+
+def listing_key(drop_id: str) -> str:
+    """The drop's objects (key -> size) as scanned at ingestion: what later files are compared with."""
+    return f"processed/listing/{drop_id}.json"
+
+
+def late_report_key(drop_id: str) -> str:
+    return f"processed/late-{drop_id}.json"
+
+
+def late_files(raw: Storage, out: Storage, manifest: dict | None, drop_ids: list[str] | None = None) -> dict[str, dict[str, list[str]]]:
+    """Ingested drops whose objects differ from their listing at ingestion: drop -> {added, changed, removed}.
+
+    The contract: a drop is ingested once, as it is when its run scans it. Objects that
+    arrive (or change, or go) afterwards are never read into the data set; they are found
+    here, on every later run, so they cannot be missed. One listing of the raw root.
+    """
+    done = set((manifest or {}).get("drops", []))
+    wanted = sorted(done if not drop_ids else done & set(drop_ids))
+    if not wanted:
+        return {}
+    now: dict[str, dict[str, int]] = {}
+    for key, size in raw.list_objects("").items():
+        now.setdefault(key.split("/", 1)[0], {})[key] = size
+    found = {}
+    for drop_id in wanted:
+        if not out.exists(listing_key(drop_id)):
+            continue  # ingested before listings were kept: nothing to compare with
+        before, current = json.loads(out.read_bytes(listing_key(drop_id))), now.get(drop_id, {})
+        diff = {
+            "added": sorted(set(current) - set(before)),
+            "changed": sorted(k for k in set(current) & set(before) if current[k] != before[k]),
+            "removed": sorted(set(before) - set(current)),
+        }
+        if any(diff.values()):
+            found[drop_id] = diff
+    return found
+
+
+def report_late_files(raw: Storage, out: Storage, manifest: dict | None, drop_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """:func:`late_files`, logged as a warning and written to ``processed/late-<drop>.json``; returns counts per drop."""
+    found = late_files(raw, out, manifest, drop_ids)
+    for drop_id, diff in found.items():
+        counts = {k: len(v) for k, v in diff.items()}
+        log.warning(
+            "drop %s changed after it was ingested (%s): these objects are NOT in the data set; "
+            "put new files in a new drop (e.g. %s-2) and never change an ingested drop. Listed in %s",
+            drop_id, ", ".join(f"{n} {k}" for k, n in counts.items() if n), drop_id, out.uri(late_report_key(drop_id)),
+        )
+        report = {"drop_id": drop_id, "manifest_version": (manifest or {}).get("version"), **diff,
+                  "what_to_do": "ingested drops are sealed: bring late files as a new drop"}
+        out.write_bytes(late_report_key(drop_id), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return {d: {k: len(v) for k, v in diff.items()} for d, diff in found.items()}
 
 
 _DATE_PATTERNS = (re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)"), re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)"))
@@ -153,23 +235,36 @@ def drop_date(drop_id: str) -> datetime.date | None:
     return min(found)[1] if found else None
 
 
-def _drop_keys(raw: Storage, drop_id: str) -> list[str]:
+def _drop_listing(raw: Storage, drop_id: str) -> dict[str, int]:
+    """key -> size of every object of the drop (odd keys included: the scan quarantines them)."""
     if not drop_id or "/" in drop_id or drop_id in (".", ".."):
         raise DropError(f"invalid drop id {drop_id!r}")
-    keys = raw.list_keys(drop_id)
-    if not keys:
+    listing = raw.list_objects(drop_id)
+    if not listing:
         raise DropError(f"drop {drop_id!r} is empty or does not exist under {raw.root_uri}")
-    return keys
+    return listing
 
 
-def _metadata_tables(raw: Storage, keys: list[str]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Every ``*metadata*.csv`` holding ``image_id`` and ``dx`` columns: key -> (header, rows)."""
+def _drop_keys(raw: Storage, drop_id: str) -> list[str]:
+    return sorted(k for k in _drop_listing(raw, drop_id) if is_valid_key(k))
+
+
+def _metadata_tables(raw: Storage, keys: list[str], refused: list[str] | None = None) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Every ``*metadata*.csv`` holding ``image_id`` and ``dx`` columns: key -> (header, rows).
+
+    A metadata file the store refuses for good is appended to ``refused`` (when given) instead.
+    """
     tables = {}
     for key in keys:
         if not _METADATA_CSV.match(posixpath.basename(key)):
             continue
         try:
             text = raw.read_bytes(key).decode("utf-8-sig")
+        except ObjectRefused:
+            if refused is None:
+                raise
+            refused.append(key)
+            continue
         except UnicodeDecodeError as error:
             raise DropError(f"{key} is not UTF-8 text: {error}") from None
         rows = list(csv.reader(io.StringIO(text, newline="")))
@@ -327,8 +422,9 @@ def _read_all(raw: Storage, keys: list[str]) -> list[bytes | Exception]:
     def read(key: str) -> bytes | Exception:
         try:
             return raw.read_bytes(key)
-        except (OSError, RuntimeError) as error:  # a missing or unreadable object is that row's problem
+        except (FileNotFoundError, ObjectRefused) as error:  # gone or refused for good: that row's problem
             return error
+        # Anything else (the store not answering, permissions) fails the scan: a retry redoes it.
 
     if len(keys) <= 1:
         return [read(k) for k in keys]
@@ -457,13 +553,18 @@ def scan_drop(raw: Storage, drop_id: str, layout: str = "auto") -> DropScan:
     """
     if layout not in ("auto",) + LAYOUTS:
         raise DropError(f"unknown layout {layout!r} (expected auto, {', '.join(LAYOUTS)})")
-    keys = _drop_keys(raw, drop_id)
-    tables = _metadata_tables(raw, keys) if layout in ("auto", "ham10000") else {}
+    listing = _drop_listing(raw, drop_id)
+    bad_keys = sorted(k for k in listing if not is_valid_key(k))
+    keys = sorted(k for k in listing if is_valid_key(k))
+    refused: list[str] = []
+    tables = _metadata_tables(raw, keys, refused) if layout in ("auto", "ham10000") else {}
     if layout == "auto":
-        layout = _layout_from(keys, tables)
+        # A refused metadata CSV still makes a HAM10000 drop (its images then lack metadata).
+        has_json = any(_ISIC_JSON.match(posixpath.basename(k)) for k in keys)
+        layout = "ham10000" if refused and not tables and not has_json else _layout_from(keys, tables)
 
     if layout == "ham10000":
-        if not tables:
+        if not tables and not refused:
             raise DropError(f"drop {drop_id!r} has no *metadata*.csv with image_id and dx columns")
         parsed = [r for key, (header, rows) in sorted(tables.items()) for r in _ham_rows(key, header, rows)]
     else:
@@ -471,6 +572,11 @@ def scan_drop(raw: Storage, drop_id: str, layout: str = "auto") -> DropScan:
         parsed = [_isic_row(key, data) for key, data in zip(json_keys, _read_all(raw, json_keys))]
 
     out = _Collector(drop_id, layout)
+    for key in bad_keys:  # never read nor written: the key cannot be addressed safely
+        out.quarantine(key, "bad-key", f"object name {key!r} has an empty, '.' or '..' segment or a backslash")
+    for key in refused:
+        out.quarantine(key, "refused-object", f"{key}: the store refuses to read it (a symlink leaving the root?); its rows are unknown")
+    keys = [k for k in keys if k not in refused]
     rows_by_id: dict[str, list[_Row]] = {}
     bad_ids: set[str] = set()
     for row in parsed:
@@ -495,7 +601,8 @@ def scan_drop(raw: Storage, drop_id: str, layout: str = "auto") -> DropScan:
         layout=layout,
         inputs=sorted(out.inputs, key=lambda item: item.image_id),
         quarantined=sorted(out.quarantined, key=lambda e: (e.item, e.reason, e.detail)),
-        n_inputs=_count_inputs(parsed, _image_files(keys)),
+        n_inputs=_count_inputs(parsed, _image_files(keys)) + len(bad_keys) + len(refused),
+        listing=listing,
     )
     if scan.n_inputs != len(scan.inputs) + len(scan.quarantined):
         raise AssertionError(

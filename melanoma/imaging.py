@@ -322,7 +322,7 @@ def _pil_header(data: bytes) -> ImageHeader:
     except Image.DecompressionBombError as error:
         raise RejectedImage("decompression-bomb", str(error)) from None
     except UnidentifiedImageError:
-        raise RejectedImage("not-an-image", f"no known image signature (starts with {data[:16]!r})") from None
+        raise RejectedImage("not-an-image", f"no known image signature (starts with {signature(data)})") from None
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise RejectedImage("undecodable", f"unreadable image header: {error}") from None
     channels, color, has_alpha, bit_depth = _PIL_MODES.get(mode, (None, None, False, None))
@@ -336,6 +336,11 @@ def _pil_header(data: bytes) -> ImageHeader:
         has_alpha=has_alpha or has_transparency,
         orientation=orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1,
     )
+
+
+def signature(data: bytes) -> str:
+    """The first 4 bytes in hex: enough to tell a format apart, too little to leak a file's content."""
+    return f"0x{data[:4].hex()}" if data else "nothing"
 
 
 def read_image_header(data: bytes) -> ImageHeader:
@@ -475,6 +480,9 @@ def _imdecode(data: bytes, flags: int, header: ImageHeader) -> np.ndarray:
     try:
         array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as error:
+        if error.code == cv2.Error.StsNoMem:
+            # The machine's state, not the file's: a retry with more memory decodes it.
+            raise MemoryError(f"OpenCV ran out of memory decoding a {header.width}x{header.height} {header.format}") from error
         raise RejectedImage("undecodable", f"OpenCV cannot decode this {header.format}: {error}".strip()) from None
     if array is None:
         # Cut-short files were caught by _check_complete before decoding; what is left is

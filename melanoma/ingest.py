@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
@@ -41,7 +42,9 @@ from melanoma.manifest import PROCESSED_PREFIX, commit_manifest, latest_manifest
 from melanoma.records import IMAGE_SIZE, encode_shard, sha256_hex
 from melanoma.spark_settings import SPARK_DEFAULTS
 from melanoma.splits import DEFAULT_FRACTIONS, SPLITS, assign_split, split_description
-from melanoma.storage import LocalStorage, Storage, open_storage, s3_endpoint_from_env
+from melanoma.storage import LocalStorage, ObjectRefused, Storage, open_storage, s3_endpoint_from_env
+
+log = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = "1"
 #: Images per chunk (one Spark task, up to three shards: one per split). 256 images make
@@ -90,6 +93,9 @@ def quarantine_key(drop_id: str) -> str:
 
 def index_key(drop_id: str) -> str:
     return f"{PROCESSED_PREFIX}/index/{drop_id}.json"
+
+
+listing_key = drops_mod.listing_key
 
 
 def label_counts(records: list[dict]) -> dict[str, int]:
@@ -144,14 +150,19 @@ def _executor_setup() -> None:
     cv2.setNumThreads(1)
 
 
+#: Errors of the machine, not of the bytes (memory, I/O, timeouts): they fail the task so that
+#: its retry redoes the work; only a property of the bytes may quarantine an input.
+RESOURCE_ERRORS = (MemoryError, OSError)
+
+
 def _read(storage: Storage, key: str | None) -> bytes | Exception | None:
-    """An object's bytes, or the FileNotFoundError saying it is gone (other errors propagate)."""
+    """An object's bytes, or the error saying it is gone or refused for good (other errors propagate)."""
     if key is None:
         return None
     try:
         return storage.read_bytes(key)
-    except FileNotFoundError as missing:
-        return missing
+    except (FileNotFoundError, ObjectRefused) as lost:
+        return lost
 
 
 def _read_ahead(storage: Storage, items: list[dict]) -> Iterator[tuple[bytes | Exception, bytes | Exception | None]]:
@@ -159,15 +170,24 @@ def _read_ahead(storage: Storage, items: list[dict]) -> Iterator[tuple[bytes | E
 
     A local folder is read in line: a page-cached 250 KB file costs ~0.1 ms, so threads
     would hide nothing and their wake-ups would compete with the decoding for the cores.
+    On the first read that fails, the queued reads are cancelled and the error raised at
+    once: waiting for them would only meet the same dead store again, read after read.
     """
     if isinstance(storage, LocalStorage):
         for item in items:
             yield _read(storage, item["image_key"]), _read(storage, item.get("mask_key"))
         return
-    with ThreadPoolExecutor(max_workers=READ_AHEAD_THREADS) as pool:
-        images = pool.map(lambda item: _read(storage, item["image_key"]), items)
-        masks = pool.map(lambda item: _read(storage, item.get("mask_key")), items)
-        yield from zip(images, masks)
+    pool = ThreadPoolExecutor(max_workers=READ_AHEAD_THREADS)
+    try:
+        pending: list[tuple[Future, Future]] = [
+            (pool.submit(_read, storage, item["image_key"]), pool.submit(_read, storage, item.get("mask_key"))) for item in items
+        ]
+        for image, mask in pending:
+            yield image.result(), mask.result()
+    finally:
+        # Normal end: nothing is queued any more. After a failure (or an abandoned generator):
+        # drop the queue and do not wait for reads in flight, each bounded by the client's timeouts.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _decode(item: dict, data: bytes | Exception) -> tuple[np.ndarray | None, list[str], tuple[str, str] | None]:
@@ -175,15 +195,19 @@ def _decode(item: dict, data: bytes | Exception) -> tuple[np.ndarray | None, lis
     if isinstance(data, FileNotFoundError):
         # Listed at scan time, gone now (deleted mid-run): the row's image is missing.
         return None, [], ("missing-image", str(data))
+    if isinstance(data, ObjectRefused):
+        return None, [], ("refused-object", str(data))
     try:
         image, notes = preprocess_image_bytes(data, IMAGE_SIZE)
         return image, notes, None
     except RejectedImage as rejected:
-        return None, [], (rejected.reason, str(rejected))
+        return None, [], (rejected.reason, rejected.message)  # the reason is its own field, not repeated
+    except RESOURCE_ERRORS:
+        raise
     except Exception as error:  # noqa: BLE001 - a decoder failure we did not foresee is this input's problem
-        # Only the decoding is guarded: storage errors (network, permissions) propagate and
-        # fail the task, so Spark retries it instead of quarantining a healthy image.
-        return None, [], ("undecodable", f"unexpected {type(error).__name__} while decoding: {error}")
+        # Storage errors never reach here (they propagate from the reads) and resource
+        # errors are re-raised above, so Spark retries the task instead of quarantining.
+        return None, [], ("undecodable", f"unexpected {type(error).__name__} while decoding: {str(error)[:200]}")
 
 
 def _decode_mask(data: bytes | Exception | None) -> tuple[np.ndarray | None, str | None]:
@@ -192,10 +216,14 @@ def _decode_mask(data: bytes | Exception | None) -> tuple[np.ndarray | None, str
         return None, None
     if isinstance(data, FileNotFoundError):
         return None, "missing"
+    if isinstance(data, ObjectRefused):
+        return None, "refused-object"
     try:
         return decode_mask(data, IMAGE_SIZE), None
     except RejectedImage as rejected:
         return None, rejected.reason
+    except RESOURCE_ERRORS:
+        raise
     except Exception as error:  # noqa: BLE001 - as in _decode: the mask's problem, not the task's
         return None, f"undecodable ({type(error).__name__})"
 
@@ -279,6 +307,7 @@ class DropPlan:
     n_inputs: int
     tasks: list[ChunkTask]
     quarantined: list[dict]
+    listing: dict[str, int] = field(default_factory=dict)  # key -> size at scan time
 
 
 def known_image_ids(out: Storage, manifest: dict | None) -> dict[str, str]:
@@ -315,7 +344,7 @@ def plan_drop(raw_root: str, processed_root: str, drop_id: str, known: dict[str,
         ChunkTask(raw_root, processed_root, drop_id, index, usable[start : start + shard_size])
         for index, start in enumerate(range(0, len(usable), shard_size))
     ]
-    return DropPlan(drop_id, scan.layout, scan.n_inputs, tasks, quarantined)
+    return DropPlan(drop_id, scan.layout, scan.n_inputs, tasks, quarantined, scan.listing)
 
 
 def plan_drops(raw_root: str, processed_root: str, previous: dict | None, drop_ids: list[str], *, layout: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> list[DropPlan]:
@@ -379,6 +408,7 @@ def finish_drops(out: Storage, previous: dict | None, plans: list[DropPlan], res
     for plan, chunk_results, quarantined, index in outputs:
         out.write_bytes(quarantine_key(plan.drop_id), "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantined).encode())
         out.write_bytes(index_key(plan.drop_id), json.dumps(index, sort_keys=True).encode())
+        out.write_bytes(listing_key(plan.drop_id), json.dumps(plan.listing, sort_keys=True).encode())
         conversions: dict[str, int] = {}
         for r in chunk_results:
             for note, n in r.conversions.items():
@@ -468,7 +498,8 @@ def run_preprocess(
     raw, out = open_storage(raw_root), open_storage(processed_root)
     previous = latest_manifest(out)
     todo = pending_drops(raw, previous, drops)
-    summary: dict = {"drops": todo, "manifest_key": None, "inputs": 0, "written": 0, "quarantined": 0, "tasks": 0}
+    summary: dict = {"drops": todo, "manifest_key": None, "inputs": 0, "written": 0, "quarantined": 0, "tasks": 0,
+                     "late_files": drops_mod.report_late_files(raw, out, previous, drops)}
     if not todo:
         return summary
     timings: dict[str, float] = {}

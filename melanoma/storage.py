@@ -10,12 +10,22 @@ variables by the DAG), never from code:
 - ``MELANOMA_S3_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL``): e.g. ``http://minio:9000``;
   unset means AWS itself.
 - ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_DEFAULT_REGION``: the usual boto3 chain.
+- ``MELANOMA_S3_CONNECT_TIMEOUT_S`` (5), ``MELANOMA_S3_READ_TIMEOUT_S`` (20),
+  ``MELANOMA_S3_MAX_ATTEMPTS`` (3, first try included): a store that stops answering fails a
+  call after at most ``attempts x (connect + read)`` seconds plus backoff (about 80 s by
+  default, not botocore's 5 x 60 s), with :class:`StorageUnavailable`.
+
+Errors: :class:`ObjectRefused` is about one object and is permanent (a key that cannot be
+addressed, a symlink leaving a local root): callers quarantine that input.
+:class:`StorageUnavailable` is about the store (no answer, timeouts): callers let it fail the
+task, whose retry redoes the work. A local root never reads or writes outside itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +37,26 @@ class StorageError(RuntimeError):
     """A storage operation failed in a way the caller should report as-is."""
 
 
+class ObjectRefused(StorageError):
+    """This one object cannot be used, whatever the retry: a property of its name or link, not of the store."""
+
+
+class StorageUnavailable(StorageError):
+    """The store did not answer (timeouts, refused connections): transient, the task must fail and retry."""
+
+
+def is_valid_key(key: str) -> bool:
+    """True for keys that address an object inside the root: no ``..``/``.``/empty segment, no ``\\``, not absolute."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        return False
+    parts = key.split("/")
+    return not (any(part in ("", ".", "..") for part in parts[:-1]) or parts[-1] in ("", ".", ".."))
+
+
 def _check_key(key: str) -> str:
     """Refuse keys that could escape the storage root (``..``, absolute paths)."""
-    if not key or key.startswith("/") or "\\" in key:
-        raise StorageError(f"invalid storage key {key!r}")
-    parts = key.split("/")
-    if any(part in ("", ".", "..") for part in parts[:-1]) or parts[-1] in (".", ".."):
-        raise StorageError(f"invalid storage key {key!r}")
+    if not is_valid_key(key):
+        raise ObjectRefused(f"invalid storage key {key!r}")
     return key
 
 
@@ -54,6 +77,7 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def uri(self, key: str) -> str: ...
     def size(self, key: str) -> int: ...
+    def list_objects(self, prefix: str = "") -> dict[str, int]: ...
 
 
 @dataclass
@@ -70,7 +94,12 @@ class LocalStorage:
         return str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        """The file for ``key``, refused when it (or a folder on its way) links outside the root."""
+        path = self.root / _check_key(key)
+        # resolve() follows every symlink on the way, existing or not: what a read or write would reach.
+        if not path.resolve().is_relative_to(self.root):
+            raise ObjectRefused(f"{key!r} is a symlink leaving the storage root {self.root}")
+        return path
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -98,14 +127,25 @@ class LocalStorage:
 
     def list_keys(self, prefix: str = "") -> list[str]:
         """Every key under the folder ``prefix`` (recursive), sorted."""
+        return sorted(self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> dict[str, int]:
+        """key -> size of every file under the folder ``prefix`` (recursive; dot files skipped).
+
+        Symlinked folders are not descended (they may lead anywhere); a symlinked file is
+        listed with the link's own size, so a read of it meets :meth:`_path`'s check.
+        """
         base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
-        if not base.exists():
-            return []
-        keys = []
-        for path in base.rglob("*"):
-            if path.is_file() and not path.name.startswith("."):
-                keys.append(path.relative_to(self.root).as_posix())
-        return sorted(keys)
+        if not base.is_dir() or not base.resolve().is_relative_to(self.root):
+            return {}
+        objects = {}
+        for folder, _, names in os.walk(base, followlinks=False):
+            for name in names:
+                path = Path(folder, name)
+                if name.startswith(".") or not (path.is_file() or path.is_symlink()):
+                    continue
+                objects[path.relative_to(self.root).as_posix()] = path.lstat().st_size
+        return objects
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -142,12 +182,21 @@ class S3Storage:
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client(
-                "s3",
-                endpoint_url=self.endpoint_url,
-                config=Config(retries={"max_attempts": 5, "mode": "standard"}),
-            )
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=Config(**s3_client_settings()))
         return self._client
+
+    @contextlib.contextmanager
+    def _answering(self, what: str) -> Iterator[None]:
+        """Turn "the store did not answer" (after botocore's bounded retries) into StorageUnavailable."""
+        from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+
+        try:
+            yield
+        except (ConnectTimeoutError, ReadTimeoutError, EndpointConnectionError, ConnectionClosedError) as error:
+            raise StorageUnavailable(
+                f"object store {self.endpoint_url or 'AWS S3'} did not answer {what} in {self.root_uri} "
+                f"({type(error).__name__}: {error}); failing so that the task's retry resumes"
+            ) from error
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -158,19 +207,25 @@ class S3Storage:
         return join_key(self.prefix, _check_key(key))
 
     def read_bytes(self, key: str) -> bytes:
+        full = self._full(key)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+            with self._answering(f"GET {key!r}"):
+                return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
         except self.client.exceptions.NoSuchKey:
             raise FileNotFoundError(f"no object {key!r} in {self.root_uri}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data)
+        full = self._full(key)
+        with self._answering(f"PUT {key!r}"):
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
+        full = self._full(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            with self._answering(f"HEAD {key!r}"):
+                self.client.head_object(Bucket=self.bucket, Key=full)
             return True
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
@@ -178,26 +233,57 @@ class S3Storage:
             raise
 
     def size(self, key: str) -> int:
-        return int(self.client.head_object(Bucket=self.bucket, Key=self._full(key))["ContentLength"])
+        full = self._full(key)
+        with self._answering(f"HEAD {key!r}"):
+            return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
 
     def list_keys(self, prefix: str = "") -> list[str]:
+        return sorted(self.list_objects(prefix))
+
+    def list_objects(self, prefix: str = "") -> dict[str, int]:
+        """key -> size under the folder ``prefix``. Keys come back as the store holds them, odd ones included."""
         # ``prefix`` names a folder on both backends: "raw/d1" must not match "raw/d10/...".
         folder = join_key(self.prefix, prefix)
         full_prefix = folder + "/" if folder else ""
-        keys: list[str] = []
+        objects: dict[str, int] = {}
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-            for item in page.get("Contents", []):
-                key = item["Key"]
-                relative = key[len(self.prefix) + 1 :] if self.prefix else key
-                keys.append(relative)
-        return sorted(keys)
+        with self._answering(f"LIST {prefix!r}"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    objects[key[len(self.prefix) + 1 :] if self.prefix else key] = int(item.get("Size", 0))
+        return objects
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        full = self._full(key)
+        with self._answering(f"DELETE {key!r}"):
+            self.client.delete_object(Bucket=self.bucket, Key=full)
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
+
+
+def _env_number(name: str, default: float) -> float:
+    """A positive number from the environment; a bad value is an error, not a silent default."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise StorageError(f"{name}={text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise StorageError(f"{name}={text!r} must be a positive number")
+    return value
+
+
+def s3_client_settings() -> dict:
+    """botocore ``Config`` arguments: bounded timeouts and attempts (see the module docstring)."""
+    return {
+        "connect_timeout": _env_number("MELANOMA_S3_CONNECT_TIMEOUT_S", 5),
+        "read_timeout": _env_number("MELANOMA_S3_READ_TIMEOUT_S", 20),
+        "retries": {"total_max_attempts": int(_env_number("MELANOMA_S3_MAX_ATTEMPTS", 3)), "mode": "standard"},
+    }
 
 
 def s3_endpoint_from_env() -> str | None:

@@ -9,8 +9,12 @@ row with :class:`~airflow.models.xcom.XComModel`, the same way Airflow's own
 
 The button points at the report of the task's own DAG run, so it works from any task of
 the run (and stays disabled, an empty link, until the report exists or in other DAGs).
-Only http, https and file URLs are handed to the browser: the value comes from a task, and
-a ``javascript:`` URL would run in the Airflow UI's origin.
+The value comes from a task, so it is trusted only as far as it names a report where this
+pipeline writes them: ``<data root>/runs/<run key>/report.html``, the data root being the
+one the tasks use (Variable ``melanoma_data_root``, else env ``MELANOMA_DATA_ROOT``, else
+the project's ``output/data``). Anything else (any http(s) URL, another bucket or key, a
+path elsewhere, ``javascript:``) gives no link: the button must be neither an open redirect
+nor a way to have the API server presign arbitrary objects.
 
 A run whose outputs live in object storage pushes an ``s3://`` URI, which no browser opens.
 The link then becomes a presigned HTTP(S) GET of that object, signed here when the button is
@@ -36,7 +40,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import PurePosixPath
+import posixpath
+import re
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -47,7 +53,10 @@ log = logging.getLogger(__name__)
 
 REPORT_TASK_ID = "report"
 REPORT_XCOM_KEY = "report_url"
-_BROWSABLE_SCHEMES = ("http", "https", "file")
+DATA_ROOT_VARIABLE, DATA_ROOT_ENV = "melanoma_data_root", "MELANOMA_DATA_ROOT"
+DEFAULT_DATA_ROOT = str(Path(__file__).resolve().parents[1] / "output" / "data")  # as melanoma.airflow_ops
+REPORT_NAME = "report.html"
+_RUN_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 PUBLIC_ENDPOINT_ENV = "MELANOMA_S3_PUBLIC_ENDPOINT_URL"
 _STORAGE_ENDPOINT_ENV = ("MELANOMA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")  # what melanoma.storage reads
 EXPIRES_ENV = "MELANOMA_REPORT_LINK_EXPIRES_S"
@@ -73,11 +82,29 @@ def read_report_value(dag_id: str, run_id: str) -> Any:
     return None if row is None else row.value
 
 
-def report_href(value: Any) -> str:
+def data_root() -> str:
+    """The data root the tasks write to: Variable, else environment, else the embedded default."""
+    try:
+        from airflow.models.variable import Variable
+
+        value = Variable.get(DATA_ROOT_VARIABLE, default_var=None)
+    except Exception:  # noqa: BLE001 - no metadata DB reachable (tests, CLI): the environment decides
+        value = None
+    return str(value or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
+
+
+def _run_report_key(relative: str) -> bool:
+    """True for exactly ``runs/<run key>/report.html`` (no other object, no ``..``)."""
+    parts = relative.split("/")
+    return len(parts) == 3 and parts[0] == "runs" and bool(_RUN_KEY.match(parts[1])) and parts[2] == REPORT_NAME
+
+
+def report_href(value: Any, root: str | None = None) -> str:
     """A browser link for a stored ``report_url`` value; "" (a disabled button) if there is none.
 
-    The value may still be JSON-encoded (values pushed by tasks are stored as JSON text).
-    An absolute path becomes a ``file://`` URI; other schemes are refused.
+    The value may still be JSON-encoded (values pushed by tasks are stored as JSON text). Only
+    a run's report under ``root`` (default: :func:`data_root`) gives a link: a local one as a
+    ``file://`` URI, one in S3 as a presigned URL. Everything else is refused and logged.
     """
     if isinstance(value, str):
         try:
@@ -86,16 +113,29 @@ def report_href(value: Any) -> str:
             pass  # a bare, not JSON-encoded string
     if not isinstance(value, str) or not value.strip():
         return ""
-    text = value.strip()
-    if text.startswith("/"):
-        return PurePosixPath(text).as_uri()
-    scheme = urlparse(text).scheme.lower()
-    if scheme in _BROWSABLE_SCHEMES:
-        return text
-    if scheme == "s3":
+    text, root = value.strip(), root or data_root()
+    root = root.rstrip("/") if root.startswith("s3://") else posixpath.normpath(os.path.abspath(root))
+    relative = _under(text, root)
+    if relative is None or not _run_report_key(relative):
+        log.warning("report_url %r is not a run report under the data root %r; no link shown", text[:200], root[:200])
+        return ""
+    if root.startswith("s3://"):
         return presigned_s3_url(text)
-    log.warning("report_url %r has no browsable scheme (http, https, file, s3); no link shown", text[:200])
-    return ""
+    return PurePosixPath(text.removeprefix("file://")).as_uri()
+
+
+def _under(text: str, root: str) -> str | None:
+    """``text`` relative to ``root`` when it lies under it, else None (s3 URIs or absolute local paths)."""
+    if root.startswith("s3://"):
+        if not text.startswith(root + "/") or any(part in ("", ".", "..") for part in text[len(root) + 1 :].split("/")):
+            return None
+        return text[len(root) + 1 :]
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+    if not text.startswith("/") or not root.startswith("/") or posixpath.normpath(text) != text:
+        return None  # relative, another scheme, or a path with "..", "." or "//" in it
+    base = root if root.endswith("/") else root + "/"
+    return text[len(base):] if text.startswith(base) else None
 
 
 def _endpoint() -> str | None:

@@ -37,9 +37,9 @@ class CountingStorage(LocalStorage):
         self.reads.append(key)
         return super().read_bytes(key)
 
-    def list_keys(self, prefix: str = "") -> list[str]:
+    def list_objects(self, prefix: str = "") -> dict[str, int]:
         self.listings += 1
-        return super().list_keys(prefix)
+        return super().list_objects(prefix)
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,23 @@ plugin = load_plugin_module()
 @pytest.mark.parametrize(
     ("stored", "href"),
     [
-        ('"https://reports.example.org/run/1/report.html"', "https://reports.example.org/run/1/report.html"),
-        ("http://minio:9000/runs/1/report.html", "http://minio:9000/runs/1/report.html"),
-        ('"file:///data/runs/1/report.html"', "file:///data/runs/1/report.html"),
-        ('"/data/runs/run 1/report.html"', "file:///data/runs/run%201/report.html"),
+        ('"/data/runs/manual__1/report.html"', "file:///data/runs/manual__1/report.html"),
+        ('"file:///data/runs/run_1/report.html"', "file:///data/runs/run_1/report.html"),
+        ("/data/runs/scheduled__20260301T000000Z/report.html", "file:///data/runs/scheduled__20260301T000000Z/report.html"),
+        # Issue #20 (6): no open redirect. Any http(s) URL used to pass through.
+        ('"https://reports.example.org/run/1/report.html"', ""),
+        ("http://minio:9000/runs/1/report.html", ""),
+        # Only the report of a run under the data root: not another file, folder or root.
+        ('"/data/runs/1/metrics.json"', ""),
+        ('"/data/runs/1/sub/report.html"', ""),
+        ('"/data/runs/../../etc/report.html"', ""),
+        ('"/data/runs/./1/report.html"', ""),
+        ('"/elsewhere/runs/1/report.html"', ""),
+        ('"/data2/runs/1/report.html"', ""),
         ('"javascript:alert(document.cookie)"', ""),
         ('"JaVaScRiPt:alert(1)"', ""),
         ('"data:text/html,<script>alert(1)</script>"', ""),
-        ('"s3://bucket/runs/1/report.html"', ""),
+        ('"s3://bucket/runs/1/report.html"', ""),  # a local data root: no S3 link at all
         ('"relative/report.html"', ""),
         ('{"report_uri": "/data/report.html"}', ""),
         ("", ""),
@@ -45,7 +54,34 @@ plugin = load_plugin_module()
     ],
 )
 def test_report_href(stored, href):
-    assert plugin.report_href(stored) == href
+    assert plugin.report_href(stored, "/data") == href
+
+
+def test_report_href_reads_the_data_root_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MELANOMA_DATA_ROOT", "/srv/melanoma/")
+    assert plugin.report_href('"/srv/melanoma/runs/k/report.html"') == "file:///srv/melanoma/runs/k/report.html"
+    assert plugin.report_href('"/data/runs/k/report.html"') == ""
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "s3://other-bucket/data/runs/k/report.html",  # another bucket
+        "s3://lake/secrets/key.pem",  # any object of the bucket
+        "s3://lake/data/runs/k/model/model.keras",  # another object of a run
+        "s3://lake/data/runs/../secrets/report.html",
+        "s3://lake/data//runs/k/report.html",
+        "s3://lake/data-other/runs/k/report.html",
+    ],
+)
+def test_no_presigning_outside_the_data_roots_run_reports(stored, monkeypatch):
+    """Issue #20 (6): any s3://bucket/key used to be presigned with the API server's credentials."""
+    signed = []
+    monkeypatch.setattr(plugin, "presigned_s3_url", lambda uri: signed.append(uri) or "https://signed")
+    assert plugin.report_href(json.dumps(stored), "s3://lake/data") == ""
+    assert signed == []
+    assert plugin.report_href('"s3://lake/data/runs/k/report.html"', "s3://lake/data/") == "https://signed"
+    assert signed == ["s3://lake/data/runs/k/report.html"]
 
 
 def test_get_link_reads_the_report_task_of_the_same_run(monkeypatch):
@@ -57,6 +93,7 @@ def test_get_link_reads_the_report_task_of_the_same_run(monkeypatch):
         calls.append((dag_id, run_id))
         return json.dumps("/data/runs/7/report.html")
 
+    monkeypatch.setenv("MELANOMA_DATA_ROOT", "/data")
     monkeypatch.setattr(plugin, "read_report_value", fake_read)
     link = plugin.MelanomaReportLink()
     key = TaskInstanceKey(dag_id="melanoma_pipeline", task_id="train", run_id="scheduled__7", try_number=2)
@@ -101,7 +138,7 @@ _REAL_DB_SCRIPT = textwrap.dedent(
         # DAG version; this test is about the link's query, so that one constraint is lifted.
         session.execute(text("PRAGMA foreign_keys=OFF"))
         # Stored as the execution API stores a task's push: JSON text, not re-serialised.
-        XComModel.set("report_url", json.dumps("/runs/1/report.html"), dag_id="melanoma_pipeline",
+        XComModel.set("report_url", json.dumps("/data/runs/1/report.html"), dag_id="melanoma_pipeline",
                       task_id="report", run_id="manual__1", serialize=False, session=session)
         XComModel.set("report_url", json.dumps("https://elsewhere.example/r.html"), dag_id="other_dag",
                       task_id="report", run_id="manual__1", serialize=False, session=session)
@@ -128,6 +165,7 @@ def test_plugin_loaded_by_airflow_reads_real_xcom_rows(tmp_path):
         AIRFLOW__CORE__PLUGINS_FOLDER=str(PLUGINS),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__UNIT_TEST_MODE="False",
+        MELANOMA_DATA_ROOT="/data",
     )
     done = subprocess.run(
         [sys.executable, "-c", _REAL_DB_SCRIPT], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path
@@ -135,8 +173,8 @@ def test_plugin_loaded_by_airflow_reads_real_xcom_rows(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {
-        "train_run1": "file:///runs/1/report.html",
-        "report_run1": "file:///runs/1/report.html",
+        "train_run1": "file:///data/runs/1/report.html",
+        "report_run1": "file:///data/runs/1/report.html",
         "train_run2": "",  # this run has no report (yet): a disabled button
         "tensorflow_loaded": False,
     }

@@ -231,7 +231,7 @@ def test_report_on_s3_opens_through_a_presigned_http_link(s3_bucket, s3_env, mon
     monkeypatch.setenv("MELANOMA_REPORT_LINK_EXPIRES_S", "120")
 
     # What the DAG pushes is the s3:// URI (JSON-encoded in the XCom table).
-    href = plugin.report_href(json.dumps(result["report_uri"]))
+    href = plugin.report_href(json.dumps(result["report_uri"]), f"s3://{s3_bucket}")
 
     endpoint = urlparse(s3_env["MELANOMA_S3_ENDPOINT_URL"])
     link = urlparse(href)
@@ -252,13 +252,14 @@ def test_s3_report_link_is_signed_for_the_browsers_endpoint(s3_env, monkeypatch)
     # Containers reach MinIO as http://minio:9000, the browser as the published port.
     monkeypatch.setenv("MELANOMA_S3_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("MELANOMA_S3_PUBLIC_ENDPOINT_URL", "http://127.0.0.1:9000")
-    link = urlparse(plugin.report_href("s3://melanoma/data/runs/x/report.html"))
+    link = urlparse(plugin.report_href("s3://melanoma/data/runs/x/report.html", "s3://melanoma/data"))
     assert (link.scheme, link.netloc, link.path) == ("http", "127.0.0.1:9000", "/melanoma/data/runs/x/report.html")
 
 
 def test_s3_report_without_endpoint_or_credentials_gets_no_link(s3_env, monkeypatch, tmp_path):
     plugin = report_link_plugin()
     uri = json.dumps("s3://melanoma/runs/x/report.html")
+    monkeypatch.setenv("MELANOMA_DATA_ROOT", "s3://melanoma")
     for name in ("MELANOMA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "MELANOMA_S3_PUBLIC_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
     assert plugin.report_href(uri) == ""  # no http(s) endpoint known: nothing a browser could open
