@@ -10,7 +10,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-fast bench-preprocess bench-quality bench-gradcam clean
+.PHONY: venv demo test test-fast test-stack bench-preprocess bench-quality bench-gradcam clean
 
 venv: $(STAMP)
 
@@ -24,11 +24,20 @@ $(STAMP): requirements.txt pyproject.toml
 demo: venv
 	$(PY) -m melanoma.demo
 
+# Everything but the Docker stack (which needs root and installs an engine): see test-stack.
 test: venv
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -m "not stack"
+
+# The production stack for real (tests/test_stack.py): installs and starts a Docker engine when
+# missing (as root), builds local stand-ins for the public base images, then the project's images,
+# runs the DAG in `docker compose`, and tears everything down. .ci/run runs it after `make test`.
+test-stack: venv
+	bash docker/local/engine.sh
+	bash docker/local/base-images.sh
+	$(PY) -m pytest -q -rs -m stack tests/test_stack.py
 
 test-fast: venv
-	$(PY) -m pytest -q -rs -m "not e2e and not slow"
+	$(PY) -m pytest -q -rs -m "not e2e and not slow and not stack"
 
 bench-preprocess: venv
 	$(PY) benchmarks/bench_preprocess.py

@@ -181,11 +181,15 @@ def image_pins(name: str) -> dict[str, tuple[str, str]]:
 
 
 def from_images(path: Path) -> list[str]:
-    images = []
-    for keyword, args in parse_dockerfile(path):
+    """The images the Dockerfile builds FROM by default (``ARG NAME=default`` before FROM resolved)."""
+    images, args = [], {}
+    for keyword, rest in parse_dockerfile(path):
+        if keyword == "ARG" and "=" in rest:
+            name, default = rest.split("=", 1)
+            args[name.strip()] = default.strip()
         if keyword == "FROM":
-            words = [w for w in args.split() if not w.startswith("--")]
-            images.append(words[0])
+            words = [w for w in rest.split() if not w.startswith("--")]
+            images.append(re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: args.get(m.group(1), m.group(0)), words[0]))
     return images
 
 
@@ -408,9 +412,13 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
 
 
 def test_the_settings_the_dag_reads_are_set(compose, services):
-    sources = (ROOT / "melanoma" / "airflow_ops.py").read_text() + "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
+    sources = "".join((ROOT / "melanoma" / name).read_text() for name in ("airflow_ops.py", "training_tasks.py"))
+    sources += "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
     settings = set(re.findall(r"\bsetting\(\s*\"([a-z0-9_]+)\"", sources))
-    assert {"data_root", "raw_root", "runner", "training_image", "spark_python", "docker_network"} <= settings, settings
+    # The runner decides the training tasks' type, so it is read from the environment at parse time.
+    settings |= {s.lower() for s in re.findall(r"os\.environ\.get\(\"MELANOMA_([A-Z0-9_]+)\"", sources)}
+    assert {"data_root", "raw_root", "runner", "training_image", "spark_python", "docker_network", "docker_extra_hosts",
+            "task_retries", "task_retry_delay_s"} <= settings, settings
     for name in AIRFLOW_SERVICES:  # tasks run in the scheduler; the DAG is parsed in the dag-processor
         env = environment(services[name])
         missing = sorted(f"MELANOMA_{s.upper()}" for s in settings if f"MELANOMA_{s.upper()}" not in env)

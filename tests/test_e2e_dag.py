@@ -7,8 +7,6 @@ EfficientNet-Lite0 ImageNet weights. Asserts what each stage wrote and that the 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sqlite3
 
@@ -16,46 +14,23 @@ import boto3
 import pytest
 
 from melanoma.demo import airflow_env, run_dag
+from ham_drop import metadata_csv, metadata_rows, pick_images, upload_images
 
 pytestmark = pytest.mark.e2e
 
 DROP_ID = "ham-2026-01-01"
 
 
-def pick_images(metadata_rows: list[dict], n_melanoma: int = 60, n_other: int = 140) -> list[dict]:
-    """Whole lesions, deterministically: melanoma lesions up to ``n_melanoma`` images, others up to ``n_other``."""
-    by_lesion: dict[str, list[dict]] = {}
-    for row in metadata_rows:
-        by_lesion.setdefault(row["lesion_id"], []).append(row)
-    chosen, counts = [], {True: 0, False: 0}
-    limits = {True: n_melanoma, False: n_other}
-    for lesion_id in sorted(by_lesion):
-        rows = by_lesion[lesion_id]
-        melanoma = rows[0]["dx"] == "mel"
-        if counts[melanoma] + len(rows) <= limits[melanoma]:
-            chosen += rows
-            counts[melanoma] += len(rows)
-    return chosen
-
-
 def upload_drop(s3, bucket: str, ham10000_dir) -> list[dict]:
-    with open(ham10000_dir / "HAM10000_metadata.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = metadata_rows(ham10000_dir)
     chosen = pick_images(rows)
     prefix = f"raw/{DROP_ID}"
-    for row in chosen:
-        image_id = row["image_id"]
-        s3.upload_file(str(ham10000_dir / "images" / f"{image_id}.jpg"), bucket, f"{prefix}/HAM10000_images_part_1/{image_id}.jpg")
-        s3.upload_file(str(ham10000_dir / "masks" / f"{image_id}_segmentation.png"), bucket, f"{prefix}/masks/{image_id}_segmentation.png")
+    upload_images(s3, bucket, prefix, ham10000_dir, chosen)
     # Two bad inputs: a truncated JPEG with its row, and a row whose image never arrived.
     good = (ham10000_dir / "images" / f"{chosen[0]['image_id']}.jpg").read_bytes()
     s3.put_object(Bucket=bucket, Key=f"{prefix}/HAM10000_images_part_2/ISIC_9999999.jpg", Body=good[: len(good) // 3])
     extra = [dict(chosen[0], lesion_id="HAM_9999999", image_id="ISIC_9999999"), dict(chosen[0], lesion_id="HAM_9999998", image_id="ISIC_9999998")]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(chosen + extra)
-    s3.put_object(Bucket=bucket, Key=f"{prefix}/HAM10000_metadata.csv", Body=buffer.getvalue().encode())
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/HAM10000_metadata.csv", Body=metadata_csv(chosen + extra))
     return chosen
 
 

@@ -1,0 +1,377 @@
+"""The production stack for real: every image built from the project's Dockerfiles, `docker compose up`,
+the DAG triggered through Airflow's REST API and run in the containers, then torn down.
+
+`make test-stack` installs and starts the Docker engine (docker/local/engine.sh), builds the local
+stand-ins for the public base images (docker/local/base-images.sh), then runs this file. The stack is
+docker-compose.yaml as users run it plus docker/local/compose.local.yaml (host network, 127.0.0.1 only,
+an S3-compatible server for MinIO, two Spark workers). What is asserted, the way a user would check it:
+every task succeeds; preprocess and augment ran as applications of the standalone master with
+executors on both workers; train, evaluate, gradcam and report ran in containers of the training image
+that Airflow started; the bucket holds the manifest, shards, model, metrics and report; the UI's report
+link opens the report. Then faults: a Spark worker killed during preprocess and the training container
+killed during training; both runs still finish, every input accounted for. Nothing is left running.
+
+Without a Docker engine it skips with the reason, except under CI=true, where it fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+from ham_drop import metadata_csv, metadata_rows, pick_images, upload_images
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "melanoma-stack-test"
+DAG_ID = "melanoma_pipeline"
+API = "http://127.0.0.1:8080"
+S3_URL = "http://127.0.0.1:9000"
+SPARK_MASTER_UI = "http://127.0.0.1:8090"
+SPARK_WORKER_UIS = {"spark-worker": "http://127.0.0.1:8091", "spark-worker-2": "http://127.0.0.1:8092"}
+BUCKET = "melanoma"
+TRAINING_IMAGE = "melanoma-training:0.1.0"
+TRAINING_STEPS = {"train", "evaluate", "gradcam", "report"}
+OUTPUT = ROOT / "output" / "stack"
+# Quick Params: the head only, few images, few resamples; the stack's behaviour, not the model's quality.
+QUICK = {"epochs": 40, "max_train_images": 300, "n_boot": 100}
+
+
+def sh(*args: str, timeout: float = 600, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:6])} ... failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def docker_available() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker command"
+    done = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        return f"no Docker engine answers ({done.stderr.strip()[:200]})"
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode != 0:
+        return "no docker compose v2 plugin"
+    return None
+
+
+def write_env_file(path: Path) -> dict[str, str]:
+    """.env.example with fresh secrets, as a user fills it in; fast retries for the fault tests."""
+    values = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", (ROOT / "docker-compose.yaml").read_text()))
+    for key in required:
+        values[key] = values.get(key) or secrets.token_urlsafe(24)
+    values["AIRFLOW_FERNET_KEY"] = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    values["DOCKER_GID"] = str(os.stat("/var/run/docker.sock").st_gid)
+    values.update(MELANOMA_TASK_RETRIES="1", MELANOMA_TASK_RETRY_DELAY_S="5")
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return values
+
+
+class Stack:
+    """`docker compose` on the production file plus the local override, with the test's own .env."""
+
+    def __init__(self, env_file: Path, values: dict[str, str]):
+        self.env_file, self.values = env_file, values
+        self.base = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yaml",
+                     "-f", "docker/local/compose.local.yaml", "--env-file", str(env_file)]
+        self.token: str | None = None
+
+    def compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
+        return sh(*self.base, *args, timeout=timeout, check=check)
+
+    def container(self, service: str) -> str:
+        return self.compose("ps", "-q", service).stdout.strip()
+
+    # -- the REST API ------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 60):
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{API}{path}", data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+
+    def login(self) -> None:
+        status, body = self.request("POST", "/auth/token", {"username": self.values["AIRFLOW_ADMIN_USERNAME"],
+                                                            "password": self.values["AIRFLOW_ADMIN_PASSWORD"]})
+        assert status == 201, f"login failed: {status} {body}"
+        self.token = body["access_token"]
+
+    def task_instances(self, run_id: str) -> dict[str, dict]:
+        status, body = self.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+        assert status == 200, body
+        return {ti["task_id"]: ti for ti in body["task_instances"]}
+
+    def task_log(self, run_id: str, task_id: str, try_number: int) -> str:
+        status, body = self.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}?full_content=true")
+        if status != 200:
+            return f"(no log: {status} {body})"
+        content = body.get("content", body) if isinstance(body, dict) else body
+        if isinstance(content, list):
+            return "\n".join(c.get("event", json.dumps(c)) if isinstance(c, dict) else str(c) for c in content)
+        return str(content)
+
+    def trigger(self, run_id: str, logical_date: str, conf: dict) -> None:
+        status, body = self.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
+                                    {"dag_run_id": run_id, "logical_date": logical_date, "conf": conf})
+        assert status == 200, f"trigger refused: {status} {body}"
+
+    def wait_for_run(self, run_id: str, timeout: float, *, allow_retry: set[str] = frozenset(), during=None) -> dict[str, dict]:
+        """Poll until the run ends; a failed task (or a retry nobody expects) fails at once with its log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            tis = self.task_instances(run_id)
+            for task_id, ti in tis.items():
+                bad = ti["state"] in ("failed", "upstream_failed") or (ti["state"] == "up_for_retry" and task_id not in allow_retry)
+                if bad:
+                    raise AssertionError(f"task {task_id} is {ti['state']} (try {ti['try_number']}):\n"
+                                         f"{self.task_log(run_id, task_id, max(ti['try_number'], 1))[-6000:]}")
+            status, run = self.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+            assert status == 200, run
+            if run["state"] in ("success", "failed"):
+                assert run["state"] == "success", f"run {run_id} failed: {json.dumps(tis, default=str)[:3000]}"
+                return tis
+            if during is not None:
+                during(tis)
+            if time.monotonic() > deadline:
+                pending = {t: ti["state"] for t, ti in tis.items() if ti["state"] != "success"}
+                raise AssertionError(f"run {run_id} not finished after {timeout:.0f} s; unfinished tasks: {pending}")
+            time.sleep(2)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def bucket_keys(s3, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def read_json(s3, key: str) -> dict:
+    return json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+
+
+def upload_drop(s3, ham10000_dir: Path, drop_id: str, chosen: list[dict]) -> None:
+    upload_images(s3, BUCKET, f"raw/{drop_id}", ham10000_dir, chosen)
+    s3.put_object(Bucket=BUCKET, Key=f"raw/{drop_id}/HAM10000_metadata.csv", Body=metadata_csv(chosen))
+
+
+def training_containers(since: float) -> list[dict]:
+    """Containers started since ``since`` with a ``melanoma.step`` label (what the training operator sets)."""
+    done = sh("docker", "events", "--since", str(int(since)), "--until", str(int(time.time()) + 1),
+              "--filter", "type=container", "--filter", "event=start", "--filter", "label=melanoma.step",
+              "--format", "{{json .}}")
+    return [json.loads(line)["Actor"]["Attributes"] for line in done.stdout.splitlines() if line.strip()]
+
+
+def leftover_containers() -> list[str]:
+    listed = sh("docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={PROJECT}", "--format", "{{.Names}}").stdout.split()
+    listed += sh("docker", "ps", "-a", "--filter", "label=melanoma.step", "--format", "{{.Names}}").stdout.split()
+    return listed
+
+
+@pytest.fixture(scope="module")
+def figures():
+    """Timings and sizes measured by this file, for BENCHMARKS.md (output/stack/figures.json)."""
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    values: dict = {}
+    yield values
+    (OUTPUT / "figures.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, figures, ham10000_dir):
+    reason = docker_available()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {reason}; `make test-stack` installs and starts the engine")
+        pytest.skip(f"{reason}; `make test-stack` installs and starts the engine")
+    env_file = tmp_path_factory.mktemp("stack") / "stack.env"
+    stack = Stack(env_file, write_env_file(env_file))
+    stack.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)  # a previous run's leftovers
+    started = time.monotonic()
+    stack.compose("--profile", "build", "build", timeout=3600)
+    figures["build_seconds"] = round(time.monotonic() - started, 1)
+    figures["image_sizes_mb"] = {
+        image: round(int(sh("docker", "image", "inspect", "--format", "{{.Size}}", image).stdout) / 1e6)
+        for image in ("melanoma-airflow:0.1.0", "melanoma-spark:0.1.0", TRAINING_IMAGE)}
+    try:
+        started = time.monotonic()
+        stack.compose("up", "-d", "--wait", "--wait-timeout", "600", timeout=900)
+        figures["start_to_healthy_seconds"] = round(time.monotonic() - started, 1)
+        stack.login()
+        yield stack
+    finally:
+        (OUTPUT / "compose.log").write_text(stack.compose("logs", "--no-color", "--timestamps", check=False).stdout[-2_000_000:])
+        stack.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+        left = leftover_containers()
+        assert not left, f"containers left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def s3(stack):
+    return boto3.client("s3", endpoint_url=S3_URL, region_name="us-east-1",
+                        aws_access_key_id=stack.values["MINIO_ROOT_USER"],
+                        aws_secret_access_key=stack.values["MINIO_ROOT_PASSWORD"])
+
+
+@pytest.fixture(scope="module")
+def dag_ready(stack):
+    def served():
+        status, _ = stack.request("GET", f"/api/v2/dags/{DAG_ID}")
+        if status != 200:
+            _, errors = stack.request("GET", "/api/v2/importErrors")
+            assert not (isinstance(errors, dict) and errors.get("import_errors")), errors
+        return status == 200
+
+    wait_until(served, 300, f"the dag-processor to serve {DAG_ID}", poll=3)
+    status, body = stack.request("PATCH", f"/api/v2/dags/{DAG_ID}?update_mask=is_paused", {"is_paused": False})
+    assert status == 200 and body["is_paused"] is False, (status, body)
+
+
+def test_the_dag_runs_end_to_end_in_the_stack(stack, s3, dag_ready, ham10000_dir, figures):
+    rows = metadata_rows(ham10000_dir)
+    chosen = pick_images(rows, n_melanoma=90, n_other=210)
+    drop_id, run_id = "ham-2026-01-01", "stack_clean"
+    upload_drop(s3, ham10000_dir, drop_id, chosen)
+
+    since = time.time() - 1
+    started = time.monotonic()
+    stack.trigger(run_id, "2026-01-01T00:00:00Z", {"drops": [drop_id], **QUICK})
+    tis = stack.wait_for_run(run_id, timeout=1500)
+    figures["clean_run_seconds"] = round(time.monotonic() - started, 1)
+    assert {t: ti["state"] for t, ti in tis.items()} == {t: "success" for t in tis}, tis
+    assert set(tis) == {"plan", "has_new_drops", "preprocess", "augment", *TRAINING_STEPS}
+
+    # Spark: both jobs were applications of the standalone master, with executors on both workers.
+    master = get_json(f"{SPARK_MASTER_UI}/json/")
+    apps = {app["name"]: app["id"] for app in master["completedapps"]}
+    assert {"melanoma-preprocess", "melanoma-augment"} <= set(apps), master["completedapps"]
+    assert len(master["workers"]) == 2 and all(w["state"] == "ALIVE" for w in master["workers"]), master["workers"]
+    for worker, url in SPARK_WORKER_UIS.items():
+        ran = {e["appid"] for e in get_json(f"{url}/json/")["finishedexecutors"]}
+        assert apps["melanoma-preprocess"] in ran, f"no preprocess executor on {worker}: {ran}"
+
+    # Training: each step in a container of the training image that Airflow started, none left.
+    started_containers = training_containers(since)
+    assert {c["melanoma.step"] for c in started_containers} == TRAINING_STEPS, started_containers
+    assert {c["image"] for c in started_containers} == {TRAINING_IMAGE}, started_containers
+    assert all(c["melanoma.dag_run"] == run_id for c in started_containers)
+    assert not sh("docker", "ps", "-a", "--filter", "label=melanoma.step", "-q").stdout.strip()
+
+    # The bucket holds every output.
+    keys = set(bucket_keys(s3, "data/"))
+    manifests = sorted(k for k in keys if k.startswith("data/processed/manifest-"))
+    assert manifests, sorted(keys)[:50]
+    manifest = read_json(s3, manifests[-1])
+    accounting = manifest["accounting"][drop_id]
+    assert accounting["inputs"] == len(chosen) == accounting["written"] + accounting["quarantined"]
+    assert all(f"data/{shard['key']}" in keys for shard in manifest["shards"])
+    run_prefix = "data/runs/manual__20260101T000000Z"
+    for key in ("model/model.keras", "eval/metrics.json", "eval/predictions.csv", "gradcam/gradcam_summary.json", "report.html"):
+        assert f"{run_prefix}/{key}" in keys, key
+    # The threshold travelled by XCom from evaluate to gradcam.
+    status, pushed = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/evaluate/xcomEntries/return_value?deserialize=true")
+    assert status == 200, pushed
+    threshold = pushed["value"]
+    assert threshold["chosen_on"] == "val"
+    assert read_json(s3, f"{run_prefix}/gradcam/gradcam_summary.json")["threshold"] == threshold["threshold"]
+
+    # The report link the plugin builds opens the report.
+    status, links = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/report/links")
+    assert status == 200 and links.get("Melanoma report"), (status, links)
+    with urllib.request.urlopen(links["Melanoma report"], timeout=30) as response:
+        page = response.read().decode()
+        assert response.status == 200 and response.headers.get_content_type() == "text/html"
+    assert "<html" in page.lower() and "melanoma" in page.lower()
+    (OUTPUT / "report.html").write_text(page)
+
+
+def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(stack, s3, dag_ready, ham10000_dir, figures):
+    rows = metadata_rows(ham10000_dir)
+    first = {r["lesion_id"] for r in pick_images(rows, n_melanoma=90, n_other=210)}
+    chosen = pick_images(rows, n_melanoma=300, n_other=1700, skip_lesions=first)
+    drop_id, run_id = "ham-2026-01-02", "stack_faults"
+    upload_drop(s3, ham10000_dir, drop_id, chosen)
+    run_prefix = "data/runs/manual__20260102T000000Z"
+    done: dict[str, float] = {}
+
+    def inject(tis: dict[str, dict]) -> None:
+        if "spark" not in done and tis.get("preprocess", {}).get("state") == "running":
+            # Kill one worker once the preprocess application has executors on both.
+            master = get_json(f"{SPARK_MASTER_UI}/json/")
+            app = next((a for a in master["activeapps"] if a["name"] == "melanoma-preprocess"), None)
+            running = app and all(any(e["appid"] == app["id"] for e in get_json(f"{url}/json/")["executors"])
+                                  for url in SPARK_WORKER_UIS.values())
+            if running:
+                sh("docker", "kill", stack.container("spark-worker-2"))
+                done["spark"] = time.monotonic()
+        if "train" not in done and tis.get("train", {}).get("state") == "running":
+            # Kill the training container once it has checkpointed an epoch in the bucket.
+            try:
+                state = read_json(s3, f"{run_prefix}/model/checkpoints/state.json")
+            except s3.exceptions.NoSuchKey:
+                return
+            if state.get("epoch", -1) >= 0 and not state.get("done"):
+                (container,) = sh("docker", "ps", "-q", "--filter", "label=melanoma.step=train").stdout.split()
+                sh("docker", "kill", container)
+                done["train"] = time.monotonic()
+                done["killed_after_epoch"] = state["epoch"] + 1
+
+    started = time.monotonic()
+    stack.trigger(run_id, "2026-01-02T00:00:00Z", {"drops": [drop_id], **QUICK})
+    tis = stack.wait_for_run(run_id, timeout=2400, allow_retry={"train"}, during=inject)
+    figures["fault_run_seconds"] = round(time.monotonic() - started, 1)
+    assert "spark" in done, "the preprocess job ended before a worker could be killed"
+    assert "train" in done, "training ended before its container could be killed"
+
+    # Spark: the job finished on the surviving worker; every input is accounted for.
+    assert tis["preprocess"]["try_number"] == 1, "a lost executor is Spark's to recover, not a task retry"
+    manifest = read_json(s3, sorted(k for k in bucket_keys(s3, "data/processed/manifest-"))[-1])
+    accounting = manifest["accounting"][drop_id]
+    assert accounting["inputs"] == len(chosen) == accounting["written"] + accounting["quarantined"], accounting
+
+    # Training: the retry resumed from the checkpoint in the bucket instead of starting over.
+    assert tis["train"]["try_number"] == 2, tis["train"]
+    retry_log = stack.task_log(run_id, "train", 2)
+    (OUTPUT / "train-retry.log").write_text(retry_log)
+    assert "phase 1 epoch 1/" not in retry_log, "the retry trained phase 1 from its first epoch again"
+    epochs = [int(n) for n in re.findall(r"phase 1 epoch (\d+)/", retry_log)]
+    assert not epochs or epochs[0] > done["killed_after_epoch"], (epochs, done)
+    history = read_json(s3, f"{run_prefix}/model/history.json")
+    assert history, "no training history after the retry"
+    figures["faults"] = {"spark_worker_killed": True, "training_container_killed_after_epoch": done["killed_after_epoch"]}
