@@ -28,11 +28,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw-root", required=True, help="folder or s3:// URI holding <drop_id>/ folders")
     parser.add_argument("--processed-root", required=True, help="folder or s3:// URI for processed/ and runs/")
-    parser.add_argument("--drops", default="", help="comma-separated drop ids (default: every unprocessed drop)")
+    parser.add_argument("--drops", default="", help='drop ids as a JSON list (["a", "b"]; what the DAG passes) or comma-separated (default: every unprocessed drop)')
     parser.add_argument("--layout", default="auto", choices=["auto", "ham10000", "isic"])
     parser.add_argument("--logical-date", default=None, help="ISO date recorded in the manifest")
     parser.add_argument("--shard-size", type=int, default=256, help="images per chunk/task (changing it changes the shards)")
     return parser.parse_args(argv)
+
+
+def parse_drops(text: str) -> list[str]:
+    """A JSON list (exact, whatever the ids hold) or, for people typing, comma-separated ids."""
+    text = text.strip()
+    if text.startswith("["):
+        drops = json.loads(text)
+        if not isinstance(drops, list) or not all(isinstance(d, str) for d in drops):
+            raise SystemExit(f"--drops must be a JSON list of strings, got {text[:200]!r}")
+        return drops
+    return [d for d in text.split(",") if d]
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +54,7 @@ def main(argv: list[str]) -> int:
         args.raw_root,
         args.processed_root,
         lambda: ingest.spark_engine("melanoma-preprocess"),
-        drops=[d for d in args.drops.split(",") if d] or None,
+        drops=parse_drops(args.drops) or None,
         layout=args.layout,
         logical_date=args.logical_date or None,
         shard_size=args.shard_size,

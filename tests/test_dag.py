@@ -212,6 +212,14 @@ def test_default_params_validate(serialized_dag):
         ({"fine_tune_learning_rate": 1}, "fine_tune_learning_rate"),
         ({"lr_decay_patience": -1}, "lr_decay_patience"),
         ({"max_train_minutes": -1}, "max_train_minutes"),
+        # Issue #20: NaN passed every bound (each comparison with NaN is false); infinities too.
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"fine_tune_learning_rate": float("nan")}, "fine_tune_learning_rate"),
+        ({"max_train_minutes": float("nan")}, "max_train_minutes"),
+        ({"target_sensitivity": float("nan")}, "target_sensitivity"),
+        ({"learning_rate": float("inf")}, "learning_rate"),
+        ({"max_train_minutes": float("-inf")}, "max_train_minutes"),
+        ({"drops": ["a,b"]}, "drops"),  # would be split by a comma-joined argument
     ],
 )
 def test_bad_params_are_refused_naming_the_field(serialized_dag, conf, field):

@@ -16,9 +16,7 @@ Outcomes use the rule of the evaluation step: an image is called melanoma when
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 import statistics
@@ -27,6 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
+
+from melanoma.csvout import csv_bytes
 
 OUTCOMES = ("TP", "FP", "FN", "TN")
 CLASS_NAMES = {1: "melanoma", 0: "other"}
@@ -362,12 +362,7 @@ def _safe_name(image_id: str) -> str:
 
 
 def _focus_csv(rows: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FOCUS_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in FOCUS_COLUMNS})
-    return buffer.getvalue().encode()
+    return csv_bytes(rows, FOCUS_COLUMNS)
 
 
 def focus_rows(shard, heatmaps: np.ndarray, predictions: dict[str, float], threshold: float) -> list[dict]:

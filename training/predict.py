@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 
 # The Spark job's preprocessing, imported (not copied): see predict_folder.
+from melanoma.csvout import csv_bytes
 from melanoma.imaging import RejectedImage, decode_rgb, preprocess_image_bytes
 from melanoma.storage import open_storage, split_uri
 
@@ -63,12 +64,7 @@ def prediction_rows(records: list[dict], probabilities: np.ndarray, split: str |
 
 
 def rows_to_csv(rows: list[dict], columns=PREDICTION_COLUMNS) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    return buffer.getvalue().encode()
+    return csv_bytes(rows, columns)  # formula-neutralised cells: metadata text is untrusted
 
 
 def images_in_folder(folder_uri: str) -> list[tuple[str, str]]:
@@ -129,7 +125,7 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
         try:
             array, _notes = preprocess_image_bytes(source.read_bytes(key))
         except RejectedImage as error:
-            rejected.append({"image_id": image_id, "key": key, "reason": error.reason, "detail": str(error)})
+            rejected.append({"image_id": image_id, "key": key, "reason": error.reason, "detail": error.message})
             continue
         images.append(array)
         scored.append((image_id, key))

@@ -219,7 +219,11 @@ def _storage_refs(obj: Any) -> dict[str, _StorageRef]:
 
 def _read_legacy(handle: BinaryIO, file_size: int) -> dict[str, np.ndarray]:
     """Parse the pre-1.6 layout: magic, protocol, sys info, state dict, storage keys, data."""
-    magic = _NoGlobalsUnpickler(handle).load()
+    try:
+        magic = _NoGlobalsUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError) as error:
+        # pickle's own message quotes the file's first byte ("invalid load key, 'r'."): say what, not what it read.
+        raise TorchFileFormatError(f"not a PyTorch file (no pickle header; {type(error).__name__})") from None
     if magic != _LEGACY_MAGIC_NUMBER:
         raise TorchFileFormatError("not a PyTorch file (bad magic number)")
     protocol = _NoGlobalsUnpickler(handle).load()
