@@ -31,12 +31,17 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from melanoma.airflow_ops import PARAM_DEFAULTS, recheck_history_order, resolve_run, run_training_cli, setting, storage_env
+from melanoma.drops import DROP_ID_PATTERN
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"
-# A drop id: a folder name under the raw root, never a path (no "/", no "..", no leading dot).
-DROP_ID_SCHEMA = {"type": "string", "pattern": r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"}
+# A drop id: a folder name under the raw root, never a path nor a list (no "/", ",", "..", no leading dot).
+DROP_ID_SCHEMA = {"type": "string", "pattern": DROP_ID_PATTERN}
+# JSON Schema's bounds are comparisons, and every comparison with NaN is false, so NaN passes
+# "minimum"/"maximum". "not exclusiveMaximum: -max" holds only where x >= -max is true: refuses
+# NaN and -inf (the maximum every number Param has refuses +inf).
+FINITE = {"not": {"exclusiveMaximum": -sys.float_info.max}}
 
 
 class MelanomaSparkSubmitOperator(SparkSubmitOperator):
@@ -83,14 +88,14 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
         "target": Param(PARAM_DEFAULTS["target"], enum=["melanoma", "dx"], description="melanoma: binary training (the seed's); dx: train on the 7 diagnoses, export the melanoma probability."),
         "train_flips": Param(PARAM_DEFAULTS["train_flips"], enum=[1, 2, 4], description="Flip variants of each training image, one per epoch in turn (1: as stored; 2: + horizontal; 4: + vertical and both)."),
         "train_augment": Param(PARAM_DEFAULTS["train_augment"], type="boolean", description="With train_flips > 1: every variant but the first (as stored) is a random draw, per image, of the augment job's flips, rotation, zoom and brightness instead of a pure flip (every image's borders move, not only the melanoma copies')."),
-        "learning_rate": Param(PARAM_DEFAULTS["learning_rate"], type="number", exclusiveMinimum=0, maximum=0.1, description="Phase 1 (head) Adam learning rate; the seed's 1e-4."),
-        "fine_tune_learning_rate": Param(PARAM_DEFAULTS["fine_tune_learning_rate"], type="number", exclusiveMinimum=0, maximum=0.1, description="Phase 2 Adam learning rate; the seed's 1e-5 (bench-quality uses 3e-4 on cached activations)."),
+        "learning_rate": Param(PARAM_DEFAULTS["learning_rate"], type="number", **FINITE, exclusiveMinimum=0, maximum=0.1, description="Phase 1 (head) Adam learning rate; the seed's 1e-4."),
+        "fine_tune_learning_rate": Param(PARAM_DEFAULTS["fine_tune_learning_rate"], type="number", **FINITE, exclusiveMinimum=0, maximum=0.1, description="Phase 2 Adam learning rate; the seed's 1e-5 (bench-quality uses 3e-4 on cached activations)."),
         "lr_decay_patience": Param(PARAM_DEFAULTS["lr_decay_patience"], type="integer", minimum=0, maximum=50, description="Learning rate x0.3 after this many epochs without a better val AUROC (0 = constant, the seed's)."),
-        "max_train_minutes": Param(PARAM_DEFAULTS["max_train_minutes"], type="number", minimum=0, maximum=720, description="Training time budget: no new epoch starts that would not fit (0 = none; the task's own timeout is 12 h)."),
+        "max_train_minutes": Param(PARAM_DEFAULTS["max_train_minutes"], type="number", **FINITE, minimum=0, maximum=720, description="Training time budget: no new epoch starts that would not fit (0 = none; the task's own timeout is 12 h)."),
         "ensemble_size": Param(PARAM_DEFAULTS["ensemble_size"], type="integer", minimum=1, maximum=10, description="Models trained with seeds seed..seed+n-1; the exported model averages their melanoma logits (Grad-CAM explains the average). n times the training time."),
         "max_train_images": Param(PARAM_DEFAULTS["max_train_images"], type="integer", minimum=0, maximum=10_000_000, description="Cap on training images, whole lesions (0 = all). For quick demo runs."),
         "threshold_strategy": Param(PARAM_DEFAULTS["threshold_strategy"], enum=["youden", "sensitivity", "f1"], description="How evaluate picks the threshold on the validation split."),
-        "target_sensitivity": Param(PARAM_DEFAULTS["target_sensitivity"], type="number", exclusiveMinimum=0, maximum=1, description="Used by the 'sensitivity' strategy."),
+        "target_sensitivity": Param(PARAM_DEFAULTS["target_sensitivity"], type="number", **FINITE, exclusiveMinimum=0, maximum=1, description="Used by the 'sensitivity' strategy."),
         "score_pooling": Param(PARAM_DEFAULTS["score_pooling"], enum=["lesion", "none"], description="lesion: the images of one lesion are scored together (mean logit) before the threshold; none: each image alone."),
         "n_boot": Param(PARAM_DEFAULTS["n_boot"], type="integer", minimum=100, maximum=20000, description="Lesion bootstrap resamples for the 95% intervals."),
         "external_drops": Param(PARAM_DEFAULTS["external_drops"], type="array", items=DROP_ID_SCHEMA, uniqueItems=True, maxItems=50,
@@ -128,7 +133,7 @@ def melanoma_pipeline():
         conn_id="spark_default",
         application=str(SPARK_JOBS / "preprocess.py"),
         name="melanoma-preprocess",
-        application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | join(',') }}" % PLAN, *common_args],
+        application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | tojson }}" % PLAN, *common_args],
         execution_timeout=dt.timedelta(hours=2),
         check_history=True,
         # Drops enter the data set in date order: wait for the previous run's preprocess and augment.

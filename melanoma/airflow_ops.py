@@ -171,7 +171,9 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     already finished: its ``report.html`` exists); ``as_of``: the date the run's training
     data is taken at (its logical date, else the day it ran).
     """
-    from melanoma.drops import list_drops
+    import math
+
+    from melanoma.drops import list_drops, report_late_files
     from melanoma.manifest import latest_manifest
     from melanoma.storage import join_key, open_storage
 
@@ -179,6 +181,9 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     if unknown:
         raise ValueError(f"unknown Params {unknown}; this DAG's Params are {sorted(PARAM_DEFAULTS)}")
     values = {**PARAM_DEFAULTS, **params}
+    not_finite = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+    if not_finite:  # the Param schema refuses them too; a run triggered around it must not train on NaN
+        raise ValueError(f"Params {not_finite} must be finite numbers, not NaN or infinity")
     data_root = setting("data_root", str(PROJECT_ROOT / "output" / "data"))
     raw_root = setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
     raw, processed = open_storage(raw_root), open_storage(data_root)
@@ -190,6 +195,8 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         raise ValueError(f"external_drops {missing_external} not found under {raw_root}; available: {available}")
     latest = latest_manifest(processed)
     done = set((latest or {}).get("drops", []))
+    # Files that reached an ingested drop afterwards are not in the data set: say so on every run.
+    late = report_late_files(raw, processed, latest, selected)
     key = run_key(run_id, logical_date)
     dated = logical_date or run_after
     as_of = _utc(dated).date().isoformat() if dated is not None else None
@@ -229,6 +236,7 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         "drops": selected,
         "new_drops": owned,
         "pending_drops": fresh,
+        "late_files": late,
         "finished": finished,
         "proceed": bool(fresh) or (bool(owned) and not finished),
         "as_of": as_of,
