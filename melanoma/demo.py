@@ -61,7 +61,13 @@ def airflow_env(airflow_home: Path, data_root: str, raw_root: str, extra: dict[s
             "MELANOMA_RAW_ROOT": raw_root,
             "MELANOMA_RUNNER": "local",
             # `dags test` runs tasks in one process: a retry would only repeat the same error later.
+            # Under a scheduler (`airflow standalone`) pass MELANOMA_TASK_RETRIES=1 in ``extra``.
             "MELANOMA_TASK_RETRIES": "0",
+            # Workers call the execution API over HTTP; on SQLite a call can wait up to the busy
+            # timeout (SQLITE_CONNECT_ARGS, 60 s) for the scheduler's write lock. Airflow's 5 s
+            # default then times out and retries a call that may already have been applied (the
+            # task's start), and the task fails before it runs: wait longer than the lock can.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "90",
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
     )

@@ -251,6 +251,16 @@ def stop_process_group(process: subprocess.Popen) -> None:
             time.sleep(0.5)
 
 
+def task_log_tails(airflow_home: Path, failed: list[tuple], chars: int = 3000) -> str:
+    """The end of each failed task's newest log file (Airflow's default log layout)."""
+    tails = []
+    for run_id, task_id, *_ in failed:
+        logs = sorted((airflow_home / "logs").glob(f"dag_id={DAG_ID}/run_id={run_id}/task_id={task_id}/**/*.log"),
+                      key=lambda p: p.stat().st_mtime)
+        tails.append(f"--- {run_id} {task_id}: " + (logs[-1].read_text(errors="replace")[-chars:] if logs else "no log file"))
+    return "\n".join(tails)
+
+
 def test_backfill_processes_past_drops_in_order_like_the_scheduled_runs(history, raw_root, tmp_path):
     """``airflow backfill create`` over 2026-01-01..02 under ``airflow standalone``: backfill runs, real data intervals."""
     port = free_port()
@@ -258,6 +268,9 @@ def test_backfill_processes_past_drops_in_order_like_the_scheduled_runs(history,
         **api_server_env("127.0.0.1", port),
         # Only the backfill's runs: no scheduled run for "yesterday" once the DAG is unpaused.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        # Under a real scheduler an infrastructure failure before a task runs (an execution-API
+        # call timing out on a loaded machine) gets one retry, as in production (2 by default).
+        "MELANOMA_TASK_RETRIES": "1",
     })
     home.airflow_home.mkdir(parents=True)
     # The backfill is created before `airflow standalone` starts. Created while its scheduler
@@ -295,6 +308,13 @@ def test_backfill_processes_past_drops_in_order_like_the_scheduled_runs(history,
         def runs_finished():
             with home.db() as db:
                 rows = db.execute("select run_id, logical_date, state, run_type from dag_run where dag_id=? order by logical_date", (DAG_ID,)).fetchall()
+                failed = db.execute("select run_id, task_id, state, try_number from task_instance where dag_id=? "
+                                    "and state in ('failed', 'upstream_failed')", (DAG_ID,)).fetchall()
+            if failed:
+                # A failed run never lets the next one start (depends_on_past): report it now,
+                # not after the whole timeout.
+                pytest.fail(f"task(s) failed: {failed}; runs: {rows}\n{task_log_tails(home.airflow_home, failed)}"
+                            f"\nsee {log_path} and {home.log}")
             return rows if len(rows) == 2 and all(r[2] in ("success", "failed") for r in rows) else None
 
         rows = wait_for(runs_finished, BACKFILL_TIMEOUT_S, "both backfill runs to finish")
