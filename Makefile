@@ -10,7 +10,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-fast test-stack bench-preprocess bench-quality bench-gradcam clean
+.PHONY: venv demo test test-fast test-stack test-chaos bench-preprocess bench-quality bench-gradcam clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,11 @@ test-stack: venv
 	bash docker/local/engine.sh
 	bash docker/local/base-images.sh
 	$(PY) -m pytest -q -rs -m stack tests/test_stack.py
+
+# Fault injection into real runs (tests/test_chaos.py, also part of `make test`): object store down
+# and frozen (moto behind a proxy), training killed, Spark worker killed, disk full (a tmpfs, root).
+test-chaos: venv
+	$(PY) -m pytest -q -rs -m chaos tests/test_chaos.py
 
 test-fast: venv
 	$(PY) -m pytest -q -rs -m "not e2e and not slow and not stack"
