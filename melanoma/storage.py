@@ -188,11 +188,20 @@ class S3Storage:
     @contextlib.contextmanager
     def _answering(self, what: str) -> Iterator[None]:
         """Turn "the store did not answer" (after botocore's bounded retries) into StorageUnavailable."""
-        from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+        from botocore.exceptions import (
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
 
+        unanswered = (ConnectTimeoutError, ReadTimeoutError, EndpointConnectionError, ConnectionClosedError,
+                      IncompleteReadError, ResponseStreamingError)
         try:
             yield
-        except (ConnectTimeoutError, ReadTimeoutError, EndpointConnectionError, ConnectionClosedError) as error:
+        except unanswered as error:
             raise StorageUnavailable(
                 f"object store {self.endpoint_url or 'AWS S3'} did not answer {what} in {self.root_uri} "
                 f"({type(error).__name__}: {error}); failing so that the task's retry resumes"
