@@ -428,8 +428,12 @@ def _read_all(raw: Storage, keys: list[str]) -> list[bytes | Exception]:
 
     if len(keys) <= 1:
         return [read(k) for k in keys]
-    with ThreadPoolExecutor(max_workers=min(16, len(keys))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(16, len(keys)))
+    try:
         return list(pool.map(read, keys))
+    finally:
+        # After a failure the queued reads would each meet the same dead store: drop them.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------

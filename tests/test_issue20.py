@@ -259,6 +259,14 @@ def test_read_ahead_cancels_queued_reads_after_the_first_failure(frozen):
     assert len(frozen.connections) <= 2 * ingest.READ_AHEAD_THREADS * 2, len(frozen.connections)
 
 
+def test_the_scan_stops_reading_metadata_after_the_first_failure(frozen):
+    """The ISIC layout reads one JSON per image: 300 queued GETs must not each wait out the timeouts."""
+    storage = S3Storage("bucket", "raw", endpoint_url=frozen.url)
+    with pytest.raises(StorageUnavailable):
+        drops_mod._read_all(storage, [f"d/ISIC_{i:07d}.json" for i in range(300)])
+    assert len(frozen.connections) <= 2 * 16 * 2, len(frozen.connections)  # two waves of 16 threads, 2 attempts
+
+
 # --- 5. symlinks and leaked bytes ---------------------------------------------------------------
 
 
