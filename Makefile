@@ -34,6 +34,8 @@ test: venv
 test-stack: venv
 	bash docker/local/engine.sh
 	bash docker/local/base-images.sh
+	command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null)
 	$(PY) -m pytest -q -rs -m stack tests/test_stack.py
 
 # Fault injection into real runs (tests/test_chaos.py, also part of `make test`): object store down

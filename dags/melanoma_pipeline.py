@@ -22,7 +22,6 @@ heavy is imported at parse time.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,9 +29,10 @@ from pathlib import Path
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
-from melanoma.airflow_ops import PARAM_DEFAULTS, recheck_history_order, resolve_run, run_training_cli, setting, storage_env
+from melanoma.airflow_ops import PARAM_DEFAULTS, recheck_history_order, resolve_run, setting, storage_env
 from melanoma.drops import DROP_ID_PATTERN
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
+from melanoma.training_tasks import MACROS, training_task
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"
@@ -72,10 +72,12 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
     max_active_runs=1,
     tags=["melanoma", "spark", "keras"],
     # Retries are read from the environment (not a Variable) because they are needed at parse time.
-    default_args={"retries": int(os.environ.get("MELANOMA_TASK_RETRIES", "2")), "retry_delay": dt.timedelta(minutes=2),
+    default_args={"retries": int(os.environ.get("MELANOMA_TASK_RETRIES", "2")),
+                  "retry_delay": dt.timedelta(seconds=int(os.environ.get("MELANOMA_TASK_RETRY_DELAY_S", "120"))),
                   "retry_exponential_backoff": True, "max_retry_delay": dt.timedelta(minutes=30),
                   "execution_timeout": dt.timedelta(minutes=10)},
     doc_md=__doc__,
+    user_defined_macros=MACROS,
     params={
         "drops": Param(PARAM_DEFAULTS["drops"], type="array", items=DROP_ID_SCHEMA, uniqueItems=True, maxItems=1000,
                        description="Drop ids to process (folder names under the raw root, e.g. ham-2026-03-01). Empty: the drops dated in the run's data interval (scheduled/backfill) or every drop not processed yet (manual)."),
@@ -151,45 +153,15 @@ def melanoma_pipeline():
         execution_timeout=dt.timedelta(hours=1),
     )
 
-    @task(execution_timeout=dt.timedelta(hours=12))
-    def train(run: dict) -> dict:
-        """Train (or resume) the run's model with the configured runner."""
-        args = ["train", "--processed-root", run["data_root"], "--run-root", run["run_root"], "--config", json.dumps(run["train_config"])]
-        return run_training_cli(args, get_current_context())
-
-    @task(execution_timeout=dt.timedelta(hours=2))
-    def evaluate(run: dict, trained: dict) -> dict:
-        """Metrics on val/test; the threshold chosen on val is this task's XCom."""
-        args = ["evaluate", "--processed-root", run["data_root"], "--run-root", run["run_root"],
-                "--strategy", run["threshold_strategy"], "--target-sensitivity", str(run["target_sensitivity"]),
-                "--n-boot", str(run["n_boot"]), "--pooling", run["score_pooling"]]
-        args += ["--as-of", run["as_of"]] if run["as_of"] else []
-        for external in run["external"]:
-            args += ["--external", external]
-        return run_training_cli(args, get_current_context())
-
-    @task(execution_timeout=dt.timedelta(hours=2))
-    def gradcam(run: dict, threshold: dict) -> dict:
-        """Grad-CAM on the test split at the threshold pulled from evaluate's XCom."""
-        args = ["gradcam", "--processed-root", run["data_root"], "--run-root", run["run_root"], "--threshold", json.dumps(threshold)]
-        args += ["--as-of", run["as_of"]] if run["as_of"] else []
-        return run_training_cli(args, get_current_context())
-
-    @task(execution_timeout=dt.timedelta(minutes=30))
-    def report(run: dict, threshold: dict, heatmaps: dict) -> dict:
-        """One self-contained HTML report; its location feeds the task's extra link."""
-        result = run_training_cli(["report", "--run-root", run["run_root"], "--threshold", json.dumps(threshold)], get_current_context())
-        get_current_context()["ti"].xcom_push(key="report_url", value=result["report_uri"])
-        print(f"report: {result['report_uri']}")
-        return result
+    # The training CLI's steps: subprocesses (local runner) or containers of the training image
+    # (docker runner), their arguments rendered from plan's and evaluate's XCom.
+    train = training_task("train", execution_timeout=dt.timedelta(hours=12))
+    evaluate = training_task("evaluate", execution_timeout=dt.timedelta(hours=2))
+    gradcam = training_task("gradcam", execution_timeout=dt.timedelta(hours=2))
+    report = training_task("report", execution_timeout=dt.timedelta(minutes=30))
 
     run = plan()
-    gate = has_new_drops(run)
-    trained = train(run)
-    threshold = evaluate(run, trained)
-    heatmaps = gradcam(run, threshold)
-    run >> gate >> preprocess >> augment >> trained
-    report(run, threshold, heatmaps)
+    run >> has_new_drops(run) >> preprocess >> augment >> train >> evaluate >> gradcam >> report
 
 
 melanoma_pipeline()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -288,7 +289,7 @@ def parse_result(output: str) -> dict:
     raise RuntimeError("the training CLI printed no RESULT line; see the task log above for its error")
 
 
-def run_cli_locally(cli_args: list[str], env: dict[str, str] | None = None, log=print) -> dict:
+def run_cli_locally(cli_args: list[str], env: dict[str, str] | None = None, log=logging.getLogger(__name__).info) -> dict:
     """Run ``python -m training ...`` as a subprocess, streaming its output into the task log."""
     command = [sys.executable, "-m", "training", *cli_args]
     full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
@@ -302,35 +303,3 @@ def run_cli_locally(cli_args: list[str], env: dict[str, str] | None = None, log=
         tail = "\n".join(lines[-5:])
         raise RuntimeError(f"training CLI {cli_args[0]!r} failed with exit code {process.returncode}:\n{tail}")
     return parse_result("\n".join(lines))
-
-
-def run_training_cli(cli_args: list[str], context: dict | None = None, *, runner: str | None = None) -> dict:
-    """Run one training-CLI command with the configured runner and return its RESULT.
-
-    ``local`` (default): a subprocess of this worker's Python. ``docker``: the training
-    image through ``DockerOperator`` (image from ``melanoma_training_image``), the same
-    CLI, with the object-store settings passed as container environment.
-    """
-    runner = runner or setting("runner", "local")
-    env = storage_env()
-    if runner == "local":
-        return run_cli_locally(cli_args, env)
-    if runner == "docker":
-        from airflow.providers.docker.operators.docker import DockerOperator
-
-        container = DockerOperator(
-            task_id=f"container_{cli_args[0]}",
-            image=setting("training_image", "melanoma-training:latest"),
-            command=["python", "-m", "training", *cli_args],
-            environment={**env, "MELANOMA_RUNNER": "docker"},
-            docker_url=setting("docker_url", "unix://var/run/docker.sock"),
-            network_mode=setting("docker_network", "bridge"),
-            auto_remove="success",
-            do_xcom_push=True,
-            xcom_all=False,
-            mount_tmp_dir=False,
-            # Run inside this task on purpose: one task, one result, whichever runner.
-            allow_nested_operators=True,
-        )
-        return parse_result(str(container.execute(context or {})))
-    raise ValueError(f"unknown runner {runner!r}: use 'local' or 'docker'")

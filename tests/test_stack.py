@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -79,7 +80,7 @@ def write_env_file(path: Path) -> dict[str, str]:
         values[key] = values.get(key) or secrets.token_urlsafe(24)
     values["AIRFLOW_FERNET_KEY"] = base64.urlsafe_b64encode(os.urandom(32)).decode()
     values["DOCKER_GID"] = str(os.stat("/var/run/docker.sock").st_gid)
-    values.update(MELANOMA_TASK_RETRIES="1", MELANOMA_TASK_RETRY_DELAY_S="5")
+    values.update(MELANOMA_TASK_RETRIES="1", MELANOMA_TASK_RETRY_DELAY_S="5", LOCAL_HOSTNAME=socket.gethostname())
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return values
 
@@ -132,6 +133,18 @@ class Stack:
         if isinstance(content, list):
             return "\n".join(c.get("event", json.dumps(c)) if isinstance(c, dict) else str(c) for c in content)
         return str(content)
+
+    def xcom(self, run_id: str, task_id: str, key: str = "return_value", missing_ok: bool = False):
+        status, body = self.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}?deserialize=true")
+        if missing_ok and status == 404:
+            return None
+        assert status == 200, (status, body)
+        return body["value"]
+
+    def run_prefix(self, run_id: str, missing_ok: bool = False) -> str | None:
+        """The run's folder in the bucket, as the plan task resolved it (``data/runs/<run key>``)."""
+        plan = self.xcom(run_id, "plan", missing_ok=missing_ok)
+        return plan and plan["run_root"].removeprefix(f"s3://{BUCKET}/")
 
     def trigger(self, run_id: str, logical_date: str, conf: dict) -> None:
         status, body = self.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
@@ -237,6 +250,8 @@ def stack(tmp_path_factory, figures, ham10000_dir):
         yield stack
     finally:
         (OUTPUT / "compose.log").write_text(stack.compose("logs", "--no-color", "--timestamps", check=False).stdout[-2_000_000:])
+        if os.environ.get("MELANOMA_STACK_KEEP") == "1":  # debugging only: leaves the stack up
+            return
         stack.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
         left = leftover_containers()
         assert not left, f"containers left behind: {left}"
@@ -301,13 +316,11 @@ def test_the_dag_runs_end_to_end_in_the_stack(stack, s3, dag_ready, ham10000_dir
     accounting = manifest["accounting"][drop_id]
     assert accounting["inputs"] == len(chosen) == accounting["written"] + accounting["quarantined"]
     assert all(f"data/{shard['key']}" in keys for shard in manifest["shards"])
-    run_prefix = "data/runs/manual__20260101T000000Z"
+    run_prefix = stack.run_prefix(run_id)
     for key in ("model/model.keras", "eval/metrics.json", "eval/predictions.csv", "gradcam/gradcam_summary.json", "report.html"):
         assert f"{run_prefix}/{key}" in keys, key
     # The threshold travelled by XCom from evaluate to gradcam.
-    status, pushed = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/evaluate/xcomEntries/return_value?deserialize=true")
-    assert status == 200, pushed
-    threshold = pushed["value"]
+    threshold = stack.xcom(run_id, "evaluate")
     assert threshold["chosen_on"] == "val"
     assert read_json(s3, f"{run_prefix}/gradcam/gradcam_summary.json")["threshold"] == threshold["threshold"]
 
@@ -327,7 +340,6 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
     chosen = pick_images(rows, n_melanoma=300, n_other=1700, skip_lesions=first)
     drop_id, run_id = "ham-2026-01-02", "stack_faults"
     upload_drop(s3, ham10000_dir, drop_id, chosen)
-    run_prefix = "data/runs/manual__20260102T000000Z"
     done: dict[str, float] = {}
 
     def inject(tis: dict[str, dict]) -> None:
@@ -354,6 +366,7 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
 
     started = time.monotonic()
     stack.trigger(run_id, "2026-01-02T00:00:00Z", {"drops": [drop_id], **QUICK})
+    run_prefix = wait_until(lambda: stack.run_prefix(run_id, missing_ok=True), 600, "the plan task's XCom")
     tis = stack.wait_for_run(run_id, timeout=2400, allow_retry={"train"}, during=inject)
     figures["fault_run_seconds"] = round(time.monotonic() - started, 1)
     assert "spark" in done, "the preprocess job ended before a worker could be killed"
@@ -375,3 +388,83 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
     history = read_json(s3, f"{run_prefix}/model/history.json")
     assert history, "no training history after the retry"
     figures["faults"] = {"spark_worker_killed": True, "training_container_killed_after_epoch": done["killed_after_epoch"]}
+
+
+def browser():
+    """Headless Debian chromium through Selenium, able to reach 127.0.0.1 only (no other name resolves)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.fail("chromium and chromium-driver are needed (apt-get install chromium chromium-driver; make test-stack does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--proxy-server=http://127.0.0.1:1",
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost, EXCLUDE 127.0.0.1"):
+        options.add_argument(arg)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome.implicitly_wait(15)
+    return chrome
+
+
+def test_a_user_triggers_a_run_from_the_ui_and_opens_its_report(stack, s3, dag_ready, ham10000_dir):
+    """Login, the trigger form (Params with descriptions; a value below its minimum refused), a run, the report link."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    rows = metadata_rows(ham10000_dir)
+    taken = {r["lesion_id"] for r in pick_images(rows, n_melanoma=90, n_other=210)}
+    taken |= {r["lesion_id"] for r in pick_images(rows, n_melanoma=300, n_other=1700, skip_lesions=taken)}
+    upload_drop(s3, ham10000_dir, "ham-2026-12-01", pick_images(rows, n_melanoma=40, n_other=80, skip_lesions=taken))
+    _, before = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")
+    known = {r["dag_run_id"] for r in before["dag_runs"]}
+
+    chrome = browser()
+    try:
+        chrome.get(f"{API}/")
+        chrome.find_element(By.NAME, "username").send_keys(stack.values["AIRFLOW_ADMIN_USERNAME"])
+        chrome.find_element(By.NAME, "password").send_keys(stack.values["AIRFLOW_ADMIN_PASSWORD"])
+        chrome.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait_until(lambda: "/auth/login" not in chrome.current_url, 60, "the login to go through")
+        chrome.get(f"{API}/dags/{DAG_ID}")
+        chrome.find_element(By.CSS_SELECTOR, "button[aria-label='Trigger Dag']").click()
+        epochs = chrome.find_element(By.NAME, "element_epochs")
+        if not epochs.is_displayed():
+            next(b for b in chrome.find_elements(By.CSS_SELECTOR, "[role=dialog] button") if b.text == "Run Parameters").click()
+        form = chrome.find_element(By.CSS_SELECTOR, "[role=dialog]").text
+        for text in ("backbone", "max_train_images", "Phase 1 (frozen backbone) epoch budget", "How evaluate picks the threshold"):
+            assert text in form, f"the trigger form does not show {text!r}"
+        # Below the Param's minimum (1): the form refuses it and puts the minimum back.
+        epochs.send_keys(Keys.CONTROL, "a", Keys.DELETE, "0", Keys.TAB)
+        wait_until(lambda: epochs.get_attribute("value") == "1", 30, "the form to refuse epochs=0")
+        chrome.execute_script("arguments[0].scrollIntoView()", epochs)
+        chrome.save_screenshot(str(OUTPUT / "trigger-form.png"))
+        for name, value in (("epochs", "40"), ("max_train_images", "300"), ("n_boot", "100")):
+            field = chrome.find_element(By.NAME, f"element_{name}")
+            field.send_keys(Keys.CONTROL, "a", Keys.DELETE, value, Keys.TAB)
+            assert field.get_attribute("value") == value, name
+        next(b for b in chrome.find_elements(By.CSS_SELECTOR, "[role=dialog] button") if b.text == "Trigger").click()
+
+        def new_run():
+            _, runs = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")
+            fresh = [r for r in runs["dag_runs"] if r["dag_run_id"] not in known and r["run_type"] == "manual"]
+            return fresh[0] if fresh else None
+
+        run = wait_until(new_run, 60, "the run the form triggered")
+        assert run["conf"]["epochs"] == 40 and run["conf"]["n_boot"] == 100, run["conf"]
+        stack.wait_for_run(run["dag_run_id"], timeout=1500)
+
+        # The report task's "Melanoma report" extra link, as the UI shows it, opens the report.
+        chrome.get(f"{API}/dags/{DAG_ID}/runs/{run['dag_run_id']}/tasks/report")
+        link = wait_until(lambda: next((a for a in chrome.find_elements(By.TAG_NAME, "a") if "Melanoma report" in a.text), None),
+                          60, "the Melanoma report link on the report task's page")
+        chrome.get(link.get_attribute("href"))
+        assert "melanoma" in chrome.page_source.lower() and "<html" in chrome.page_source.lower()
+        chrome.save_screenshot(str(OUTPUT / "report.png"))
+    finally:
+        chrome.save_screenshot(str(OUTPUT / "last-page.png"))
+        (OUTPUT / "last-page.html").write_text(chrome.page_source)
+        chrome.quit()
