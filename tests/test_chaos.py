@@ -10,15 +10,15 @@ the fault, reruns (what Airflow's retry does) and then checks the whole processe
   and no temporary file is left on a local root;
 - the run completes after recovery.
 
-Faults, each at a deterministic point (a request count, the first shard or checkpoint written):
+Faults, each at a deterministic point (a request count, a worker seen running, the first checkpoint):
 
 - object store down: a TCP proxy in front of a moto S3 server on 127.0.0.1 closes its
   connections and stops listening (connection refused) in the middle of a ``spark-submit``
   preprocess job;
 - object store frozen: the proxy keeps accepting but never answers, mid-run;
 - training killed: ``python -m training train`` gets SIGKILL after its first checkpoint;
-- Spark worker killed: the Python workers forked by the Spark worker daemon get SIGKILL once
-  the job's first shard is written;
+- Spark worker killed: a Python worker forked by the Spark worker daemon gets SIGKILL while it
+  runs a task (seen running in /proc);
 - disk full: the local processed root is a 2 MB tmpfs (real ENOSPC), grown after the failure.
 
 Figures (fault, detected by, seconds from injection to the failing exit) are appended to
@@ -291,58 +291,67 @@ def test_object_store_frozen_mid_run_fails_within_the_timeouts_and_the_rerun_com
            seconds_to_detect=round(detect_s, 1), recovered=True, inputs=48)
 
 
-def _daemon_children() -> list[int]:
-    """Python workers forked by Spark's worker daemon (melanoma.spark_daemon), not the daemon itself."""
-    daemons, children = set(), []
+def _busy_workers() -> list[int]:
+    """Python workers forked by Spark's worker daemon (melanoma.spark_daemon) that are running
+    (state R): a worker in the middle of a task, not one idling between tasks."""
     procs = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        procs[int(entry.name)] = (cmdline, ppid)
-    daemons = {pid for pid, (cmdline, _) in procs.items() if "melanoma.spark_daemon" in cmdline}
-    children = [pid for pid, (_, ppid) in procs.items() if ppid in daemons]
-    return children
+        procs[int(entry.name)] = (cmdline, fields[0], int(fields[1]))
+    daemons = {pid for pid, (cmdline, _, _) in procs.items() if "melanoma.spark_daemon" in cmdline}
+    return [pid for pid, (_, state, ppid) in procs.items() if ppid in daemons and state == "R"]
 
 
-def test_spark_worker_killed_mid_job_and_the_rerun_completes(tmp_path):
+def write_large_drop(raw: Path, n_images: int) -> None:
+    """A HAM10000-layout drop of 1000x750 PNGs: a PNG is decoded in full, so each task takes a while."""
+    from badcorpus import COLUMNS, png_bytes, synthetic_lesion
+
+    images = raw / DROP / "images"
+    images.mkdir(parents=True)
+    rows = [COLUMNS]
+    for index in range(n_images):
+        image_id = f"ISIC_{index:07d}"
+        rgb = synthetic_lesion(1000, 750, seed=index)
+        (images / f"{image_id}.png").write_bytes(png_bytes(rgb[:, :, ::-1]))
+        rows.append([f"HAM_{index}", image_id, "mel" if index % 3 == 0 else "nv", "histo", "50", "female", "back"])
+    (raw / DROP / "HAM10000_metadata.csv").write_text("".join(",".join(row) + "\n" for row in rows))
+
+
+def test_spark_worker_killed_mid_task_and_the_rerun_completes(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
-    write_ham_drop(raw, DROP, [f"ISIC_{i:07d}" for i in range(160)])  # 20 tasks of 8 images on local[2]
+    write_large_drop(raw, 96)  # 12 tasks of 8 images on local[2]
     killed: dict = {}
 
-    def kill_workers_at_first_shard(process: subprocess.Popen) -> None:
-        shards = out / "processed" / "shards" / DROP
+    def kill_a_busy_worker(process: subprocess.Popen) -> None:
         deadline = time.monotonic() + HANG_GUARD_S
         while time.monotonic() < deadline and process.poll() is None:
-            if shards.exists() and any(shards.iterdir()):
-                workers = _daemon_children()
-                if workers:
-                    for pid in workers:
-                        os.kill(pid, signal.SIGKILL)
-                    killed.update(pids=workers, at=time.monotonic())
-                    return
-            time.sleep(0.02)
+            busy = _busy_workers()
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.update(pid=busy[0], at=time.monotonic())
+                return
+            time.sleep(0.005)
 
-    first, ended = spark_preprocess(str(raw), str(out), dict(os.environ), on_start=kill_workers_at_first_shard)
-    assert killed, f"no Spark Python worker to kill while the job ran:\n{first.stdout[-3000:]}"
-    crashed = "Python worker exited unexpectedly" in first.stdout or "Lost task" in first.stdout
+    first, ended = spark_preprocess(str(raw), str(out), dict(os.environ), on_start=kill_a_busy_worker)
+    assert killed, f"no Spark Python worker was seen running a task:\n{first.stdout[-3000:]}"
     if first.returncode == 0:
-        # The kill landed between tasks: Spark replaced the worker without losing a task.
-        assert_consistent(LocalStorage(out), {DROP: 160}, out)
+        # The worker finished its task between the look and the kill: nothing was lost either.
+        assert_consistent(LocalStorage(out), {DROP: 96}, out)
     else:
-        assert crashed, first.stdout[-4000:]
+        assert "Python worker exited unexpectedly" in first.stdout or "Lost task" in first.stdout, first.stdout[-4000:]
         assert latest_manifest(LocalStorage(out)) is None  # nothing committed by the failed job
         second, _ = spark_preprocess(str(raw), str(out), dict(os.environ))
         assert second.returncode == 0, second.stdout[-4000:]
-        assert_consistent(LocalStorage(out), {DROP: 160}, out)
-    record(fault=f"SIGKILL to {len(killed['pids'])} Spark Python worker(s) at the first shard",
-           component="spark-submit preprocess, local[2]",
-           detected_by="task failure 'Python worker exited unexpectedly', job exit != 0" if first.returncode else "none needed (between tasks)",
-           seconds_to_detect=round(ended - killed["at"], 1) if first.returncode else None, recovered=True, inputs=160)
+        assert_consistent(LocalStorage(out), {DROP: 96}, out)
+    record(fault="SIGKILL to a Spark Python worker running a task", component="spark-submit preprocess, local[2]",
+           detected_by="task failure 'Python worker exited unexpectedly', job exit != 0" if first.returncode else "none (the task had just ended)",
+           seconds_to_detect=round(ended - killed["at"], 1) if first.returncode else None, recovered=True, inputs=96)
 
 
 @pytest.fixture
