@@ -221,6 +221,8 @@ def _read_legacy(handle: BinaryIO, file_size: int) -> dict[str, np.ndarray]:
     """Parse the pre-1.6 layout: magic, protocol, sys info, state dict, storage keys, data."""
     try:
         magic = _NoGlobalsUnpickler(handle).load()
+    except UnsafePickleError:
+        raise  # a pickle naming a callable: said as such, it quotes no content
     except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError) as error:
         # pickle's own message quotes the file's first byte ("invalid load key, 'r'."): say what, not what it read.
         raise TorchFileFormatError(f"not a PyTorch file (no pickle header; {type(error).__name__})") from None
