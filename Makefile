@@ -36,7 +36,7 @@ test-stack: venv
 	bash docker/local/base-images.sh
 	command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null)
-	$(PY) -m pytest -q -rs -m stack tests/test_stack.py
+	$(PY) -m pytest -q -rs -m stack tests/test_stack.py; status=$$?; bash docker/local/engine.sh stop; exit $$status
 
 # Fault injection into real runs (tests/test_chaos.py, also part of `make test`): object store down
 # and frozen (moto behind a proxy), training killed, Spark worker killed, disk full (a tmpfs, root).

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts a Docker engine with the compose v2 plugin on a Debian bookworm machine, as root.
 # Idempotent: what is there already is kept, a running engine is used as it is.
+#   engine.sh        install what is missing, start dockerd unless one answers
+#   engine.sh stop   stop the dockerd this script started (none other), e.g. after make test-stack
 #
 # - engine: Debian's docker.io (20.10), and debootstrap for the base images (base-images.sh).
 #   The package cannot start its service on machines without systemd, so dockerd is started here,
@@ -14,6 +16,7 @@ set -euo pipefail
 log() { printf 'engine: %s\n' "$*" >&2; }
 PLUGINS=/usr/local/lib/docker/cli-plugins
 DOCKERD_LOG=${DOCKERD_LOG:-/var/log/melanoma-dockerd.log}
+DOCKERD_PID=/run/melanoma-dockerd.pid
 
 if [ "$(id -u)" != 0 ]; then
     log "run as root (it installs packages and starts dockerd)"; exit 1
@@ -72,6 +75,7 @@ start_dockerd() {
     fi
     log "starting dockerd (log: $DOCKERD_LOG)"
     nohup dockerd >>"$DOCKERD_LOG" 2>&1 &
+    echo $! > "$DOCKERD_PID"
     for _ in $(seq 1 60); do
         if docker info >/dev/null 2>&1; then
             return
@@ -84,6 +88,24 @@ start_dockerd() {
     log "dockerd did not answer within 60 s; the end of $DOCKERD_LOG:"; tail -n 20 "$DOCKERD_LOG" >&2; exit 1
 }
 
+stop_dockerd() {
+    local pid
+    pid=$(cat "$DOCKERD_PID" 2>/dev/null) || { log "no dockerd started by this script; nothing to stop"; return; }
+    rm -f "$DOCKERD_PID"
+    kill -0 "$pid" 2>/dev/null || return 0
+    log "stopping dockerd ($pid)"
+    kill "$pid"
+    for _ in $(seq 1 30); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 1
+    done
+    log "dockerd ($pid) did not stop within 30 s"; exit 1
+}
+
+if [ "${1:-}" = stop ]; then
+    stop_dockerd
+    exit 0
+fi
 install_debian_packages
 install_plugins
 start_dockerd
