@@ -346,7 +346,27 @@ def test_the_dag_runs_end_to_end_in_the_stack(stack, s3, dag_ready, ham10000_dir
     (OUTPUT / "report.html").write_text(page)
 
 
-def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(stack, s3, dag_ready, ham10000_dir, figures):
+def drop_shards(manifest: dict, drop_id: str) -> dict[str, tuple]:
+    """The drop's preprocessed shards as the manifest records them (augment adds its own later)."""
+    return {s["key"]: (s["sha256"], s["count"], s["labels"]) for s in manifest["shards"]
+            if s["drop"] == drop_id and s["kind"] == "original"}
+
+
+def undisturbed_preprocess(stack: Stack, drop_id: str, logical_date: str, processed: Path) -> dict:
+    """The preprocess job on this machine (local[2]) over the drop in the bucket; its manifest."""
+    from test_spark_jobs import spark_submit
+
+    from melanoma.manifest import latest_manifest
+    from melanoma.storage import open_storage
+
+    s3_env = {"MELANOMA_S3_ENDPOINT_URL": S3_URL, "AWS_DEFAULT_REGION": "us-east-1",
+              "AWS_ACCESS_KEY_ID": stack.values["MINIO_ROOT_USER"], "AWS_SECRET_ACCESS_KEY": stack.values["MINIO_ROOT_PASSWORD"]}
+    spark_submit("preprocess", "--raw-root", f"s3://{BUCKET}/raw", "--processed-root", str(processed),
+                 "--drops", json.dumps([drop_id]), "--logical-date", logical_date, env=s3_env)
+    return latest_manifest(open_storage(str(processed)))
+
+
+def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(stack, s3, dag_ready, ham10000_dir, figures, tmp_path):
     rows = metadata_rows(ham10000_dir)
     first = {r["lesion_id"] for r in pick_images(rows, n_melanoma=90, n_other=210)}
     chosen = pick_images(rows, n_melanoma=150, n_other=450, skip_lesions=first)
@@ -389,6 +409,11 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
     manifest = read_json(s3, sorted(k for k in bucket_keys(s3, "data/processed/manifest-"))[-1])
     accounting = manifest["accounting"][drop_id]
     assert accounting["inputs"] == len(chosen) == accounting["written"] + accounting["quarantined"], accounting
+    # The same drop through the same job, undisturbed (spark-submit local[2] here, raw from the bucket):
+    # the lost executor's tasks were recomputed into exactly the shards an undisturbed run writes.
+    reference = undisturbed_preprocess(stack, drop_id, "2026-01-02", tmp_path / "reference")
+    assert reference["accounting"][drop_id] == accounting
+    assert drop_shards(manifest, drop_id) == drop_shards(reference, drop_id)
 
     # Training: the retry resumed from the checkpoint in the bucket instead of starting over.
     assert tis["train"]["try_number"] == 2, tis["train"]
