@@ -58,6 +58,10 @@ WORK = ROOT / "benchmarks" / "work" / "quality"
 PROCESSED = WORK / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET = {"auroc": 0.93, "auprc": 0.65}
+#: External test sets (other clinics and devices) under ../shared/data, evaluated at the HAM
+#: validation threshold and never used to train or choose anything; PH² has lesion masks.
+EXTERNAL_DROPS = "ph2,isic_uda1_sample"
+EXTERNAL_TARGET = {"ph2": {"auroc": 0.85, "sensitivity": 0.70}}
 EVAL_RESERVE_S = 240  # evaluate (val + test forward passes, bootstrap) and writing results
 
 
@@ -180,8 +184,59 @@ def estimate(metrics: dict, name: str) -> dict:
     return {"value": block["value"], "ci_low": block["ci_low"], "ci_high": block["ci_high"]}
 
 
-def evaluation_fields(metrics: dict) -> dict:
-    """The figures of quality.json that come from ``eval/metrics.json``."""
+def external_specs(names: str) -> list[str]:
+    """``RAW_ROOT::DROP_ID`` of each external drop named (comma-separated; empty or "none": none)."""
+    drops = [n.strip() for n in names.split(",") if n.strip() and n.strip() != "none"]
+    missing = [d for d in drops if not (SHARED / d).is_dir()]
+    if missing:
+        raise SystemExit(f"external drop(s) {missing} not found under {SHARED} (see README: ../shared/data)")
+    return [f"{SHARED}::{d}" for d in drops]
+
+
+def evaluate(args: argparse.Namespace, run_root: Path) -> dict:
+    """The pipeline's evaluate step on the run (internal + external sets), then Grad-CAM lesion
+    focus on the external sets that have lesion masks; returns ``{name: focus summary}``."""
+    from training.tasks import evaluate_run, external_focus_run
+
+    specs = external_specs(args.external)
+    evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling, external=specs)
+    focus = {}
+    for spec in specs:
+        drop = spec.rpartition("::")[2]
+        if (SHARED / drop / "masks").is_dir():
+            focus[drop] = external_focus_run(str(PROCESSED), str(run_root), spec)
+            log(f"external {drop}: lesion focus {json.dumps(focus[drop]['check'])}")
+    return focus
+
+
+def external_fields(metrics: dict, focus: dict) -> dict:
+    """Per external drop: discrimination with CIs, the HAM-validation operating point there,
+    the score shift against validation, what site calibration gives out of fold, lesion focus."""
+    out = {}
+    for name, block in (metrics.get("external") or {}).items():
+        site = block.get("site_calibration") or {}
+        shift = block.get("score_shift") or {}
+        out[name] = {
+            "n_images": block["n_images"], "n_melanoma": block["n_melanoma"],
+            **{key: {"value": block[key]["value"], "ci_low": block[key]["ci_low"], "ci_high": block[key]["ci_high"]}
+               for key in ("auroc", "auprc", "sensitivity", "specificity")},
+            "calibration": {k: block["calibration"][k] for k in ("brier", "ece")},
+            "score_shift": {k: shift.get(k) for k in ("shifted", "ks_statistic", "p_value", "median_logit_shift",
+                                                       "positive_rate", "reference_positive_rate")},
+            "score_quantiles": block.get("score_quantiles"),
+            "site_calibration": {k: site.get(k) for k in ("threshold", "threshold_ci", "held_out", "strategy", "skipped") if k in site},
+            "lesion_focus": (focus.get(name) or {}).get("check"),
+            "target": EXTERNAL_TARGET.get(name),
+        }
+        if name in EXTERNAL_TARGET:
+            target = EXTERNAL_TARGET[name]
+            out[name]["target_met"] = (block["auroc"]["value"] >= target["auroc"]
+                                       and block["sensitivity"]["value"] >= target["sensitivity"])
+    return out
+
+
+def evaluation_fields(metrics: dict, focus: dict | None = None) -> dict:
+    """The figures of quality.json that come from ``eval/metrics.json`` (and external lesion focus)."""
     test, scores = metrics["test"], metrics["scores"]
     return {
         "auroc": test["auroc"]["value"],
@@ -200,21 +255,21 @@ def evaluation_fields(metrics: dict) -> dict:
         "val": {k: metrics["threshold"]["val"][k] for k in ("auroc", "auprc", "sensitivity", "specificity")},
         "target": TARGET,
         "target_met": test["auroc"]["value"] >= TARGET["auroc"] and test["auprc"]["value"] >= TARGET["auprc"],
+        "external": external_fields(metrics, focus or {}),
+        "warnings": metrics.get("warnings", []),
     }
 
 
 def reevaluate(args: argparse.Namespace, command: str) -> int:
     """Evaluate the recorded run's model again; training figures stay as recorded."""
-    from training.tasks import evaluate_run
-
     recorded = json.loads((RESULTS / "quality.json").read_text())
     run_root = WORK / "runs" / args.name
     if Path(recorded["model_uri"]) != Path(rel(run_root / "model" / "model.keras")):
         raise SystemExit(f"results/quality.json records {recorded['model_uri']}, not the run {args.name!r}")
     started = time.perf_counter()
-    evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling)
+    focus = evaluate(args, run_root)
     metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
-    result = {**recorded, **evaluation_fields(metrics), "evaluate_seconds": round(time.perf_counter() - started, 1),
+    result = {**recorded, **evaluation_fields(metrics, focus), "evaluate_seconds": round(time.perf_counter() - started, 1),
               "reevaluated": {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": command}}
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, RESULTS / "quality.md")
@@ -241,7 +296,6 @@ def member_summary(run_root: Path) -> dict:
 
 def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
     from training.ensemble import save_ensemble
-    from training.tasks import evaluate_run
 
     names = [n.strip() for n in args.ensemble_of.split(",") if n.strip()]
     if len(names) < 2 or args.name in names:
@@ -251,12 +305,12 @@ def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
     shutil.rmtree(run_root, ignore_errors=True)
     started = time.perf_counter()
     save_ensemble([str(WORK / "runs" / name / "model" / "model.keras") for name in names], str(run_root / "model" / "model.keras"))
-    evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling)
+    focus = evaluate(args, run_root)
     metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
     manifest = processed_manifest()
     test = metrics["test"]
     result = {
-        **evaluation_fields(metrics),
+        **evaluation_fields(metrics, focus),
         "ensemble_of": members,
         "evaluate_seconds": round(time.perf_counter() - started, 1),
         "model_uri": rel(run_root / "model" / "model.keras"),
@@ -301,6 +355,7 @@ def test_metric_rows(r: dict, extra: list[str] = ()) -> list[str]:
         f"| val AUROC / AUPRC (the scores the threshold was chosen on) | {r['val']['auroc']:.3f} / {r['val']['auprc']:.3f} |",
         *extra,
     ]
+    rows += external_metric_rows(r)
     if r.get("per_image"):
         per_image = r["per_image"]
         rows += [
@@ -308,6 +363,26 @@ def test_metric_rows(r: dict, extra: list[str] = ()) -> list[str]:
             f"| per image, unpooled: test AUPRC | {fmt(per_image['test']['auprc'])} |",
             f"| per image, unpooled: val AUROC / AUPRC | {per_image['val']['auroc']:.3f} / {per_image['val']['auprc']:.3f} |",
         ]
+    return rows
+
+
+def external_metric_rows(r: dict) -> list[str]:
+    """Internal and external side by side: the HAM-validation threshold on other clinics' images."""
+    if not r.get("external"):
+        return []
+    fmt = _estimate_text
+    rows = ["", "| set (never trained or chosen on) | images (melanoma) | AUROC | AUPRC | sensitivity / specificity at the HAM-val threshold "
+            "| score shift vs HAM val (KS D, median logit) | site-calibrated sens / spec, out of fold | lesion focus (melanoma maps on lesion vs area) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, e in r["external"].items():
+        shift, site, focus = e["score_shift"], e.get("site_calibration") or {}, e.get("lesion_focus") or {}
+        held = site.get("held_out") or {}
+        rows.append(
+            f"| {name} | {e['n_images']} ({e['n_melanoma']}) | {fmt(e['auroc'])} | {e['auprc']['value']:.3f} | "
+            f"{e['sensitivity']['value']:.3f} / {e['specificity']['value']:.3f} | "
+            f"{'**shifted**' if shift.get('shifted') else 'no shift'} ({(shift.get('ks_statistic') or 0):.2f}, {(shift.get('median_logit_shift') or 0):+.2f}) | "
+            + (f"{held['sensitivity']:.3f} / {held['specificity']:.3f} (threshold {site['threshold']:.3f}) | " if held else "- | ")
+            + (f"{focus['energy_inside_mean']:.1%} vs {focus['lesion_area_share_mean']:.1%} |" if focus.get("energy_inside_mean") is not None else "- |"))
     return rows
 
 
@@ -449,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, shuffling, dropout); the split does not depend on it")
     parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--external", default=EXTERNAL_DROPS,
+                        help="comma-separated external drops under ../shared/data, evaluated at the HAM validation threshold ('none': none)")
     parser.add_argument("--pooling", default="lesion", choices=["lesion", "none"], help="decision scores: pooled per lesion or per image")
     parser.add_argument("--ensemble-of", default="", help="comma-separated finished run names: evaluate their ensemble as --name (no training)")
     parser.add_argument("--continue-from", default="",
@@ -470,7 +547,6 @@ def main(argv: list[str] | None = None) -> int:
     prep = preprocess(args.reprocess)
 
     from melanoma.storage import open_storage
-    from training.tasks import evaluate_run
     from training.train import CpuTurns, TrainConfig, run_training
 
     run_root = WORK / "runs" / args.name
@@ -509,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate_started = time.perf_counter()
     with CpuTurns.turn():
-        evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling)
+        focus = evaluate(args, run_root)
     evaluate_seconds = time.perf_counter() - evaluate_started
     run = open_storage(str(run_root))
     metrics = json.loads(run.read_bytes("eval/metrics.json"))
@@ -531,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     p1, p2 = phase_info("phase1"), phase_info("phase2")
     test = metrics["test"]
     result = {
-        **evaluation_fields(metrics),
+        **evaluation_fields(metrics, focus),
         "train_seconds": round(trained["train_seconds"] - trained["cpu_lock_wait_seconds"], 1),
         "train_wall_seconds": trained["train_seconds"],
         "cache_seconds": trained.get("cache_seconds", 0.0),

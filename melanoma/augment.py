@@ -3,8 +3,10 @@
 Each copy's random draw is seeded from ``sha256(f"{image_id}:{copy_index}")``, so a rerun
 of the augment job writes byte-identical shards, and two copies of one image differ. The
 geometric part (flips, rotation, zoom) is one affine warp applied to the image (bilinear)
-and to its mask (nearest, so the mask stays in {0, 255}), keeping them aligned; brightness
-applies to the image only. Pure numpy + OpenCV: it runs inside Spark executors.
+and to its mask (nearest, so the mask stays in {0, 255}), keeping them aligned; the
+photometric part (hue, saturation, contrast, brightness) applies to the image only. The
+photometric ranges stand for what differs between dermatoscopes and clinics (light, sensor,
+white balance) that colour constancy leaves over (version 2; version 1 had brightness only). Pure numpy + OpenCV: it runs inside Spark executors.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from melanoma.records import IMAGE_SIZE
 
 #: What the augment job does, recorded in the manifest's ``augmentation`` field.
 AUGMENT_PARAMS = {
-    "version": 1,
+    "version": 2,
     "seed": "first 8 bytes of sha256(f'{image_id}:{copy_index}'), big-endian, numpy default_rng",
     "hflip_probability": 0.5,
     "vflip_probability": 0.5,
     "rotation_degrees": [0.0, 360.0],  # uniform: dermoscopy has no canonical "up"
     "zoom": [0.9, 1.2],  # uniform; > 1 zooms in
     "brightness": [0.8, 1.2],  # uniform factor on every channel, image only
+    "hue_degrees": [-8.0, 8.0],  # uniform shift of the HSV hue, image only
+    "saturation": [0.75, 1.25],  # uniform factor on the HSV saturation, image only
+    "contrast": [0.8, 1.25],  # uniform factor on the distance to the image's mean, image only
     "border": "reflect_101",  # skin continues past the edge; black corners would be a new cue
     "image_interpolation": "bilinear",
     "mask_interpolation": "nearest",
@@ -42,6 +47,9 @@ class AugmentParams:
     angle: float
     zoom: float
     brightness: float
+    hue: float = 0.0
+    saturation: float = 1.0
+    contrast: float = 1.0
 
 
 def augmented_image_id(image_id: str, copy_index: int) -> str:
@@ -65,6 +73,10 @@ def draw_params(key: str) -> AugmentParams:
         angle=float(rng.uniform(low_rot, high_rot)),
         zoom=float(rng.uniform(*AUGMENT_PARAMS["zoom"])),
         brightness=float(rng.uniform(*AUGMENT_PARAMS["brightness"])),
+        # Drawn after the version-1 fields, so those keep their version-1 values.
+        hue=float(rng.uniform(*AUGMENT_PARAMS["hue_degrees"])),
+        saturation=float(rng.uniform(*AUGMENT_PARAMS["saturation"])),
+        contrast=float(rng.uniform(*AUGMENT_PARAMS["contrast"])),
     )
 
 
@@ -92,6 +104,18 @@ def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.LUT(image, table)
 
 
+def adjust_colour(image: np.ndarray, hue: float, saturation: float, contrast: float) -> np.ndarray:
+    """uint8 (H, W, 3) RGB with its hue shifted by ``hue`` degrees, saturation and contrast scaled."""
+    if hue == 0.0 and saturation == 1.0 and contrast == 1.0:
+        return image
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)  # hue 0..255 for 360 degrees
+    hsv[..., 0] = np.mod(hsv[..., 0] + hue * 256.0 / 360.0, 256.0)
+    hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+    rgb = cv2.cvtColor(np.rint(hsv).clip(0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB_FULL).astype(np.float32)
+    mean = rgb.mean(axis=(0, 1), keepdims=True)
+    return np.clip(np.rint((rgb - mean) * contrast + mean), 0, 255).astype(np.uint8)
+
+
 def apply_augment(image: np.ndarray, mask: np.ndarray, params: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
     """Warp image uint8 (H, W, 3) and mask uint8 (H, W) alike; brighten the image only."""
     height, width = mask.shape
@@ -101,11 +125,11 @@ def apply_augment(image: np.ndarray, mask: np.ndarray, params: AugmentParams) ->
 
 
 def augment_image(image: np.ndarray, params: AugmentParams) -> np.ndarray:
-    """The image part of :func:`apply_augment`: uint8 (H, W, 3) -> warped and brightened, same shape."""
+    """The image part of :func:`apply_augment`: uint8 (H, W, 3) -> warped, recoloured and brightened, same shape."""
     height, width = image.shape[:2]
     warped = cv2.warpAffine(image, affine_matrix(params, width, height), (width, height), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_REFLECT_101)
-    return adjust_brightness(warped, params.brightness)
+    return adjust_brightness(adjust_colour(warped, params.hue, params.saturation, params.contrast), params.brightness)
 
 
 def augment_pair(image: np.ndarray, mask: np.ndarray, image_id: str, copy_index: int) -> tuple[np.ndarray, np.ndarray]:

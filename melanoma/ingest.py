@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from melanoma import drops as drops_mod
-from melanoma.imaging import PREPROCESSING, RejectedImage, decode_mask, preprocess_image_bytes
+from melanoma.imaging import COLOUR_CONSTANCY, PREPROCESSING, RejectedImage, colour_constancy_of, decode_mask, preprocess_image_bytes
 from melanoma.manifest import PROCESSED_PREFIX, commit_manifest, latest_manifest, require_manifest
 from melanoma.records import IMAGE_SIZE, encode_shard, sha256_hex
 from melanoma.spark_settings import SPARK_DEFAULTS
@@ -46,7 +46,7 @@ from melanoma.storage import LocalStorage, ObjectRefused, Storage, open_storage,
 
 log = logging.getLogger(__name__)
 
-PREPROCESSING_VERSION = "1"
+PREPROCESSING_VERSION = "2"  # 2: colour constancy (recorded per root, see root_colour_constancy)
 #: Images per chunk (one Spark task, up to three shards: one per split). 256 images make
 #: ~40 tasks for HAM10000's 10,015 (20 per core on local[2], so the last wave is short) and
 #: keep a task's memory near 200 MB (arrays, masks and the encoded shard).
@@ -68,6 +68,7 @@ class ChunkTask:
     drop_id: str
     chunk_index: int
     items: list[dict]  # InputItem fields
+    colour_constancy: str = COLOUR_CONSTANCY[0]
 
 
 @dataclass
@@ -190,7 +191,7 @@ def _read_ahead(storage: Storage, items: list[dict]) -> Iterator[tuple[bytes | E
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _decode(item: dict, data: bytes | Exception) -> tuple[np.ndarray | None, list[str], tuple[str, str] | None]:
+def _decode(item: dict, data: bytes | Exception, colour_constancy: str = COLOUR_CONSTANCY[0]) -> tuple[np.ndarray | None, list[str], tuple[str, str] | None]:
     """(image, notes, None) or (None, [], (reason, detail)) for one input's bytes."""
     if isinstance(data, FileNotFoundError):
         # Listed at scan time, gone now (deleted mid-run): the row's image is missing.
@@ -198,7 +199,7 @@ def _decode(item: dict, data: bytes | Exception) -> tuple[np.ndarray | None, lis
     if isinstance(data, ObjectRefused):
         return None, [], ("refused-object", str(data))
     try:
-        image, notes = preprocess_image_bytes(data, IMAGE_SIZE)
+        image, notes = preprocess_image_bytes(data, IMAGE_SIZE, colour_constancy=colour_constancy)
         return image, notes, None
     except RejectedImage as rejected:
         return None, [], (rejected.reason, rejected.message)  # the reason is its own field, not repeated
@@ -245,7 +246,7 @@ def process_chunk(task: ChunkTask) -> ChunkResult:
     for item, (data, mask_data) in zip(task.items, _read_ahead(raw, task.items)):
         now = time.perf_counter()
         seconds["read_wait"] += now - clock
-        image, notes, rejection = _decode(item, data)
+        image, notes, rejection = _decode(item, data, task.colour_constancy)
         clock, now = now, time.perf_counter()
         seconds["decode"] += now - clock
         if rejection is not None:
@@ -319,7 +320,17 @@ def known_image_ids(out: Storage, manifest: dict | None) -> dict[str, str]:
     return known
 
 
-def plan_drop(raw_root: str, processed_root: str, drop_id: str, known: dict[str, str], *, layout: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> DropPlan:
+def root_colour_constancy(previous: dict | None) -> str:
+    """The colour constancy of a processed root: what its manifest records, else the default.
+
+    A root keeps the preprocessing it started with (shards of one root, hence one model's
+    training data, never mix two), so a root made before colour constancy goes on without it.
+    """
+    return colour_constancy_of(previous["preprocessing"]) if previous else COLOUR_CONSTANCY[0]
+
+
+def plan_drop(raw_root: str, processed_root: str, drop_id: str, known: dict[str, str], *, layout: str = "auto",
+              shard_size: int = DEFAULT_SHARD_SIZE, colour_constancy: str = COLOUR_CONSTANCY[0]) -> DropPlan:
     """Scan a drop and cut it into chunk tasks; ``known`` gains this drop's image ids.
 
     An image id already in ``known`` (ingested from an earlier drop, or from an earlier drop
@@ -341,7 +352,7 @@ def plan_drop(raw_root: str, processed_root: str, drop_id: str, known: dict[str,
         usable.append(asdict(item))
     usable.sort(key=lambda item: item["image_id"])
     tasks = [
-        ChunkTask(raw_root, processed_root, drop_id, index, usable[start : start + shard_size])
+        ChunkTask(raw_root, processed_root, drop_id, index, usable[start : start + shard_size], colour_constancy)
         for index, start in enumerate(range(0, len(usable), shard_size))
     ]
     return DropPlan(drop_id, scan.layout, scan.n_inputs, tasks, quarantined, scan.listing)
@@ -350,7 +361,9 @@ def plan_drop(raw_root: str, processed_root: str, drop_id: str, known: dict[str,
 def plan_drops(raw_root: str, processed_root: str, previous: dict | None, drop_ids: list[str], *, layout: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE) -> list[DropPlan]:
     """Plans for ``drop_ids`` in order, duplicates checked against ``previous`` and each other."""
     known = known_image_ids(open_storage(processed_root), previous)
-    return [plan_drop(raw_root, processed_root, d, known, layout=layout, shard_size=shard_size) for d in drop_ids]
+    colour = root_colour_constancy(previous)
+    return [plan_drop(raw_root, processed_root, d, known, layout=layout, shard_size=shard_size, colour_constancy=colour)
+            for d in drop_ids]
 
 
 def pending_drops(raw: Storage, manifest: dict | None, requested: list[str] | None) -> list[str]:
@@ -435,6 +448,7 @@ def finish_drops(out: Storage, previous: dict | None, plans: list[DropPlan], res
             "function": "melanoma.imaging.preprocess_image_bytes",
             "mask_function": "melanoma.imaging.decode_mask",
             **PREPROCESSING,
+            "colour_constancy": root_colour_constancy(previous),
         },
         "split": split_description(DEFAULT_FRACTIONS),
         "shards": shards,

@@ -11,6 +11,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MELANOMA_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 HAM10000 = SHARED_DATA / "ham10000"
 ISIC_SAMPLE = SHARED_DATA / "isic_uda1_sample"
+PH2 = SHARED_DATA / "ph2"
 
 
 def require_data(path: Path) -> Path:
@@ -31,6 +32,11 @@ def ham10000_dir() -> Path:
 @pytest.fixture(scope="session")
 def isic_sample_dir() -> Path:
     return require_data(ISIC_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def ph2_dir() -> Path:
+    return require_data(PH2)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,9 @@ from melanoma.imaging import (
     decode_mask,
     decode_rgb,
     jpeg_scale_factor,
+    colour_constancy_of,
     preprocess_image_bytes,
+    shades_of_gray,
     read_image_header,
     resize_for_model,
 )
@@ -325,11 +327,43 @@ def test_resize_squashes_the_whole_image(lesion):
         resize_for_model(lesion[:, :, 0])
 
 
-def test_preprocess_is_decode_then_resize(lesion):
+def test_preprocess_is_decode_then_resize_then_colour_constancy(lesion):
     data = jpeg_bytes(lesion)
     array, notes = preprocess_image_bytes(data)
-    assert np.array_equal(array, resize_for_model(decode_rgb(data)[0])) and notes == []
+    resized = resize_for_model(decode_rgb(data)[0])
+    assert np.array_equal(array, shades_of_gray(resized)) and notes == []
+    assert not np.array_equal(array, resized)  # the synthetic lesion has a colour cast to remove
+    assert np.array_equal(preprocess_image_bytes(data, colour_constancy="none")[0], resized)
     assert preprocess_image_bytes(data, size=64)[0].shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="colour_constancy"):
+        preprocess_image_bytes(data, colour_constancy="grey_world")
+
+
+def test_shades_of_gray_removes_a_colour_cast_and_keeps_a_neutral_image():
+    rng = np.random.default_rng(0)
+    neutral = np.repeat(rng.integers(30, 220, (64, 64, 1), dtype=np.uint8), 3, axis=2)
+    assert np.array_equal(shades_of_gray(neutral), neutral)  # a grey scene under white light: unchanged
+    # The same scene under a reddish light (another device's white balance) comes back
+    # close to the neutral one: per-channel p-means equal again.
+    cast = np.clip(neutral * np.array([1.25, 1.0, 0.8]), 0, 255).astype(np.uint8)
+    corrected = shades_of_gray(cast).astype(np.float64)
+    p_means = np.power(np.mean(np.power(corrected / 255, 6), axis=(0, 1)), 1 / 6)
+    assert p_means.max() - p_means.min() < 0.01
+    assert np.abs(corrected - shades_of_gray(neutral)).mean() < 12
+    black = np.zeros((8, 8, 3), np.uint8)
+    black[..., 0] = 100  # no green or blue at all: nothing to estimate, returned as is
+    assert np.array_equal(shades_of_gray(black), black)
+    with pytest.raises(ValueError):
+        shades_of_gray(neutral.astype(np.float32))
+
+
+def test_colour_constancy_of_reads_manifests_old_and_new():
+    assert colour_constancy_of({"version": "1", "size": 224}) == "none"
+    assert colour_constancy_of({"version": "2", "colour_constancy": "shades_of_gray"}) == "shades_of_gray"
+    with pytest.raises(ValueError):
+        colour_constancy_of(None)
+    with pytest.raises(ValueError):
+        colour_constancy_of({"colour_constancy": "retinex"})
 
 
 # --- masks -----------------------------------------------------------------------------

@@ -346,10 +346,10 @@ def test_an_unforeseen_decoder_error_quarantines_only_that_image(two_drops, tmp_
     real = ingest.preprocess_image_bytes
     poisoned = (two_drops / "ham-2024-01-01" / "images" / "ISIC_0000005.jpg").read_bytes()
 
-    def flaky(data, size):
+    def flaky(data, size, **options):
         if data == poisoned:
             raise ZeroDivisionError("simulated decoder bug")
-        return real(data, size)
+        return real(data, size, **options)
 
     monkeypatch.setattr(ingest, "preprocess_image_bytes", flaky)
     plan = ingest.plan_drop(str(two_drops), str(tmp_path), "ham-2024-01-01", {})

@@ -117,7 +117,7 @@ def test_io_errors_while_decoding_propagate(two_files_drop, monkeypatch):
     raw, out = two_files_drop
     plan = ingest.plan_drop(str(raw), str(out), DROP, {})
 
-    def broken(data, size):
+    def broken(data, size, **options):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(ingest, "preprocess_image_bytes", broken)

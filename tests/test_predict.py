@@ -110,7 +110,7 @@ def test_predict_isic_layout_folder_overlays_at_full_size(tmp_path, isic_sample_
     model_path = tiny_model(tmp_path / "model.keras")
     out = tmp_path / "out"
 
-    result = predict_folder(str(model_path), str(folder), str(out), overlays=True, layer_name="conv")
+    result = predict_folder(str(model_path), str(folder), str(out), threshold=0.5, overlays=True, layer_name="conv")
 
     assert (result["scored"], result["rejected"]) == (2, 0)
     rows = read_csv(out / "predictions.csv")
@@ -131,8 +131,18 @@ def test_predict_without_overlays_writes_no_overlays(tmp_path, ham10000_dir):
     folder.mkdir()
     shutil.copy(ham10000_dir / "images" / f"{HAM_IDS[0]}.jpg", folder)
     out = tmp_path / "out"
-    result = predict_folder(str(tiny_model(tmp_path / "m.keras")), str(folder), str(out))
+    result = predict_folder(str(tiny_model(tmp_path / "m.keras")), str(folder), str(out), threshold=0.5)
     assert result["written"] == ["predictions.csv", "rejected.csv"] and not (out / "overlays").exists()
+
+
+def test_predict_refuses_a_bare_model_without_a_threshold(tmp_path, ham10000_dir):
+    # No silent 0.5: the validated thresholds of real runs lie far from it (0.004 to 0.44).
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(ham10000_dir / "images" / f"{HAM_IDS[0]}.jpg", folder)
+    with pytest.raises(ValueError, match="no validated threshold"):
+        predict_folder(str(tiny_model(tmp_path / "m.keras")), str(folder), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -197,7 +207,8 @@ def test_predict_pools_scores_per_lesion_with_a_lesion_map(tmp_path, ham10000_di
     # An image the map does not cover is an error, not a silent per-image score.
     lesion_csv.write_text(f"image_id,lesion_id\n{HAM_IDS[0]},A\n")
     with pytest.raises(ValueError, match=f"no lesion in the lesion map, e.g. {HAM_IDS[1]}"):
-        predict_folder(str(model_path), str(folder), str(tmp_path / "out2"), lesion_of=read_lesion_map(str(lesion_csv)))
+        predict_folder(str(model_path), str(folder), str(tmp_path / "out2"), threshold=threshold,
+                       lesion_of=read_lesion_map(str(lesion_csv)))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 RESULT_PREFIX = "RESULT "
@@ -64,10 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="path or URI of model.keras")
     predict.add_argument("--input", required=True, help="folder or URI of images (bare, or a drop in either layout)")
     predict.add_argument("--output", required=True, help="folder or URI for predictions.csv")
-    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument("--threshold", type=float, default=None,
+                         help="decision threshold; default: the run's own (chosen on validation), or --site's")
+    predict.add_argument("--site", default=None, help="use the threshold calibrated for this site (calibrate-site)")
     predict.add_argument("--overlays", action="store_true", help="also write a Grad-CAM overlay per image")
     predict.add_argument("--lesions", default=None,
                          help="CSV with image_id,lesion_id (e.g. HAM10000_metadata.csv): pool the scores per lesion, as evaluate does")
+
+    site = commands.add_parser("calibrate-site", help="re-choose the run's threshold on a labelled drop of a new site")
+    site.add_argument("--processed-root", required=True)
+    site.add_argument("--run-root", required=True)
+    site.add_argument("--site", required=True, help="a name for the site (letters, digits, _ . -)")
+    site.add_argument("--labelled-drop", required=True, help="RAW_ROOT::DROP_ID of labelled images from that site (either layout)")
+    site.add_argument("--strategy", default=None, choices=["youden", "sensitivity", "f1"], help="default: the run's own")
+    site.add_argument("--target-sensitivity", type=float, default=0.85)
+    site.add_argument("--n-boot", type=int, default=1000)
+    site.add_argument("--as-of", default=None)
     return parser
 
 
@@ -98,12 +111,20 @@ def run(args: argparse.Namespace) -> dict:
         from training.predict import predict_folder, read_lesion_map
 
         lesion_of = read_lesion_map(args.lesions) if args.lesions else None
-        return predict_folder(args.model, args.input, args.output, threshold=args.threshold, overlays=args.overlays, lesion_of=lesion_of)
+        return predict_folder(args.model, args.input, args.output, threshold=args.threshold, overlays=args.overlays,
+                              lesion_of=lesion_of, site=args.site)
+    if args.command == "calibrate-site":
+        from training.tasks import calibrate_site_run
+
+        return calibrate_site_run(args.processed_root, args.run_root, args.site, args.labelled_drop, strategy=args.strategy,
+                                  target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, as_of=args.as_of)
     raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Log lines (progress, warnings such as a score shift) go to stderr; stdout keeps the RESULT line.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         result = run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

@@ -414,10 +414,36 @@ def evaluate_predictions(
             "at_threshold": m.binary_metrics(test_labels, test_scores, optimistic),
         },
         "external": {
-            name: _evaluate_set(set_rows, f"external set {name!r}", threshold, with_curves=False, **common)
+            name: _external_block(set_rows, name, threshold, val_scores, warnings, strategy=strategy,
+                                  target_sensitivity=target_sensitivity, **common)
             for name, set_rows in externals.items()
         },
     }
+
+
+def _external_block(rows: Sequence[dict], name: str, threshold: float, val_scores: np.ndarray, warnings: list[str], *,
+                    strategy: str, target_sensitivity: float, **common) -> dict:
+    """An external set at the validation threshold, plus what tells whether that threshold holds there:
+    its score distribution against validation's (:func:`training.shift.score_shift`) and, since an
+    external set has labels, what re-choosing the threshold on that site would give on its unseen
+    cases (:func:`training.shift.calibrate_site`, out-of-fold). Shifts are added to ``warnings``.
+    """
+    from training.shift import calibrate_site, score_shift
+
+    block = _evaluate_set(rows, f"external set {name!r}", threshold, with_curves=False, **common)
+    labels, scores, lesions = _arrays(rows, f"external set {name!r}")
+    block["score_shift"] = score_shift(val_scores, scores, threshold)
+    quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
+    block["score_quantiles"] = {"q": list(quantiles), "val": np.quantile(val_scores, quantiles).tolist(),
+                                name: np.quantile(scores, quantiles).tolist()}
+    if block["score_shift"]["shifted"]:
+        warnings.append(f"external set {name!r}: {block['score_shift']['message']}")
+    try:
+        block["site_calibration"] = calibrate_site(labels, scores, lesions, strategy=strategy, target_sensitivity=target_sensitivity,
+                                                   n_boot=common["n_boot"], seed=common["seed"])
+    except ValueError as error:
+        block["site_calibration"] = {"skipped": str(error)}
+    return block
 
 
 def write_evaluation(metrics: dict, out_dir: Path, rows: Sequence[dict] | None = None) -> list[Path]:

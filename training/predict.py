@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -16,8 +18,10 @@ import numpy as np
 
 # The Spark job's preprocessing, imported (not copied): see predict_folder.
 from melanoma.csvout import csv_bytes
-from melanoma.imaging import RejectedImage, decode_rgb, preprocess_image_bytes
+from melanoma.imaging import COLOUR_CONSTANCY, RejectedImage, colour_constancy_of, decode_rgb, preprocess_image_bytes
 from melanoma.storage import open_storage, split_uri
+
+log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("image_id", "lesion_id", "split", "label", "dx", "probability", "age", "sex", "localization", "source")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -103,8 +107,75 @@ def read_lesion_map(source: str) -> dict[str, str]:
     return lesion_of
 
 
-def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: float = 0.5, overlays: bool = False,
-                   layer_name: str | None = None, lesion_of: dict[str, str] | None = None) -> dict:
+MODEL_KEY = "model/model.keras"
+
+
+class RunContext:
+    """What a model's run folder knows beyond the weights: the validated threshold, validation's
+    scores (the reference for a score shift), per-site thresholds and the preprocessing.
+
+    Found when the model is a run's ``model/model.keras``; a bare model file has none of it.
+    """
+
+    def __init__(self, model_uri: str):
+        text = str(model_uri).rstrip("/")
+        self.run = open_storage(text[: -len(MODEL_KEY)].rstrip("/") or ".") if text.endswith(MODEL_KEY) else None
+
+    def _json(self, key: str) -> dict | None:
+        if self.run is None or not self.run.exists(key):
+            return None
+        return json.loads(self.run.read_bytes(key))
+
+    def threshold(self) -> dict | None:
+        """``{"value", "strategy", "pooling", "source"}`` of the run's evaluation, if it was evaluated."""
+        metrics = self._json("eval/metrics.json")
+        if metrics is None:
+            return None
+        return {"value": float(metrics["threshold"]["value"]), "strategy": metrics["threshold"]["strategy"],
+                "pooling": metrics["scores"]["pooling"], "source": "run (chosen on validation)"}
+
+    def site(self, name: str) -> dict:
+        from training.shift import load_site
+
+        if self.run is None:
+            raise ValueError(f"--site {name}: site thresholds live in a run folder; {MODEL_KEY} of a run is needed, not a bare model file")
+        return load_site(self.run, name)
+
+    def validation_scores(self) -> np.ndarray | None:
+        """Validation's per-image probabilities, from the run's ``eval/predictions.csv``."""
+        if self.run is None or not self.run.exists("eval/predictions.csv"):
+            return None
+        rows = csv.DictReader(io.StringIO(self.run.read_bytes("eval/predictions.csv").decode()))
+        return np.array([float(r["probability"]) for r in rows if r["split"] == "val"])
+
+    def colour_constancy(self) -> str:
+        """The colour constancy the model's training data had; the default, with a warning, when unrecorded."""
+        provenance = self._json("model/provenance.json") or {}
+        if provenance.get("preprocessing"):
+            return colour_constancy_of(provenance["preprocessing"])
+        log.warning("no recorded preprocessing for this model: assuming the current default colour constancy (%s)",
+                    COLOUR_CONSTANCY[0])
+        return COLOUR_CONSTANCY[0]
+
+
+def resolve_threshold(context: RunContext, threshold: float | None, site: str | None) -> dict:
+    """The operating point to score with: given, the site's, or the run's own; never a silent default."""
+    if threshold is not None:
+        if site is not None:
+            raise ValueError("give --threshold or --site, not both")
+        return {"value": float(threshold), "source": "given"}
+    if site is not None:
+        record = context.site(site)
+        return {"value": float(record["threshold"]), "source": f"site {site} (calibrated on {record['n_images']} labelled images)"}
+    chosen = context.threshold()
+    if chosen is None:
+        raise ValueError("this model has no validated threshold (a bare model file, or a run not evaluated yet): "
+                         "pass --threshold, or score with a run's model/model.keras after its evaluate step")
+    return chosen
+
+
+def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: float | None = None, overlays: bool = False,
+                   layer_name: str | None = None, lesion_of: dict[str, str] | None = None, site: str | None = None) -> dict:
     """Score every image under ``folder_uri``; write ``predictions.csv`` (and overlays) under ``out_uri``.
 
     Each image goes through :func:`melanoma.imaging.preprocess_image_bytes`, the Spark job's
@@ -117,13 +188,23 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
     listed in ``rejected.csv`` with their reason, never skipped silently. With ``overlays``,
     ``overlays/<image_id>.png`` is the Grad-CAM heatmap of the melanoma score blended over the
     image at its original size (display orientation).
+
+    The threshold is ``threshold`` when given, else the one calibrated for ``site``, else the
+    run's own (chosen on validation); a bare model file with neither is refused. When the run's
+    validation scores are known, the scores are tested for a shift against them
+    (:func:`training.shift.score_shift`): a shift is logged as a warning and written to
+    ``shift.json``, and the result carries it.
     """
+    context = RunContext(model_uri)
+    operating_point = resolve_threshold(context, threshold, site)
+    threshold = operating_point["value"]
+    colour = context.colour_constancy()
     model = load_model(model_uri)
     source, out = open_storage(folder_uri), open_storage(out_uri)
     images, scored, rejected = [], [], []
     for image_id, key in images_in_folder(folder_uri):
         try:
-            array, _notes = preprocess_image_bytes(source.read_bytes(key))
+            array, _notes = preprocess_image_bytes(source.read_bytes(key), colour_constancy=colour)
         except RejectedImage as error:
             rejected.append({"image_id": image_id, "key": key, "reason": error.reason, "detail": error.message})
             continue
@@ -146,9 +227,10 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
         columns = ("image_id", "key", "lesion_id", "image_probability", "probability", "label", "threshold")
     for row in rows:
         row.update(label=int(row["probability"] >= threshold), threshold=threshold)
+    shift = _check_shift(context, probabilities, threshold, out)
     out.write_bytes("predictions.csv", rows_to_csv(rows, columns))
     out.write_bytes("rejected.csv", rows_to_csv(rejected, ("image_id", "key", "reason", "detail")))
-    written = ["predictions.csv", "rejected.csv"]
+    written = ["predictions.csv", "rejected.csv"] + (["shift.json"] if shift else [])
     if overlays and images:
         import cv2
 
@@ -167,4 +249,21 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
             overlay_key = f"overlays/{_safe_name(image_id)}.png"
             out.write_bytes(overlay_key, png.tobytes())
             written.append(overlay_key)
-    return {"scored": len(rows), "rejected": len(rejected), "predictions_uri": out.uri("predictions.csv"), "written": written}
+    return {"scored": len(rows), "rejected": len(rejected), "predictions_uri": out.uri("predictions.csv"), "written": written,
+            "threshold": threshold, "threshold_source": operating_point["source"], "score_shift": shift}
+
+
+def _check_shift(context: RunContext, probabilities: np.ndarray, threshold: float, out) -> dict | None:
+    """Per-image scores against validation's per-image scores; a shift is logged loudly and kept."""
+    from training.shift import score_shift
+
+    reference = context.validation_scores()
+    if reference is None or len(probabilities) == 0:
+        return None
+    shift = score_shift(reference, probabilities, threshold)
+    if shift["shifted"]:
+        log.warning("%s", shift["message"])
+    else:
+        log.info("%s", shift["message"])
+    out.write_bytes("shift.json", json.dumps(shift, indent=2, allow_nan=False).encode())
+    return shift

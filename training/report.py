@@ -137,7 +137,38 @@ def _metrics_section(metrics: dict) -> str:
         "resamples of lesions (all images of a lesion together). Counts and ratios below the "
         "interval rows are at the threshold chosen on validation.</p>"
     )
-    return "<h2>Metrics</h2>" + _scores_note(metrics) + ci_note + _set_table(blocks) + _subgroups((metrics.get("test") or {}).get("subgroups") or {})
+    return ("<h2>Metrics</h2>" + _scores_note(metrics) + ci_note + _set_table(blocks) + _external_section(metrics)
+            + _subgroups((metrics.get("test") or {}).get("subgroups") or {}))
+
+
+def _external_section(metrics: dict) -> str:
+    """Does the validation threshold hold on each external set? Score shift and site calibration."""
+    externals = metrics.get("external") or {}
+    if not externals:
+        return ""
+    rows = []
+    for name, block in externals.items():
+        shift = block.get("score_shift") or {}
+        site = block.get("site_calibration") or {}
+        held = site.get("held_out") or {}
+        ci = site.get("threshold_ci") or [None, None]
+        rows.append([
+            _e(name),
+            _e("SHIFTED" if shift.get("shifted") else ("no" if shift.get("shifted") is False else "untested")),
+            _num(shift.get("ks_statistic")),
+            _num(shift.get("median_logit_shift")),
+            f"{_pct(shift.get('positive_rate'))} vs {_pct(shift.get('reference_positive_rate'))}",
+            (f"{_num(site.get('threshold'), 4)} [{_num(ci[0], 4)}, {_num(ci[1], 4)}]" if "threshold" in site
+             else _e(site.get("skipped", ""))),
+            f"{_num(held.get('sensitivity'))} / {_num(held.get('specificity'))}" if held else "",
+        ])
+    header = ["External set", "Score shift", "KS D", "Median logit shift", "Called melanoma (vs val)",
+              "Site threshold [95% CI]", "Site-calibrated sens / spec on held-out cases"]
+    note = ('<p class="note">Score shift: two-sample Kolmogorov-Smirnov test of the set\'s scores against validation\'s '
+            "(warns at D &ge; 0.2 and p &lt; 0.01). A shifted set scores unlike the validation images: the validation "
+            "threshold's sensitivity and specificity do not carry over. Site threshold: re-chosen on that set by the "
+            "same strategy; its sensitivity/specificity are out-of-fold (chosen on the other folds of the set).</p>")
+    return "<h3>Other sites: does the operating point hold?</h3>" + _table(header, rows) + note
 
 
 def _scores_note(metrics: dict) -> str:

@@ -6,10 +6,13 @@ runtime (local subprocess or container) through :mod:`training.cli`.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
 from pathlib import Path
 
+from melanoma.imaging import colour_constancy_of
 from melanoma.manifest import load_split, require_manifest
 from melanoma.storage import open_storage
 from training.predict import load_model, predict_probabilities, prediction_rows, rows_to_csv
@@ -17,34 +20,78 @@ from training.predict import load_model, predict_probabilities, prediction_rows,
 MODEL_KEY = "model/model.keras"
 
 
-def _external_rows(model, spec: str) -> tuple[list[dict], list[dict]]:
-    """Score an external drop (``raw_root::drop_id``) through the same scan and preprocessing.
+def _load_external(spec: str, colour_constancy: str, *, with_masks: bool = False):
+    """An external drop (``raw_root::drop_id``) through the same scan and preprocessing as ingestion.
 
-    Returns (prediction rows, unscorable inputs with their reasons): the scan's quarantine
-    and images that fail to decode are reported, never dropped silently.
+    Returns (Shard of the scorable images, unscorable inputs with their reasons): the scan's
+    quarantine and images that fail to decode are reported, never dropped silently. Masks
+    (all-zero where the drop has none) are decoded only ``with_masks``.
     """
     import numpy as np
 
     from melanoma.drops import scan_drop
-    from melanoma.imaging import RejectedImage, preprocess_image_bytes
+    from melanoma.imaging import RejectedImage, decode_mask, preprocess_image_bytes
+    from melanoma.records import Shard
 
     raw_root, _, drop_id = spec.rpartition("::")
     if not raw_root or not drop_id:
         raise ValueError(f"external set must be given as RAW_ROOT::DROP_ID, got {spec!r}")
     raw = open_storage(raw_root)
     scan = scan_drop(raw, drop_id)
-    records, images = [], []
+    records, images, masks = [], [], []
     unscored = [q.to_json() for q in scan.quarantined]
     for item in scan.inputs:
         try:
-            images.append(preprocess_image_bytes(raw.read_bytes(item.image_key))[0])
+            images.append(preprocess_image_bytes(raw.read_bytes(item.image_key), colour_constancy=colour_constancy)[0])
         except RejectedImage as rejected:
             unscored.append({"drop_id": drop_id, "item": item.image_id, "reason": rejected.reason, "detail": str(rejected)})
             continue
+        mask = np.zeros((224, 224), np.uint8)
+        if with_masks and item.mask_key:
+            try:
+                mask = decode_mask(raw.read_bytes(item.mask_key))
+            except (RejectedImage, ValueError):
+                pass  # counted as "without mask" by the focus summary, like ingestion's unusable masks
+        masks.append(mask)
         records.append({"image_id": item.image_id, "lesion_id": item.lesion_id, "label": item.label, "dx": item.dx,
-                        "age": item.age, "sex": item.sex, "localization": item.localization})
+                        "age": item.age, "sex": item.sex, "localization": item.localization, "has_mask": bool(mask.any())})
     batch = np.stack(images) if images else np.zeros((0, 224, 224, 3), np.uint8)
-    return prediction_rows(records, predict_probabilities(model, batch), split="external", source=drop_id), unscored
+    stacked_masks = np.stack(masks) if masks else np.zeros((0, 224, 224), np.uint8)
+    return Shard(batch, stacked_masks, records), unscored
+
+
+def _external_rows(model, spec: str, colour_constancy: str) -> tuple[list[dict], list[dict]]:
+    """Prediction rows of an external drop, and its unscorable inputs (see :func:`_load_external`)."""
+    shard, unscored = _load_external(spec, colour_constancy)
+    drop_id = spec.rpartition("::")[2]
+    return prediction_rows(shard.records, predict_probabilities(model, shard.images), split="external", source=drop_id), unscored
+
+
+def external_focus_run(processed_root: str, run_root: str, spec: str, *, as_of: str | None = None) -> dict:
+    """Grad-CAM lesion focus on an external drop with lesion masks, at the run's validation threshold.
+
+    Writes ``eval/external-<drop>-focus.json`` (the summary of :func:`training.gradcam.summarise_focus`
+    and its lesion-focus check) and returns it.
+    """
+    from training.ensemble import gradcam_layer_names
+    from training.evaluation import decision_scores
+    from training.gradcam import focus_rows, gradcam_heatmaps, lesion_focus_check, summarise_focus
+
+    storage, run = open_storage(processed_root), open_storage(run_root)
+    manifest = require_manifest(storage, as_of=as_of)
+    metrics = json.loads(run.read_bytes("eval/metrics.json"))
+    model = load_model(run.uri(MODEL_KEY))
+    shard, unscored = _load_external(spec, colour_constancy_of(manifest.get("preprocessing")), with_masks=True)
+    probabilities = predict_probabilities(model, shard.images)
+    ids = [r["image_id"] for r in shard.records]
+    scores = decision_scores(ids, probabilities.tolist(), [str(r["lesion_id"]) for r in shard.records], metrics["scores"]["pooling"])
+    threshold = metrics["threshold"]["value"]
+    rows = focus_rows(shard, gradcam_heatmaps(model, shard.images, gradcam_layer_names(model)), scores, threshold)
+    focus = summarise_focus(rows)
+    summary = {"drop": spec.rpartition("::")[2], "threshold": threshold, "unscored": len(unscored), "focus": focus,
+               "check": lesion_focus_check(focus)}
+    run.write_bytes(f"eval/external-{summary['drop']}-focus.json", json.dumps(summary, indent=2, allow_nan=False).encode())
+    return summary
 
 
 def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden", target_sensitivity: float = 0.95,
@@ -68,7 +115,9 @@ def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden"
     external_sets, unscored = {}, {}
     for spec in external or []:
         name = spec.rpartition("::")[2]
-        external_sets[name], unscored[name] = _external_rows(model, spec)
+        # External images get the preprocessing the model's training data had.
+        colour = colour_constancy_of(manifest.get("preprocessing"))
+        external_sets[name], unscored[name] = _external_rows(model, spec, colour)
         rows += external_sets[name]
     run.write_bytes("eval/predictions.csv", rows_to_csv(rows))
     internal = [r for r in rows if r["split"] in ("val", "test")]
@@ -83,6 +132,42 @@ def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden"
         for path in write_evaluation(metrics, Path(tmp), rows=internal):
             run.write_bytes(f"eval/{path.name}", path.read_bytes())
     return xcom_payload(metrics, run.uri("eval/metrics.json"))
+
+
+def calibrate_site_run(processed_root: str, run_root: str, site: str, labelled_drop: str, *, strategy: str | None = None,
+                       target_sensitivity: float = 0.85, n_boot: int = 1000, as_of: str | None = None) -> dict:
+    """Re-choose the run's threshold for one site on a labelled drop of it (``RAW_ROOT::DROP_ID``).
+
+    The drop goes through the same scan and preprocessing as an external set; scores are pooled
+    as the run's evaluation pooled them, and the strategy defaults to the run's. The record
+    (threshold, its lesion-bootstrap interval, out-of-fold sensitivity/specificity, the shift
+    against validation) is kept as ``sites/<site>.json`` in the run, where ``predict --site``
+    reads it.
+    """
+    from training.evaluation import decision_scores
+    from training.shift import calibrate_site, save_site, score_shift, site_key
+
+    site_key(site)  # a bad name fails before any scoring
+    storage, run = open_storage(processed_root), open_storage(run_root)
+    manifest = require_manifest(storage, as_of=as_of)
+    metrics = json.loads(run.read_bytes("eval/metrics.json"))
+    pooling, strategy = metrics["scores"]["pooling"], strategy or metrics["threshold"]["strategy"]
+    model = load_model(run.uri(MODEL_KEY))
+    rows, unscored = _external_rows(model, labelled_drop, colour_constancy_of(manifest.get("preprocessing")))
+    if not rows:
+        raise ValueError(f"{labelled_drop}: no scorable image ({len(unscored)} unscorable)")
+    ids, lesions = [r["image_id"] for r in rows], [str(r["lesion_id"]) for r in rows]
+    pooled = decision_scores(ids, [r["probability"] for r in rows], lesions, pooling)
+    scores = [pooled[i] for i in ids]
+    record = calibrate_site([int(r["label"]) for r in rows], scores, lesions, strategy=strategy,
+                            target_sensitivity=target_sensitivity, n_boot=n_boot)
+    validation = [float(r["probability"]) for r in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
+                  if r["split"] == "val"]
+    record.update(drop=labelled_drop.rpartition("::")[2], pooling=pooling, unscored=len(unscored),
+                  run_threshold=metrics["threshold"]["value"],
+                  score_shift=score_shift(validation, [r["probability"] for r in rows], metrics["threshold"]["value"]))
+    return {"site": site, "site_uri": save_site(run, site, record), "threshold": record["threshold"],
+            "threshold_ci": record["threshold_ci"], "held_out": record["held_out"], "run_threshold": record["run_threshold"]}
 
 
 def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, as_of: str | None = None,

@@ -665,7 +665,8 @@ def run_training(cfg: TrainConfig) -> dict:
     run.write_bytes("model/config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str).encode())
     run.write_bytes(
         "model/provenance.json",
-        json.dumps({**provenance, "manifest_version": manifest["version"], "train_images": len(train), "val_images": len(val),
+        json.dumps({**provenance, "manifest_version": manifest["version"], "preprocessing": manifest.get("preprocessing"),
+                    "train_images": len(train), "val_images": len(val),
                     "target": cfg.target, "classes": list(DX_CLASSES) if cfg.target == "dx" else ["other", "melanoma"]},
                    indent=2).encode(),
     )
