@@ -10,7 +10,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-fast test-stack test-chaos bench-preprocess bench-quality bench-gradcam clean
+.PHONY: venv demo test test-fast test-stack test-chaos lint bench-preprocess bench-quality bench-gradcam clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ test-stack: venv
 # and frozen (moto behind a proxy), training killed, Spark worker killed, disk full (a tmpfs, root).
 test-chaos: venv
 	$(PY) -m pytest -q -rs -m chaos tests/test_chaos.py
+
+# ruff (settings in pyproject.toml): lint, then the formatter in check mode (changes nothing).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: venv
 	$(PY) -m pytest -q -rs -m "not e2e and not slow and not stack"

@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf  # noqa: E402
+
 from machine_info import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def cpu_lock(path: Path, exclusive: bool, wait_s: float):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"could not take the {'exclusive' if exclusive else 'shared'} lock {path} in {wait_s:.0f} s")
+                    raise SystemExit(f"could not take the {'exclusive' if exclusive else 'shared'} lock {path} in {wait_s:.0f} s") from None
                 time.sleep(0.5)
         try:
             yield

@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine_info import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED = Path(os.environ.get("MELANOMA_SHARED_DATA", ROOT.parent / "shared" / "data"))

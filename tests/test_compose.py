@@ -547,7 +547,7 @@ def test_image_requirements_are_a_closed_set(name):
                "implementation_name": "cpython", "platform_python_implementation": "CPython",
                "python_full_version": f"{sys.version_info.major}.{sys.version_info.minor}.0"}
     missing = set()
-    for key, (package, _) in pins.items():
+    for package, _ in pins.values():
         try:
             requires = metadata.requires(package) or []
         except metadata.PackageNotFoundError:

@@ -68,10 +68,10 @@ def test_unfreeze_last_blocks_keeps_batchnorm_frozen(resnet: keras.Model) -> Non
     trainable = [layer.name for layer in M.backbone_layers(resnet) if layer.trainable_weights]
     assert trainable and all(name.startswith("conv5_") for name in trainable)
     assert "conv5_block1_0_conv" in trainable and "conv4_block6_3_conv" not in trainable
-    batchnorms = [l for l in resnet.layers if isinstance(l, keras.layers.BatchNormalization)]
+    batchnorms = [layer for layer in resnet.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert not any(bn.trainable for bn in batchnorms)
-    conv5_convs = [l for l in resnet.layers if l.name.startswith("conv5_") and l.name.endswith("_conv")]
-    expected = 524_801 + sum(l.count_params() for l in conv5_convs)
+    conv5_convs = [layer for layer in resnet.layers if layer.name.startswith("conv5_") and layer.name.endswith("_conv")]
+    expected = 524_801 + sum(layer.count_params() for layer in conv5_convs)
     assert _trainable_count(resnet) == expected
 
     # A training-mode forward pass must not touch frozen BN statistics.

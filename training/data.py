@@ -75,7 +75,7 @@ def _first_lesions(records: list[dict], limit: int) -> np.ndarray:
     by_lesion: dict[str, list[int]] = {}
     # Lesions in the order of their first ORIGINAL image (augmented shards sort first, and
     # would otherwise fill the subset with melanoma lesions only).
-    for index, record in enumerate(records):
+    for record in records:
         if record.get("kind", "original") == "original":
             by_lesion.setdefault(record["lesion_id"], [])
     for index, record in enumerate(records):

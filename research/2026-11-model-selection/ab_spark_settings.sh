@@ -3,9 +3,9 @@
 # corpus: interleaved pairs of spark-submit runs, "old" = PySpark's own worker daemon and the
 # default driver JVM, "new" = the settings the DAG uses. Prints one wall-clock line per run.
 # Run after `make bench-preprocess` has built benchmarks/corpus, holding the CPU lock:
-#   flock -x /tmp/melanoma-cpu.lock benchmarks/ab_spark_settings.sh [pairs]
+#   flock -x /tmp/melanoma-cpu.lock research/2026-11-model-selection/ab_spark_settings.sh [pairs]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY="$PWD/.venv/bin/python"
 export PATH="$PWD/.venv/bin:$PATH" SPARK_LOCAL_IP=127.0.0.1
 OUT="$(mktemp -d)"

@@ -1,20 +1,20 @@
 """Experiment: does averaging each run over flips of the image (test-time augmentation) raise the ensemble rule's pick?
 
-    python benchmarks/experiment_tta_ensembles.py --runs deeper8,deeper11,seed2,... [--processed P]
+    python research/2026-11-model-selection/experiment_tta_ensembles.py --runs deeper8,deeper11,seed2,... [--processed P]
 
 For every bench-quality run named (``benchmarks/work/quality/runs/NAME``), scores the val and
 test splits once per flip view (as stored, left-right, up-down, both: the flip variants
 training used), reusing the run's ``eval/tta_views.npz`` when
-``benchmarks/experiment_tta.py`` or an earlier call wrote it. A run's flip-averaged score is
+``research/2026-11-model-selection/experiment_tta.py`` or an earlier call wrote it. A run's flip-averaged score is
 the sigmoid of the mean of its 4 view logits; an ensemble's is the sigmoid of the mean over
 its members' logits (the rule of :mod:`training.ensemble`), pooled per lesion
 (:func:`training.metrics.lesion_pooled_scores`).
 
-The protocol is the decision log's (``benchmarks/results/decisions-2026-11-27.md``): over every
+The protocol is the decision log's (``research/2026-11-model-selection/decisions-2026-11-27.md``): over every
 combination of the runs, on **val only**, the best lesion-pooled AUROC wins, ties within
 ``--tie`` going to the fewest members; that is done with and without flips. Only after both
 picks are made are the test figures computed, and only for the two picks. Prints the ranking
-heads and writes ``benchmarks/results/experiment_tta_ensembles.json``.
+heads and writes ``research/2026-11-model-selection/results/experiment_tta_ensembles.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # research/2026-11-model-selection
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         logits = {n: run_logits(views[n], "test", mode) for n in names}
         result["test"][mode] = test_figures(logits, chosen[mode][2], test_labels, test_lesions, args.n_boot)
         print(f"test {mode}: {json.dumps(result['test'][mode])}", flush=True)
-    out = ROOT / "benchmarks" / "results" / "experiment_tta_ensembles.json"
+    out = HERE / "results" / "experiment_tta_ensembles.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -1,6 +1,6 @@
 """Experiment: phase-2 regularisation on the quality benchmark's cached activations.
 
-    python benchmarks/experiment_phase2.py --name NAME [--mixup ALPHA] [--weight-decay WD] [--epochs N]
+    python research/2026-11-model-selection/experiment_phase2.py --name NAME [--mixup ALPHA] [--weight-decay WD] [--epochs N]
 
 Starts from a benchmark run's phase-1 weights and its cached activations at the input of
 the last ``--fine-tune-blocks`` blocks (``--run``, default ``benchmarks/work/quality/runs/bench``,
@@ -10,7 +10,7 @@ class-weighted), optionally with mixup of
 the cached activations (manifold mixup at the cut) and AdamW weight decay, and keeps every
 epoch's weights so that averages over epoch windows (stochastic weight averaging, one model)
 can be scored afterwards. Only the VALIDATION split is scored: this is where a choice is made.
-Writes ``benchmarks/results/experiment_phase2-NAME.json``.
+Writes ``research/2026-11-model-selection/results/experiment_phase2-NAME.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # research/2026-11-model-selection
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": vars(args), "history": history, "best_single": max(history, key=lambda h: h["auroc"]),
               "best_averages": averages[:10],
               "averages_to_last_epoch": sorted((a for a in averages if a["last"] == args.epochs), key=lambda a: a["first"])}
-    out = ROOT / "benchmarks" / "results" / f"experiment_phase2-{args.name}.json"
+    out = HERE / "results" / f"experiment_phase2-{args.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"best_single": result["best_single"], "best_averages": averages[:5]}, indent=1))
     return 0

@@ -1,13 +1,13 @@
 """Experiment: does averaging the model over flips of each image (test-time augmentation) help?
 
-    python benchmarks/experiment_tta.py [--run NAME] [--processed P]
+    python research/2026-11-model-selection/experiment_tta.py [--run NAME] [--processed P]
 
 Scores the val and test splits of the quality benchmark's data with a bench-quality run's
 model (``benchmarks/work/quality/runs/NAME``), once per flip variant (as stored,
 left-right, up-down, both), and compares the single view with the mean over the four, each
 also pooled per lesion (:func:`training.metrics.lesion_pooled_scores`, the pipeline's
 default scoring). Val first: that is where a choice would be made. Prints one JSON object
-and writes ``benchmarks/results/experiment_tta[-NAME].json``; the per-view probabilities
+and writes ``research/2026-11-model-selection/results/experiment_tta[-NAME].json``; the per-view probabilities
 go to the run's ``eval/tta_views.npz``. The pipeline itself scores the single view (the
 model Grad-CAM explains); this only measures the option.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # research/2026-11-model-selection
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         result["splits"][split] = entry
         print(split, json.dumps(entry), flush=True)
     np.savez_compressed(run / "eval" / "tta_views.npz", **saved)
-    out = ROOT / "benchmarks" / "results" / ("experiment_tta.json" if args.run == "bench" else f"experiment_tta-{args.run}.json")
+    out = HERE / "results" / ("experiment_tta.json" if args.run == "bench" else f"experiment_tta-{args.run}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0

@@ -13,9 +13,9 @@ Both (and each member's own map) are scored for lesion focus (share of the map's
 game) on every validation image with a mask, grouped as ``bench-gradcam`` groups the test
 split, at the run's validation threshold on the scores evaluate used. The test split is not
 read. A run of one model gets its own map scored the same way. Writes
-``benchmarks/results/experiment_gradcam_members-<run>.json``.
+``research/2026-11-model-selection/results/experiment_gradcam_members-<run>.json``.
 
-    python benchmarks/experiment_gradcam_members.py --run ens3-long
+    python research/2026-11-model-selection/experiment_gradcam_members.py --run ens3-long
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # research/2026-11-model-selection
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / "benchmarks" / "work" / "quality"
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = HERE / "results"
 
 
 def scored_rows(model, shard, scores: dict[str, float], threshold: float, layers: list[str], combine: str) -> tuple[list[dict], float]:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{tp['pointing_hit_rate']:.3f} (lesion area {tp['lesion_area_share_mean']:.3f}); {len(val) / seconds:.1f} maps/s; "
               f"melanoma maps on the lesion: {results[name]['lesion_focus_check']['on_lesion']}", flush=True)
     doc = {
-        "command": "python benchmarks/experiment_gradcam_members.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "command": "python research/2026-11-model-selection/experiment_gradcam_members.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "run": args.run,
         "layers": layers,

@@ -8,7 +8,7 @@ lesion usually is). Reported per run: val AUROC per image and lesion-pooled, for
 variant. A model whose AUROC falls more when the borders go than others' do uses border
 content for its decision. The test split is not read.
 
-    python benchmarks/experiment_occlusion.py --runs deeper8,deeper11,seed1-long
+    python research/2026-11-model-selection/experiment_occlusion.py --runs deeper8,deeper11,seed1-long
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # research/2026-11-model-selection
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / "benchmarks" / "work" / "quality"
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = HERE / "results"
 BORDER_ROWS = 32
 CENTRE = slice(64, 160)
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "auroc_lesion_pooled": round(float(roc_auc_score(labels, lesion_pooled_scores(p, lesions))), 4)}
         print(run, " | ".join(f"{k}: {v['auroc']:.3f} / {v['auroc_lesion_pooled']:.3f}" for k, v in results[run].items()), flush=True)
     doc = {
-        "command": "python benchmarks/experiment_occlusion.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "command": "python research/2026-11-model-selection/experiment_occlusion.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "split": "val",
         "n_images": len(val),

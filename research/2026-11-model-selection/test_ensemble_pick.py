@@ -1,4 +1,10 @@
-"""benchmarks/experiment_tta_ensembles.py: the ensemble rule (best val AUROC, ties to the fewest members)."""
+"""experiment_tta_ensembles.py (this folder): the ensemble rule (best val AUROC, ties to the fewest members).
+
+Research, not product: the pipeline never picks members among combinations of runs (a run with
+``ensemble_size=N`` trains and averages all N), so this test lives beside the script it tests and
+is not collected by ``make test`` (testpaths = tests). Run it with
+``pytest research/2026-11-model-selection/test_ensemble_pick.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiment_tta_ensembles.py"
+SCRIPT = Path(__file__).resolve().parent / "experiment_tta_ensembles.py"
 
 
 def load_script():

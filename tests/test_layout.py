@@ -1,0 +1,122 @@
+"""The product and its tests never import research code (issue #21).
+
+``research/`` keeps one-off experiments and their records. Nothing under the product's folders,
+``benchmarks/`` or ``tests/`` may import from it or load a file under it: no ``import research...``,
+and no loader (importlib, runpy, ``__import__``, a ``SourceFileLoader``, ``exec``, a subprocess, a
+``sys.path`` entry) in a module that names a path into ``research/`` in a string. Docstrings may
+point at the folder (the history lives there).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED = ("melanoma", "training", "spark_jobs", "dags", "plugins", "benchmarks", "tests")
+RESEARCH = "research"
+
+# Calls that import or run code from a name or a file path.
+LOADERS = {
+    "spec_from_file_location", "spec_from_loader", "module_from_spec", "import_module", "__import__",
+    "run_path", "run_module", "SourceFileLoader", "SourcelessFileLoader", "load_source", "exec", "execfile",
+    "run", "Popen", "call", "check_call", "check_output",  # subprocess: running a research script
+}
+# A path into research/: the folder's name as a path segment of a string, or alone (Path(...) / "research").
+RESEARCH_PATH = re.compile(r"(?:^|[/\\])research(?:[/\\]|$)")
+
+
+def _call_name(node: ast.Call) -> str:
+    func = node.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    if isinstance(func, ast.Name):
+        return func.id
+    return ""
+
+
+def _is_sys_path_change(node: ast.Call) -> bool:
+    """``sys.path.insert(...)`` / ``sys.path.append(...)`` / ``sys.path.extend(...)``."""
+    func = node.func
+    return (isinstance(func, ast.Attribute) and func.attr in {"insert", "append", "extend"}
+            and isinstance(func.value, ast.Attribute) and func.value.attr == "path"
+            and isinstance(func.value.value, ast.Name) and func.value.value.id == "sys")
+
+
+def research_uses(source: str) -> list[str]:
+    """How ``source`` imports or loads research code: one line per finding, empty when it does not."""
+    tree = ast.parse(source)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] == RESEARCH]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == RESEARCH:
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.Call) and _call_name(node) in {"import_module", "__import__"}:
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.Constant) and isinstance(first.value, str) and first.value.split(".")[0] == RESEARCH:
+                found.append(f"line {node.lineno}: {_call_name(node)}({first.value!r})")
+    docstrings = {id(body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and (body := n.body) and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)}
+    paths = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and id(n) not in docstrings and "\n" not in n.value and RESEARCH_PATH.search(n.value)]
+    loaders = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and (_call_name(n) in LOADERS or _is_sys_path_change(n))]
+    if paths and loaders:
+        found += [f"line {n.lineno}: path {n.value!r} in a module that loads code "
+                  f"({', '.join(sorted({_call_name(c) or 'sys.path' for c in loaders}))})" for n in paths]
+    return found
+
+
+def scan(root: Path) -> dict[str, list[str]]:
+    """Every Python file under ``root``'s checked folders that uses research code, with its findings."""
+    out = {}
+    for folder in CHECKED:
+        for path in sorted((root / folder).rglob("*.py")):
+            findings = research_uses(path.read_text(encoding="utf-8"))
+            if findings:
+                out[str(path.relative_to(root))] = findings
+    return out
+
+
+def test_no_product_module_benchmark_or_test_uses_research_code():
+    checked = [p for folder in CHECKED for p in (ROOT / folder).rglob("*.py")]
+    assert len(checked) > 50  # the scan sees the tree (not an empty glob)
+    assert scan(ROOT) == {}
+
+
+def test_the_research_folder_exists_and_holds_code_the_rule_is_about():
+    assert any((ROOT / RESEARCH).rglob("*.py"))
+
+
+BAD = {
+    "import_module.py": "import research.x\n",
+    "from_import.py": "from research.exp import pick\n",
+    "importlib_by_name.py": "import importlib\nmod = importlib.import_module('research.exp')\n",
+    # The pattern tests/test_ensemble_pick.py used before it moved: a path built from segments.
+    "spec_by_path.py": textwrap.dedent("""
+        import importlib.util
+        from pathlib import Path
+        SCRIPT = Path(__file__).resolve().parents[1] / "research" / "2026-11-model-selection" / "exp.py"
+        spec = importlib.util.spec_from_file_location("exp", SCRIPT)
+    """),
+    "runpy_path.py": "import runpy\nrunpy.run_path('research/2026-11-model-selection/exp.py')\n",
+    "subprocess.py": "import subprocess, sys\nsubprocess.run([sys.executable, 'research/x/exp.py'], check=True)\n",
+    "sys_path.py": "import sys\nsys.path.insert(0, 'research/2026-11-model-selection')\nimport exp\n",
+}
+GOOD = {
+    # Prose about the folder, and a loader that loads something else: allowed.
+    "docstring.py": '"""Figures: see research/2026-11-model-selection/README.md for the history."""\nimport os\n',
+    "other_loader.py": "import importlib\nmod = importlib.import_module('training.metrics')\nNOTES = 'researchers/notes'\n",
+}
+
+
+def test_the_rule_catches_each_way_of_using_research_code(tmp_path):
+    for folder in ("tests", "melanoma"):
+        (tmp_path / folder).mkdir()
+        for name, source in {**BAD, **GOOD}.items():
+            (tmp_path / folder / name).write_text(source)
+    found = scan(tmp_path)
+    assert set(found) == {f"{folder}/{name}" for folder in ("tests", "melanoma") for name in BAD}, found
