@@ -362,7 +362,8 @@ def test_minio_init_creates_the_bucket_idempotently(services):
 
 
 def dag_connection_ids() -> set[str]:
-    sources = (ROOT / "dags" / "melanoma_pipeline.py").read_text() + (ROOT / "melanoma" / "airflow_ops.py").read_text()
+    files = [*sorted((ROOT / "dags").glob("*.py")), ROOT / "melanoma" / "dag_parts.py", ROOT / "melanoma" / "airflow_ops.py"]
+    sources = "".join(path.read_text() for path in files)
     ids = set(re.findall(r"conn_id\s*=\s*\"([A-Za-z0-9_]+)\"", sources))
     ids |= set(re.findall(r"S3_CONN_ID\s*=\s*\"([A-Za-z0-9_]+)\"", sources))
     return ids
