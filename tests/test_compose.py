@@ -413,7 +413,7 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
 
 
 def test_the_settings_the_dag_reads_are_set(compose, services):
-    sources = "".join((ROOT / "melanoma" / name).read_text() for name in ("airflow_ops.py", "training_tasks.py"))
+    sources = "".join((ROOT / "melanoma" / name).read_text() for name in ("airflow_ops.py", "training_tasks.py", "dag_parts.py", "retrain.py"))
     sources += "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
     settings = set(re.findall(r"\bsetting\(\s*\"([a-z0-9_]+)\"", sources))
     # The runner decides the training tasks' type, so it is read from the environment at parse time.
