@@ -53,7 +53,8 @@ def main() -> int:
         def done():
             runs = {d: server.runs(d) for d in dags}
             queued = server.rows("select count(*) from asset_dag_run_queue")[0][0]
-            finished = len(runs[args.dag]) == 5 and all(idle(r) for r in runs.values()) and not queued
+            backfill = [r for r in runs[args.dag] if r["run_type"] == "backfill"]  # (a scheduled run of today may exist too)
+            finished = len(backfill) == 5 and all(idle(r) for r in runs.values()) and not queued
             return runs if finished and (args.dag != INGEST or runs[TRAIN]) else None
 
         runs = server.wait_for(done, "the backfill and the trainings it starts", timeout=7200)
