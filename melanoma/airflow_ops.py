@@ -162,15 +162,19 @@ def select_drops(requested: list[str], available: list[str], *, run_type: str,
 
 def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.datetime | None,
                 interval_start: dt.datetime | None, interval_end: dt.datetime | None,
-                run_after: dt.datetime | None = None) -> dict:
+                run_after: dt.datetime | None = None, event_drops: list[str] | None = None,
+                key_prefix: str = "", done_marker: str = RUN_DONE) -> dict:
     """Everything the run's tasks need, as small JSON (pushed to XCom by the ``plan`` task).
 
     ``drops``: the drops the run is about; ``new_drops``: those it brings into the data set,
     pinned in ``runs/<run_key>/plan.json`` the first time the run sees them, so a retry or a
     cleared rerun of a run that failed after ``preprocess`` still trains on them;
     ``proceed``: whether Spark and training run (False when nothing is new, or the run has
-    already finished: its ``report.html`` exists); ``as_of``: the date the run's training
-    data is taken at (its logical date, else the day it ran).
+    already finished: its ``done_marker`` exists, ``report.html`` unless told otherwise);
+    ``as_of``: the date the run's training data is taken at (its logical date, else the day it
+    ran). ``event_drops``: the drops the triggering asset events name (an asset-triggered
+    ingest run takes those when its ``drops`` Param is empty). ``key_prefix`` keeps the run
+    folders of the ingest DAG apart from those of other DAGs (``runs/<prefix><run key>``).
     """
     import math
 
@@ -189,7 +193,7 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     raw_root = setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
     raw, processed = open_storage(raw_root), open_storage(data_root)
     available = list_drops(raw)
-    selected = select_drops(list(values["drops"]), available, run_type=run_type,
+    selected = select_drops(list(values["drops"]) or list(event_drops or []), available, run_type=run_type,
                             interval_start=interval_start, interval_end=interval_end, raw_root=raw_root)
     missing_external = [d for d in values["external_drops"] if d not in available]
     if missing_external:
@@ -198,7 +202,7 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     done = set((latest or {}).get("drops", []))
     # Files that reached an ingested drop afterwards are not in the data set: say so on every run.
     late = report_late_files(raw, processed, latest, selected)
-    key = run_key(run_id, logical_date)
+    key = key_prefix + run_key(run_id, logical_date)
     dated = logical_date or run_after
     as_of = _utc(dated).date().isoformat() if dated is not None else None
 
@@ -210,7 +214,26 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     if owned != pinned:  # first sight of these drops: pin them to this run (a rerun writes nothing)
         record = {"run_key": key, "run_id": run_id, "as_of": as_of, "drops": selected, "new_drops": owned}
         processed.write_bytes(record_key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-    finished = processed.exists(join_key("runs", key, RUN_DONE))
+    finished = processed.exists(join_key("runs", key, done_marker))
+    return {
+        "run_key": key,
+        "raw_root": raw_root,
+        "data_root": data_root,
+        "run_root": join_key(data_root, "runs", key) if data_root.startswith("s3://") else str(Path(data_root) / "runs" / key),
+        "drops": selected,
+        "new_drops": owned,
+        "pending_drops": fresh,
+        "late_files": late,
+        "finished": finished,
+        "proceed": bool(fresh) or (bool(owned) and not finished),
+        "as_of": as_of,
+        **training_settings(values, as_of, raw_root=raw_root),
+    }
+
+
+def training_settings(values: dict, as_of: str | None, *, raw_root: str | None = None, manifest_version: int | None = None) -> dict:
+    """The training steps' settings from a run's Params: ``train_config`` (the trainer's JSON) and evaluate's."""
+    raw_root = raw_root or setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
     train_config = {
         "backbone": values["backbone"],
         "weights": values["weights"] or None,
@@ -229,18 +252,9 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         "limit_train": int(values["max_train_images"]) or None,
         "as_of": as_of,
     }
+    if manifest_version is not None:  # only runs pinned to one manifest say so (older configs stay as they were)
+        train_config["manifest_version"] = manifest_version
     return {
-        "run_key": key,
-        "raw_root": raw_root,
-        "data_root": data_root,
-        "run_root": join_key(data_root, "runs", key) if data_root.startswith("s3://") else str(Path(data_root) / "runs" / key),
-        "drops": selected,
-        "new_drops": owned,
-        "pending_drops": fresh,
-        "late_files": late,
-        "finished": finished,
-        "proceed": bool(fresh) or (bool(owned) and not finished),
-        "as_of": as_of,
         "train_config": train_config,
         "threshold_strategy": values["threshold_strategy"],
         "target_sensitivity": float(values["target_sensitivity"]),

@@ -1,7 +1,9 @@
-"""Run the whole DAG once on the embedded default: ``make demo`` calls this.
+"""Run the pipeline once on the embedded default: ``make demo`` calls this.
 
 SQLite metadata, Spark ``local[2]``, a local folder as object storage and the local
-training runner, through ``airflow dags test melanoma_pipeline``. Without ``DATA_DIR`` it
+training runner, through ``airflow dags test melanoma_ingest`` (the drop into the data set)
+then ``airflow dags test melanoma_train`` (a model on the manifest it left; under a scheduler
+the manifest asset's event starts that run, here it is run by hand). Without ``DATA_DIR`` it
 first writes a small synthetic lesion drop (see :mod:`melanoma.synthetic`); with
 ``DATA_DIR=../shared/data/ham10000`` it runs on that HAM10000-layout folder as one drop.
 """
@@ -75,25 +77,26 @@ def airflow_env(airflow_home: Path, data_root: str, raw_root: str, extra: dict[s
     return env
 
 
-def run_dag(env: dict[str, str], conf: dict, logical_date: str | None = None) -> subprocess.CompletedProcess:
-    """``airflow dags test melanoma_pipeline`` with ``conf`` as the run's Params (migrating the SQLite DB first)."""
+def run_dag(env: dict[str, str], conf: dict, logical_date: str | None = None,
+            dag_id: str = "melanoma_pipeline") -> subprocess.CompletedProcess:
+    """``airflow dags test <dag_id>`` with ``conf`` as the run's Params (migrating the SQLite DB first)."""
     airflow = str(Path(sys.executable).parent / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if migrate.returncode != 0:
         return migrate
-    command = [airflow, "dags", "test", "melanoma_pipeline", *([logical_date] if logical_date else []), "-c", json.dumps(conf)]
+    command = [airflow, "dags", "test", dag_id, *([logical_date] if logical_date else []), "-c", json.dumps(conf)]
     return subprocess.run(command, env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def task_states(airflow_home: Path) -> list[tuple[str, str, float | None]]:
-    """(task_id, state, seconds) of the last run, read from the embedded Airflow's SQLite DB."""
+def task_states(airflow_home: Path, dag_id: str = "melanoma_pipeline") -> list[tuple[str, str, float | None]]:
+    """(task_id, state, seconds) of the DAG's last run, read from the embedded Airflow's SQLite DB."""
     import sqlite3
 
     with sqlite3.connect(airflow_home / "airflow.db") as db:
         return db.execute(
-            "select task_id, state, duration from task_instance where dag_id = 'melanoma_pipeline' "
-            "and run_id = (select run_id from dag_run where dag_id = 'melanoma_pipeline' order by id desc limit 1) "
-            "order by start_date"
+            "select task_id, state, duration from task_instance where dag_id = ? "
+            "and run_id = (select run_id from dag_run where dag_id = ? order by id desc limit 1) "
+            "order by start_date", (dag_id, dag_id)
         ).fetchall()
 
 
@@ -127,20 +130,25 @@ def main() -> int:
         print(f"demo: no DATA_DIR given; wrote the SYNTHETIC drop {drop} (drawn lesions, not dermoscopy)")
     data_root = str(out / "data")
     env = airflow_env(out / "airflow", data_root, raw_root)
-    print(f"demo: airflow dags test melanoma_pipeline with Params {json.dumps(conf)}")
-    result = run_dag(env, conf)
     log = out / "dags_test.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(result.stdout)
-    states = task_states(out / "airflow") if (out / "airflow" / "airflow.db").exists() else []
-    for task_id, state, seconds in states:
-        print(f"  {task_id:<15} {state or 'none':<10} {'' if seconds is None else f'{seconds:6.1f} s'}")
-    if result.returncode != 0:
-        print(f"demo: the DAG run failed (exit {result.returncode}); full log: {log}", file=sys.stderr)
-        return result.returncode
-    runs = sorted((Path(data_root) / "runs").glob("*"), key=lambda p: p.stat().st_mtime)
+    log.write_text("")
+    # The drop into the data set, then a model on the manifest it left (the train run's Params: the rest).
+    steps = [("melanoma_ingest", {"drops": conf.pop("drops")}), ("melanoma_train", conf)]
+    for dag_id, dag_conf in steps:
+        print(f"demo: airflow dags test {dag_id} with Params {json.dumps(dag_conf)}")
+        result = run_dag(env, dag_conf, dag_id=dag_id)
+        with open(log, "a") as handle:
+            handle.write(f"===== airflow dags test {dag_id}\n{result.stdout}")
+        states = task_states(out / "airflow", dag_id) if (out / "airflow" / "airflow.db").exists() else []
+        for task_id, state, seconds in states:
+            print(f"  {task_id:<15} {state or 'none':<10} {'' if seconds is None else f'{seconds:6.1f} s'}")
+        if result.returncode != 0:
+            print(f"demo: the {dag_id} run failed (exit {result.returncode}); full log: {log}", file=sys.stderr)
+            return result.returncode
+    runs = sorted((Path(data_root) / "runs").glob("train-*"), key=lambda p: p.stat().st_mtime)
     if not runs:
-        print(f"demo: every task finished but no run folder exists under {data_root}/runs (no new drop?); log: {log}")
+        print(f"demo: every task finished but no training run folder exists under {data_root}/runs (nothing to train?); log: {log}")
         return 0
     run = runs[-1]
     print(f"demo: done. Full log: {log}")

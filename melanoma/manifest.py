@@ -68,7 +68,12 @@ def latest_manifest(storage: Storage, *, as_of: str | None = None) -> dict | Non
     return None
 
 
-def require_manifest(storage: Storage, *, as_of: str | None = None) -> dict:
+def require_manifest(storage: Storage, *, as_of: str | None = None, version: int | None = None) -> dict:
+    """The manifest a step reads: exactly ``version`` when given (a run pinned to one data set), else as of ``as_of``."""
+    if version is not None:
+        if not storage.exists(manifest_key(version)):
+            raise ManifestError(f"manifest version {version} not found under {storage.uri(PROCESSED_PREFIX)}")
+        return load_manifest(storage, version)
     manifest = latest_manifest(storage, as_of=as_of)
     if manifest is None:
         where = storage.uri(PROCESSED_PREFIX)

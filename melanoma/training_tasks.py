@@ -44,6 +44,8 @@ def training_args(step: str, run: dict, threshold: dict | None = None) -> list[s
     """The training CLI's arguments for one step of the run ``plan`` resolved (a DAG macro)."""
     roots = ["--processed-root", run["data_root"], "--run-root", run["run_root"]]
     as_of = ["--as-of", run["as_of"]] if run.get("as_of") else []
+    if run.get("manifest_version"):  # a run pinned to one manifest (melanoma_train): exactly that one
+        as_of += ["--manifest-version", str(run["manifest_version"])]
     if step == "train":
         return ["train", *roots, "--config", json.dumps(run["train_config"], sort_keys=True)]
     if step == "evaluate":

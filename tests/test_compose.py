@@ -362,7 +362,8 @@ def test_minio_init_creates_the_bucket_idempotently(services):
 
 
 def dag_connection_ids() -> set[str]:
-    sources = (ROOT / "dags" / "melanoma_pipeline.py").read_text() + (ROOT / "melanoma" / "airflow_ops.py").read_text()
+    files = [*sorted((ROOT / "dags").glob("*.py")), ROOT / "melanoma" / "dag_parts.py", ROOT / "melanoma" / "airflow_ops.py"]
+    sources = "".join(path.read_text() for path in files)
     ids = set(re.findall(r"conn_id\s*=\s*\"([A-Za-z0-9_]+)\"", sources))
     ids |= set(re.findall(r"S3_CONN_ID\s*=\s*\"([A-Za-z0-9_]+)\"", sources))
     return ids
@@ -412,7 +413,7 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
 
 
 def test_the_settings_the_dag_reads_are_set(compose, services):
-    sources = "".join((ROOT / "melanoma" / name).read_text() for name in ("airflow_ops.py", "training_tasks.py"))
+    sources = "".join((ROOT / "melanoma" / name).read_text() for name in ("airflow_ops.py", "training_tasks.py", "dag_parts.py", "retrain.py"))
     sources += "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
     settings = set(re.findall(r"\bsetting\(\s*\"([a-z0-9_]+)\"", sources))
     # The runner decides the training tasks' type, so it is read from the environment at parse time.

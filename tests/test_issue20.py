@@ -192,7 +192,7 @@ def test_drops_reach_spark_as_a_json_list():
         sys.path.remove(str(ROOT / "spark_jobs"))
     assert job.parse_drops('["a,b", "c"]') == ["a,b", "c"]  # never split inside an id
     assert job.parse_drops("a,b") == ["a", "b"]  # typed by hand
-    dag_source = (ROOT / "dags" / "melanoma_pipeline.py").read_text()
+    dag_source = (ROOT / "melanoma" / "dag_parts.py").read_text()  # the preprocess task every DAG file wires
     assert "['new_drops'] | tojson" in dag_source and "join(',')" not in dag_source
 
 

@@ -271,6 +271,9 @@ def test_backfill_processes_past_drops_in_order_like_the_scheduled_runs(history,
         # Under a real scheduler an infrastructure failure before a task runs (an execution-API
         # call timing out on a loaded machine) gets one retry, as in production (2 by default).
         "MELANOMA_TASK_RETRIES": "1",
+        # ...soon: the backfill's first tasks can be sent before standalone's API server listens
+        # ("connection refused"), and the default first retry waits 120 s.
+        "MELANOMA_TASK_RETRY_DELAY_S": "5",
     })
     home.airflow_home.mkdir(parents=True)
     # The backfill is created before `airflow standalone` starts. Created while its scheduler

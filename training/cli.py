@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pooling", default="lesion", choices=["lesion", "none"],
                           help="lesion: score each image by its lesion's pooled score (mean logit of its images)")
     evaluate.add_argument("--as-of", default=None)
+    evaluate.add_argument("--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)")
     evaluate.add_argument("--external", action="append", default=[], help="RAW_ROOT::DROP_ID, repeatable")
 
     gradcam = commands.add_parser("gradcam", help="Grad-CAM heatmaps and lesion focus on the test split")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.add_argument("--run-root", required=True)
     gradcam.add_argument("--threshold", type=_json_arg, required=True, help="the evaluate step's XCom payload")
     gradcam.add_argument("--as-of", default=None)
+    gradcam.add_argument("--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)")
     gradcam.add_argument("--layer", default=None)
     gradcam.add_argument("--plusplus", action="store_true")
 
@@ -94,11 +96,13 @@ def run(args: argparse.Namespace) -> dict:
         from training.tasks import evaluate_run
 
         return evaluate_run(args.processed_root, args.run_root, strategy=args.strategy, target_sensitivity=args.target_sensitivity,
-                            n_boot=args.n_boot, as_of=args.as_of, external=args.external, pooling=args.pooling)
+                            n_boot=args.n_boot, as_of=args.as_of, external=args.external, pooling=args.pooling,
+                            manifest_version=args.manifest_version)
     if args.command == "gradcam":
         from training.tasks import gradcam_run
 
-        return gradcam_run(args.processed_root, args.run_root, args.threshold, as_of=args.as_of, layer_name=args.layer, plusplus=args.plusplus)
+        return gradcam_run(args.processed_root, args.run_root, args.threshold, as_of=args.as_of, layer_name=args.layer, plusplus=args.plusplus,
+                           manifest_version=args.manifest_version)
     if args.command == "report":
         from training.tasks import report_run
 

@@ -96,7 +96,7 @@ def external_focus_run(processed_root: str, run_root: str, spec: str, *, as_of: 
 
 def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden", target_sensitivity: float = 0.95,
                  n_boot: int = 1000, as_of: str | None = None, external: list[str] | None = None,
-                 pooling: str = "lesion") -> dict:
+                 pooling: str = "lesion", manifest_version: int | None = None) -> dict:
     """Score val and test, choose the threshold on val, write eval/ and return the XCom payload.
 
     ``eval/predictions.csv`` keeps the model's per-image probabilities; with ``pooling="lesion"``
@@ -106,7 +106,7 @@ def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden"
     from training.evaluation import evaluate_predictions, write_evaluation, xcom_payload
 
     storage, run = open_storage(processed_root), open_storage(run_root)
-    manifest = require_manifest(storage, as_of=as_of)
+    manifest = require_manifest(storage, as_of=as_of, version=manifest_version)
     model = load_model(run.uri(MODEL_KEY))
     rows: list[dict] = []
     for split in ("val", "test"):
@@ -171,7 +171,7 @@ def calibrate_site_run(processed_root: str, run_root: str, site: str, labelled_d
 
 
 def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, as_of: str | None = None,
-                layer_name: str | None = None, plusplus: bool = False) -> dict:
+                layer_name: str | None = None, plusplus: bool = False, manifest_version: int | None = None) -> dict:
     """Grad-CAM over the test split with the threshold ``evaluate`` chose (passed via XCom)."""
     import csv
     import io
@@ -180,7 +180,7 @@ def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, 
     from training.gradcam import run_gradcam
 
     storage, run = open_storage(processed_root), open_storage(run_root)
-    manifest = require_manifest(storage, as_of=as_of)
+    manifest = require_manifest(storage, as_of=as_of, version=manifest_version)
     model = load_model(run.uri(MODEL_KEY))
     test = load_split(storage, manifest, ["test"])
     test_rows = [row for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if row["split"] == "test"]

@@ -48,7 +48,7 @@ from training.data import DX_CLASSES, TARGETS, SplitArrays, class_weights, load_
 CHECKPOINTS = "model/checkpoints"
 # Settings a resumed run must share with the attempt that wrote the checkpoints.
 _STRUCTURAL = ("backbone", "weights", "target", "train_flips", "train_augment", "fine_tune_blocks", "feature_cache", "fine_tune_cache", "cache_dtype",
-               "limit_train", "limit_val", "as_of", "seed")
+               "limit_train", "limit_val", "as_of", "manifest_version", "seed")
 
 
 @dataclass
@@ -103,6 +103,8 @@ class TrainConfig:
     limit_train: int | None = None
     limit_val: int | None = None
     as_of: str | None = None
+    # Exactly this manifest (the version an asset-triggered run was triggered with), not "as of".
+    manifest_version: int | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -602,7 +604,7 @@ def run_training(cfg: TrainConfig) -> dict:
     keras.utils.set_random_seed(cfg.seed)
     storage = open_storage(cfg.processed_root)
     run = open_storage(cfg.run_root)
-    manifest = require_manifest(storage, as_of=cfg.as_of)
+    manifest = require_manifest(storage, as_of=cfg.as_of, version=cfg.manifest_version)
     stream_phase2 = cfg.fine_tune_epochs > 0 and not cfg.fine_tune_cache and cfg.limit_train is None
     train = load_arrays(storage, manifest, "train", augmented=True, limit=cfg.limit_train)
     val = load_arrays(storage, manifest, "val", limit=cfg.limit_val)
