@@ -180,22 +180,8 @@ def pending_drops(raw: Storage, manifest: dict | None, requested: list[str] | No
     return sorted(d for d in wanted if d not in done)
 
 
-def finish_drops(
-    out: Storage,
-    previous: dict | None,
-    plans: list[DropPlan],
-    results: list[ChunkResult],
-    *,
-    logical_date: str | None,
-) -> dict:
-    """Driver side: check the accounting, write quarantine files and indexes, and return the
-    next manifest (not yet committed). ``results`` may come in any order.
-
-    Raises RuntimeError, before writing anything, when a drop's ``inputs != written +
-    quarantined`` or a chunk result is missing, duplicated or foreign.
-    """
-    shards = list((previous or {}).get("shards", []))
-    accounting = dict((previous or {}).get("accounting", {}))
+def _checked_outputs(plans: list[DropPlan], results: list[ChunkResult]) -> list[tuple]:
+    """(plan, its chunk results, quarantine entries, index rows) per drop, once its accounting is checked."""
     by_drop: dict[str, list[ChunkResult]] = {}
     for result in results:
         by_drop.setdefault(result.drop_id, []).append(result)
@@ -223,6 +209,49 @@ def finish_drops(
                 f"accounting broken for drop {plan.drop_id}: shard counts disagree with the {written} indexed images"
             )
         outputs.append((plan, chunk_results, quarantined, index))
+    return outputs
+
+
+def _drop_accounting(
+    plan: DropPlan, chunk_results: list[ChunkResult], quarantined: list[dict], index: list[dict]
+) -> dict:
+    """The manifest's accounting entry of one drop: counts, quarantine reasons, conversions."""
+    conversions: dict[str, int] = {}
+    for r in chunk_results:
+        for note, n in r.conversions.items():
+            conversions[note] = conversions.get(note, 0) + n
+    reasons: dict[str, int] = {}
+    for q in quarantined:
+        reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
+    return {
+        "layout": plan.layout,
+        "inputs": plan.n_inputs,
+        "written": len(index),
+        "quarantined": len(quarantined),
+        "quarantine_key": quarantine_key(plan.drop_id),
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "conversions": dict(sorted(conversions.items())),
+    }
+
+
+def finish_drops(
+    out: Storage,
+    previous: dict | None,
+    plans: list[DropPlan],
+    results: list[ChunkResult],
+    *,
+    logical_date: str | None,
+) -> dict:
+    """Driver side: check the accounting, write quarantine files and indexes, and return the
+    next manifest (not yet committed). ``results`` may come in any order.
+
+    Raises RuntimeError, before writing anything, when a drop's ``inputs != written +
+    quarantined`` or a chunk result is missing, duplicated or foreign.
+    """
+    shards = list((previous or {}).get("shards", []))
+    accounting = dict((previous or {}).get("accounting", {}))
+    # Every check first: nothing is written unless every drop's accounting holds.
+    outputs = _checked_outputs(plans, results)
     for plan, chunk_results, quarantined, index in outputs:
         out.write_bytes(
             quarantine_key(plan.drop_id),
@@ -230,22 +259,7 @@ def finish_drops(
         )
         out.write_bytes(index_key(plan.drop_id), json.dumps(index, sort_keys=True).encode())
         out.write_bytes(listing_key(plan.drop_id), json.dumps(plan.listing, sort_keys=True).encode())
-        conversions: dict[str, int] = {}
-        for r in chunk_results:
-            for note, n in r.conversions.items():
-                conversions[note] = conversions.get(note, 0) + n
-        reasons: dict[str, int] = {}
-        for q in quarantined:
-            reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
-        accounting[plan.drop_id] = {
-            "layout": plan.layout,
-            "inputs": plan.n_inputs,
-            "written": len(index),
-            "quarantined": len(quarantined),
-            "quarantine_key": quarantine_key(plan.drop_id),
-            "quarantine_reasons": dict(sorted(reasons.items())),
-            "conversions": dict(sorted(conversions.items())),
-        }
+        accounting[plan.drop_id] = _drop_accounting(plan, chunk_results, quarantined, index)
         shards.extend(s for r in chunk_results for s in r.shards)
     shards.sort(key=lambda s: s["key"])
     return {
