@@ -352,7 +352,7 @@ def test_an_image_deleted_after_the_scan_is_quarantined_as_missing(two_drops, tm
 
 
 def test_an_unforeseen_decoder_error_quarantines_only_that_image(two_drops, tmp_path, monkeypatch):
-    real = ingest.preprocess_image_bytes
+    real = preprocess_chunk.preprocess_image_bytes
     poisoned = (two_drops / "ham-2024-01-01" / "images" / "ISIC_0000005.jpg").read_bytes()
 
     def flaky(data, size, **options):
