@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -312,7 +313,7 @@ def test_killed_training_resumes_from_the_next_epoch(processed_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_root, tmp_path, capsys):
+def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_root, tmp_path, caplog):
     run_root = str(tmp_path / "run")
     # A budget this small lets each phase run its first epoch (no epoch time known yet), then stops it.
     config = dict(epochs=3, fine_tune_epochs=3, fine_tune_blocks=1, limit_train=120, target="dx")
@@ -323,10 +324,13 @@ def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_ro
 
     again = run_training(TrainConfig(processed_root, run_root, **config))  # a finished run is left as it is
     assert again["epochs_run"] == first["epochs_run"]
-    capsys.readouterr()
-    longer = run_training(TrainConfig(processed_root, run_root, continue_after_budget=True, **config))
-    out = capsys.readouterr().out
-    assert "continuing it" in out and "resuming phase 2 at epoch 2" in out and "phase 2 epoch 1/3" not in out
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training"):
+        longer = run_training(TrainConfig(processed_root, run_root, continue_after_budget=True, **config))
+    out = caplog.text  # log lines (stderr in the CLI)
+    phase2_epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("phase 2 epochs:")]
+    assert "continuing it" in out and "resuming phase 2 at epoch 2" in out
+    assert len(phase2_epochs) == 2 and not any("; epoch 1/3:" in line for line in phase2_epochs)
     assert longer["epochs_run"] == {"phase1": 1, "phase2": 3}
     history = json.loads(open_storage(run_root).read_bytes("model/history.json"))
     assert history["phase2"]["val_auroc"][:1] == stopped["history"]["val_auroc"]  # the first epoch kept, not retrained
@@ -349,7 +353,7 @@ def test_augmented_training_variants_are_cached_once_per_variant(processed_root,
 
 
 @pytest.mark.slow
-def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, capsys):
+def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, caplog):
     """Run root in S3 (moto): checkpoints each epoch, artifacts, and a rerun that reuses them."""
     run_root = f"s3://{s3_bucket}/runs/r1"
     config = dict(epochs=2, fine_tune_epochs=1, fine_tune_blocks=1, limit_train=120, target="dx")
@@ -361,10 +365,12 @@ def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, 
                 "model/checkpoints/phase2-best.weights.h5", "model/checkpoints/phase2-final.weights.h5"):
         assert key in keys, key
     assert any(k.startswith("model/checkpoints/features-train-") and k.endswith(".npy") for k in keys)
-    capsys.readouterr()
-    again = run_training(TrainConfig(processed_root, run_root, **config))
-    out = capsys.readouterr().out
-    assert "epoch 1/" not in out and "cached" not in out  # nothing retrained, nothing recomputed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training"):
+        again = run_training(TrainConfig(processed_root, run_root, **config))
+    out = caplog.text
+    assert "manifest v" in out  # the run's log lines were captured
+    assert "; epoch 1/" not in out and "caching" not in out and "cached" not in out  # nothing retrained, nothing recomputed
     assert again["best_val_auroc"] == first["best_val_auroc"] and again["epochs_run"] == first["epochs_run"]
 
 
