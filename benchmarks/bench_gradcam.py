@@ -5,7 +5,7 @@
 
 The real run needs the quality benchmark's outputs (``make bench-quality``): its trained
 model (``model_uri`` in ``benchmarks/results/quality.json``) and its processed HAM10000
-(``benchmarks/work/quality/data``). It runs :func:`training.gradcam.run_gradcam`, the
+(``benchmarks/work/quality/data``). It runs :func:`training.lesion_focus.run_gradcam`, the
 pipeline's own step, over the whole test split at the threshold chosen on validation, and
 writes ``benchmarks/results/gradcam.json`` and ``gradcam.md``: heatmaps/s next to the
 forward-only ceiling (``model.predict`` and a compiled forward pass on the same images and
@@ -225,7 +225,7 @@ def forward_ceilings(model, images) -> dict:
 def timed_gradcam(model, shard, predictions, payload, out_root: Path) -> tuple[dict, dict, float]:
     """run_gradcam over the shard; returns (its XCom result, its summary document, wall seconds)."""
     from melanoma.storage import LocalStorage
-    from training.gradcam import run_gradcam
+    from training.lesion_focus import run_gradcam
 
     storage = LocalStorage(out_root)
     start = time.perf_counter()
@@ -301,7 +301,8 @@ def run_real(args) -> int:
     from training.ensemble import ensemble_backbones, gradcam_layer_names
     from training.evaluation import decision_scores
     from training.model import backbone_name
-    from training.predict import load_model, predict_probabilities
+    from training.model_io import load_model
+    from training.predict import predict_probabilities
 
     model = load_model(inputs["model_uri"])
     test = load_split(inputs["processed"], inputs["manifest"], ["test"])

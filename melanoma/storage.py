@@ -188,6 +188,7 @@ class S3Storage:
     @contextlib.contextmanager
     def _answering(self, what: str) -> Iterator[None]:
         """Turn "the store did not answer" (after botocore's bounded retries) into StorageUnavailable."""
+        # Lazy, like the client: local-folder callers never load botocore.
         from botocore.exceptions import (
             ConnectionClosedError,
             ConnectTimeoutError,
@@ -229,7 +230,7 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # lazy: see client
 
         full = self._full(key)
         try:

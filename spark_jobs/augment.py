@@ -5,14 +5,21 @@
 Reads the newest manifest, augments the training shards not augmented yet (seeded per
 image and copy, so reruns are identical) and commits a new manifest. Validation and test
 shards are never touched. When every training shard is already augmented, nothing is
-written and no executor is started. The logic lives in :mod:`melanoma.ingest`.
+written and no executor is started. The logic lives in :mod:`melanoma.augment_job`. Log
+lines (progress per shard, with rate and ETA) go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+
+from melanoma.augment_job import run_augment
+from melanoma.job_common import spark_engine
+
+log = logging.getLogger("spark_jobs.augment")
 
 
 def main(argv: list[str]) -> int:
@@ -21,19 +28,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--logical-date", default=None)
     args = parser.parse_args(argv)
-
-    from melanoma import ingest
-
-    summary = ingest.run_augment(
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    summary = run_augment(
         args.processed_root,
-        lambda: ingest.spark_engine("melanoma-augment"),
+        lambda: spark_engine("melanoma-augment"),
         copies=args.copies,
         logical_date=args.logical_date or None,
     )
     if summary["manifest_key"] is None:
-        print("augment: nothing to do, every training shard with melanoma images is already augmented")
+        log.info("nothing to do, every training shard with melanoma images is already augmented")
     else:
-        print(f"augment: {summary['images']} augmented images in {summary['shards']} shards; committed {summary['manifest_uri']}")
+        log.info("%d augmented images in %d shards; committed %s", summary["images"], summary["shards"], summary["manifest_uri"])
+    # The machine-read line: stdout, last.
     print("augment: summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0
 

@@ -6,8 +6,9 @@
 RAW and OUT are folders or ``s3://bucket/prefix`` URIs (executors read and write them
 directly, so on a cluster they must be reachable from every node: S3/MinIO, or a shared
 folder). Drops already in the newest manifest are skipped, so a rerun writes nothing and
-starts no executor. The logic lives in :mod:`melanoma.ingest`; this file only parses
-arguments and hands the run to Spark.
+starts no executor. The logic lives in :mod:`melanoma.preprocess_job` (driver) and
+:mod:`melanoma.preprocess_chunk` (executors); this file only parses arguments and hands the
+run to Spark. Log lines (progress per chunk, with rate and ETA) go to stderr.
 
 The last line printed is ``preprocess: summary {...}`` (JSON: counts, manifest key, time
 per phase), for callers that want numbers rather than logs.
@@ -21,7 +22,13 @@ SCRIPT_STARTED = time.time()  # before any import: lets a caller see JVM + inter
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import sys  # noqa: E402
+
+from melanoma.job_common import spark_engine  # noqa: E402
+from melanoma.preprocess_job import run_preprocess  # noqa: E402
+
+log = logging.getLogger("spark_jobs.preprocess")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,27 +55,25 @@ def parse_drops(text: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from melanoma import ingest
-
-    summary = ingest.run_preprocess(
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    summary = run_preprocess(
         args.raw_root,
         args.processed_root,
-        lambda: ingest.spark_engine("melanoma-preprocess"),
+        lambda: spark_engine("melanoma-preprocess"),
         drops=parse_drops(args.drops) or None,
         layout=args.layout,
         logical_date=args.logical_date or None,
         shard_size=args.shard_size,
     )
     if summary["manifest_key"] is None:
-        print(f"preprocess: nothing to do, every requested drop is already in the manifest under {args.processed_root}")
+        log.info("nothing to do, every requested drop is already in the manifest under %s", args.processed_root)
     else:
         seconds = summary["seconds"]["total"]
-        print(
-            f"preprocess: {summary['inputs']} inputs ({summary['written']} written, {summary['quarantined']} quarantined) "
-            f"in {seconds:.1f} s ({summary['inputs'] / max(seconds, 1e-9):.0f}/s); {summary['description']}"
-        )
-        print(f"preprocess: committed {summary['manifest_uri']}")
+        log.info("%d inputs (%d written, %d quarantined) in %.1f s (%.0f/s); %s", summary["inputs"], summary["written"],
+                 summary["quarantined"], seconds, summary["inputs"] / max(seconds, 1e-9), summary["description"])
+        log.info("committed %s", summary["manifest_uri"])
     summary["wall_clock"] = {"script_started": SCRIPT_STARTED, "finished": time.time()}
+    # The machine-read line: stdout, last.
     print("preprocess: summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0
 

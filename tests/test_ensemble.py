@@ -74,13 +74,13 @@ def test_ensemble_heatmap_weighs_both_members(members, images):
 def test_ensemble_heatmap_each_is_the_mean_of_the_members_own_maps(members, images):
     import tensorflow as tf
 
-    from training.gradcam import _cam_step, _normalise
+    from training.gradcam import cam_step, normalise_maps
 
     ensemble = build_ensemble(members)
     # Each member's own Grad-CAM, before the per-image scaling to peak 1.
-    own = [_cam_step(m, gradcam_layer_names(m), images.shape, tf.uint8, False)(tf.constant(images)).numpy() for m in members]
+    own = [cam_step(m, gradcam_layer_names(m), images.shape, tf.uint8, False)(tf.constant(images)).numpy() for m in members]
     each = gradcam_heatmaps(ensemble, images, gradcam_layer_names(ensemble), combine_layers="each")
-    np.testing.assert_allclose(each, _normalise((own[0] + own[1]) / 2), atol=1e-4)
+    np.testing.assert_allclose(each, normalise_maps((own[0] + own[1]) / 2), atol=1e-4)
     joint = gradcam_heatmaps(ensemble, images, gradcam_layer_names(ensemble), combine_layers="joint")
     assert not np.allclose(each, joint, atol=1e-3)  # the positive part taken before the sum, not after
     with pytest.raises(ValueError, match="combine_layers"):

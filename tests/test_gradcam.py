@@ -15,15 +15,15 @@ keras = pytest.importorskip("keras")
 from melanoma.records import Shard  # noqa: E402
 from melanoma.storage import LocalStorage  # noqa: E402
 from training import gradcam  # noqa: E402
-from training.gradcam import (  # noqa: E402
-    gradcam_heatmaps,
+from training.gradcam import gradcam_heatmaps, overlay_heatmap, upsample_heatmap  # noqa: E402
+from training.lesion_focus import (  # noqa: E402
     lesion_focus,
+    lesion_focus_check,
     outcome,
-    overlay_heatmap,
     run_gradcam,
+    safe_name,
     select_gallery,
     summarise_focus,
-    upsample_heatmap,
 )
 
 SIZE = 32
@@ -122,8 +122,8 @@ def test_padded_last_batch_and_one_trace(plusplus, monkeypatch):
     images = patch_images(CORNERS + [(2, 2), None, (12, 12)], seed=5)
     model = bright_patch_model(stride=2)
     steps = []
-    build = gradcam._cam_step
-    monkeypatch.setattr(gradcam, "_cam_step", lambda *a, **k: steps.append(build(*a, **k)) or steps[-1])
+    build = gradcam.cam_step
+    monkeypatch.setattr(gradcam, "cam_step", lambda *a, **k: steps.append(build(*a, **k)) or steps[-1])
 
     batched = gradcam_heatmaps(model, images, "conv", batch_size=3, plusplus=plusplus)
     one_by_one = np.concatenate([gradcam_heatmaps(model, images[i : i + 1], "conv", plusplus=plusplus) for i in range(7)])
@@ -140,14 +140,14 @@ def test_compiled_maps_match_the_numpy_reference(plusplus):
     model = bright_patch_model(stride=2)
     images = patch_images(CORNERS, seed=7).astype(np.float32)
     images[:, :4] = 230  # several separate regions of evidence, where Grad-CAM++ differs
-    grad_model, to_score = gradcam._score_model(model, "conv")
+    grad_model, to_score = gradcam.score_model(model, "conv")
     with tf.GradientTape() as tape:
         maps, head_input = grad_model(tf.constant(images), training=False)
         scores = to_score(head_input)
     grads = tape.gradient(scores, maps).numpy().astype(np.float64)
     maps = maps.numpy().astype(np.float64)
-    weights = gradcam._channel_weights(maps, grads, plusplus)
-    expected = gradcam._normalise(np.maximum(np.einsum("nhwc,nc->nhw", maps, weights), 0.0))
+    weights = gradcam.channel_weights(maps, grads, plusplus)
+    expected = gradcam.normalise_maps(np.maximum(np.einsum("nhwc,nc->nhw", maps, weights), 0.0))
 
     np.testing.assert_allclose(gradcam_heatmaps(model, images, "conv", plusplus=plusplus), expected, atol=1e-6)
 
@@ -161,10 +161,10 @@ def test_gradcam_plusplus_weights_match_the_closed_form():
     # alpha = g^2 / (2 g^2 + 4 g^3) = 4 / 40 = 0.1 at each pixel, weight = 4 * 0.1 * relu(2) = 0.8.
     maps = np.ones((1, 2, 2, 1))
     grads = np.full((1, 2, 2, 1), 2.0)
-    np.testing.assert_allclose(gradcam._channel_weights(maps, grads, plusplus=True), [[0.8]])
-    np.testing.assert_allclose(gradcam._channel_weights(maps, grads, plusplus=False), [[2.0]])
+    np.testing.assert_allclose(gradcam.channel_weights(maps, grads, plusplus=True), [[0.8]])
+    np.testing.assert_allclose(gradcam.channel_weights(maps, grads, plusplus=False), [[2.0]])
     # Negative gradients carry no Grad-CAM++ weight.
-    np.testing.assert_allclose(gradcam._channel_weights(maps, -grads, plusplus=True), [[0.0]])
+    np.testing.assert_allclose(gradcam.channel_weights(maps, -grads, plusplus=True), [[0.0]])
 
 
 def test_upsample_is_bilinear_on_pixel_centres():
@@ -267,13 +267,13 @@ def test_summarise_focus_counts_and_means():
 
 def test_lesion_focus_check_compares_melanoma_maps_with_a_uniform_map():
     on = summarise_focus([_row(1, "TP", 0.5, True, area=0.3), _row(1, "FN", 0.3, False, area=0.3), _row(0, "TN", 0.0, False)])
-    check = gradcam.lesion_focus_check(on)
+    check = lesion_focus_check(on)
     assert check["on_lesion"] is True and check["n_scored"] == 2
     assert check["energy_inside_mean"] == pytest.approx(0.4) and check["lesion_area_share_mean"] == pytest.approx(0.3)
     # Melanoma maps no better than uniform fail, however well the other class's maps do.
     off = summarise_focus([_row(1, "TP", 0.1, False, area=0.3), _row(0, "TN", 0.9, True)])
-    assert gradcam.lesion_focus_check(off)["on_lesion"] is False
-    assert gradcam.lesion_focus_check(summarise_focus([_row(1, "TP", None, None, has_mask=False)]))["on_lesion"] is None
+    assert lesion_focus_check(off)["on_lesion"] is False
+    assert lesion_focus_check(summarise_focus([_row(1, "TP", None, None, has_mask=False)]))["on_lesion"] is None
 
 
 def test_select_gallery_confident_and_borderline():
@@ -382,7 +382,7 @@ def test_real_classifier_graph():
 
 
 def test_overlay_names_are_safe_and_distinct():
-    assert gradcam._safe_name("ISIC_0000001") == "ISIC_0000001"
-    names = {gradcam._safe_name(i) for i in ("a/b", "a_b", "a b", "../a_b")}
+    assert safe_name("ISIC_0000001") == "ISIC_0000001"
+    names = {safe_name(i) for i in ("a/b", "a_b", "a b", "../a_b")}
     assert len(names) == 4
     assert all("/" not in n and not n.startswith(".") for n in names)

@@ -1,7 +1,7 @@
 """The preprocess/augment logic without Spark: driver and executor functions called directly.
 
-The Spark jobs only hand :func:`melanoma.ingest.process_chunk` and
-:func:`melanoma.ingest.augment_shard` to executors; here the same functions run in this
+The Spark jobs only hand :func:`melanoma.preprocess_chunk.process_chunk` and
+:func:`melanoma.augment_job.augment_shard` to executors; here the same functions run in this
 process (``local_engine``), which is fast enough to check every rule on every input.
 tests/test_spark_jobs.py runs the real jobs.
 """
@@ -18,14 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from melanoma import ingest
+from melanoma import ingest, job_common, preprocess_chunk
 from melanoma.imaging import NOTES
 from melanoma.manifest import content_without_version, latest_manifest, read_verified_shard
 from melanoma.records import decode_shard
 from melanoma.splits import assign_split
 from melanoma.storage import LocalStorage
 
-from badcorpus import COLUMNS, DECODE_REASONS, SCAN_REASONS, build_bad_drop, jpeg_bytes, lesion_mask, png_bytes, synthetic_lesion
+from badcorpus import (
+    COLUMNS,
+    DECODE_REASONS,
+    SCAN_REASONS,
+    build_bad_drop,
+    jpeg_bytes,
+    lesion_mask,
+    png_bytes,
+    synthetic_lesion,
+)
 
 BAD = "bad-2024-01-01"
 
@@ -343,7 +352,7 @@ def test_an_image_deleted_after_the_scan_is_quarantined_as_missing(two_drops, tm
 
 
 def test_an_unforeseen_decoder_error_quarantines_only_that_image(two_drops, tmp_path, monkeypatch):
-    real = ingest.preprocess_image_bytes
+    real = preprocess_chunk.preprocess_image_bytes
     poisoned = (two_drops / "ham-2024-01-01" / "images" / "ISIC_0000005.jpg").read_bytes()
 
     def flaky(data, size, **options):
@@ -351,7 +360,7 @@ def test_an_unforeseen_decoder_error_quarantines_only_that_image(two_drops, tmp_
             raise ZeroDivisionError("simulated decoder bug")
         return real(data, size, **options)
 
-    monkeypatch.setattr(ingest, "preprocess_image_bytes", flaky)
+    monkeypatch.setattr(preprocess_chunk, "preprocess_image_bytes", flaky)
     plan = ingest.plan_drop(str(two_drops), str(tmp_path), "ham-2024-01-01", {})
     result = ingest.process_chunk(plan.tasks[0])
     assert [(q["item"], q["reason"]) for q in result.quarantined] == [("ISIC_0000005", "undecodable")]
@@ -364,7 +373,7 @@ def test_a_storage_error_fails_the_task_instead_of_quarantining(two_drops, tmp_p
     def denied(self, key):
         raise PermissionError(f"denied: {key}")
 
-    monkeypatch.setattr(ingest, "_STORAGES", {})
+    monkeypatch.setattr(job_common, "_STORAGES", {})
     monkeypatch.setattr(LocalStorage, "read_bytes", denied)
     with pytest.raises(PermissionError):
         ingest.process_chunk(plan.tasks[0])

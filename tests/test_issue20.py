@@ -20,11 +20,10 @@ import textwrap
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from melanoma import drops as drops_mod
-from melanoma import ingest
+from melanoma import ingest, preprocess_chunk
 from melanoma.manifest import latest_manifest
 from melanoma.storage import LocalStorage, ObjectRefused, S3Storage, StorageUnavailable, open_storage
 
@@ -87,7 +86,7 @@ _OOM_SCRIPT = textwrap.dedent(
     """
     import json, re, resource, sys
     import cv2, numpy as np
-    from melanoma import ingest
+    from melanoma.preprocess_chunk import decode_input
 
     rgb = np.zeros((5250, 7000, 3), np.uint8)
     rgb[::7] = 200  # a 7000x5250 PNG: 110 MB decoded, ~120 KB compressed
@@ -96,7 +95,7 @@ _OOM_SCRIPT = textwrap.dedent(
     vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + 40_000_000, resource.RLIM_INFINITY))  # no room for 110 MB
     try:
-        image, notes, rejection = ingest._decode({"image_id": "big"}, data)
+        image, notes, rejection = decode_input({"image_id": "big"}, data)
         print(json.dumps({"outcome": "quarantined" if rejection else "decoded", "rejection": rejection}))
     except MemoryError as error:
         print(json.dumps({"outcome": "raised", "error": type(error).__name__, "message": str(error)}))
@@ -120,7 +119,7 @@ def test_io_errors_while_decoding_propagate(two_files_drop, monkeypatch):
     def broken(data, size, **options):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(ingest, "preprocess_image_bytes", broken)
+    monkeypatch.setattr(preprocess_chunk, "preprocess_image_bytes", broken)
     with pytest.raises(OSError):
         ingest.process_chunk(plan.tasks[0])
 
@@ -252,7 +251,7 @@ def test_read_ahead_cancels_queued_reads_after_the_first_failure(frozen):
     storage = S3Storage("bucket", "raw", endpoint_url=frozen.url)
     items = [{"image_key": f"d/{i}.jpg", "mask_key": f"d/{i}_segmentation.png"} for i in range(200)]
     with pytest.raises(StorageUnavailable):
-        for _ in ingest._read_ahead(storage, items):
+        for _ in preprocess_chunk.read_ahead(storage, items):
             pass
     # At most the reads in flight when the failure surfaced, and those the threads took meanwhile:
     # two waves of READ_AHEAD_THREADS reads, 2 attempts each; never the 400 reads queued.
@@ -337,10 +336,10 @@ def test_predictions_csv_neutralises_formulas(payload):
 
 
 def test_lesion_focus_csv_neutralises_formulas():
-    from training.gradcam import FOCUS_COLUMNS, _focus_csv
+    from training.lesion_focus import FOCUS_COLUMNS, focus_csv
 
     row = dict.fromkeys(FOCUS_COLUMNS, '=HYPERLINK("http://evil.example")')
-    back = cells(_focus_csv([row]))[0]
+    back = cells(focus_csv([row]))[0]
     assert all(value.startswith("'=") for value in back.values()), back
 
 

@@ -182,12 +182,12 @@ def test_unknown_backbone_is_refused() -> None:
 
 def test_efficientnet_lite2_classifier_blocks_and_cache_point() -> None:
     """Lite2 has 21 blocks; unfreezing 14 of them is stages 4-7, fed by block3c's 28x28x48 output."""
-    from training.train import fine_tune_cut
+    from training.model import fine_tune_cut
 
     model = M.build_classifier("efficientnet_lite2", "imagenet")
     assert M.weights_provenance(model)["weights_sha256"] == lite.VARIANTS["efficientnet_lite2"].weights_sha256
     assert tuple(model.get_layer(M.last_conv_layer_name(model)).output.shape) == (None, 7, 7, 1280)
-    assert len(M._backbone_blocks(model)) == 21
+    assert len(M.backbone_blocks(model)) == 21
     M.unfreeze_last_blocks(model, 14)
     trainable_blocks = sorted({layer.name[:7] for layer in M.backbone_layers(model) if layer.trainable_weights})
     assert trainable_blocks[0] == "block4a" and "block3c" not in trainable_blocks

@@ -15,7 +15,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from melanoma import imaging, ingest  # noqa: E402
+from melanoma import imaging, preprocess_chunk  # noqa: E402
 from training import predict  # noqa: E402
 from training.predict import images_in_folder, predict_folder  # noqa: E402
 
@@ -48,7 +48,7 @@ def expected_probabilities(model_path: Path, files: list[Path]) -> np.ndarray:
 def test_predict_uses_the_spark_jobs_preprocessing():
     # Not a copy that could drift: the very function the ingest (Spark executor) code calls.
     assert predict.preprocess_image_bytes is imaging.preprocess_image_bytes
-    assert ingest.preprocess_image_bytes is imaging.preprocess_image_bytes
+    assert preprocess_chunk.preprocess_image_bytes is imaging.preprocess_image_bytes
 
 
 def test_images_in_folder_finds_images_not_masks_or_metadata(tmp_path):

@@ -20,8 +20,8 @@ import pytest
 from melanoma import ingest
 from melanoma.imaging import NOTES
 from melanoma.manifest import content_without_version, latest_manifest, manifest_versions, read_verified_shard
-from melanoma.splits import assign_split
 from melanoma.spark_settings import submit_conf
+from melanoma.splits import assign_split
 from melanoma.storage import LocalStorage, S3Storage
 
 from badcorpus import DECODE_REASONS, SCAN_REASONS, build_bad_drop
@@ -237,11 +237,11 @@ def test_spark_engine_keeps_spark_submit_settings_and_preloads_workers(tmp_path)
     script.write_text(
         "import json, os, sys\n"
         "from pyspark import SparkContext\n"
-        "from melanoma.ingest import spark_engine\n"
+        "from melanoma.job_common import spark_engine\n"
         "def probe(_):\n"
         "    import os, sys\n"
         "    daemon = open(f'/proc/{os.getppid()}/cmdline').read().split('\\0')\n"
-        "    return {'daemon': daemon[daemon.index('-m') + 1], 'preloaded': 'melanoma.ingest' in sys.modules}\n"
+        "    return {'daemon': daemon[daemon.index('-m') + 1], 'preloaded': {'melanoma.preprocess_chunk', 'melanoma.augment_job'} <= set(sys.modules)}\n"
         "with spark_engine('probe') as run:\n"
         "    conf = SparkContext.getOrCreate().getConf()\n"
         "    print('probe: summary ' + json.dumps({'workers': run(probe, [0]), 'ui': conf.get('spark.ui.enabled')}))\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,17 +27,12 @@ from melanoma import ingest  # noqa: E402
 from melanoma.manifest import commit_manifest, latest_manifest, require_manifest  # noqa: E402
 from melanoma.splits import assign_split  # noqa: E402
 from melanoma.storage import open_storage  # noqa: E402
+from training.checkpoints import CHECKPOINTS, check_resumable, read_state  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.data import DX_CLASSES, class_weights, load_arrays, target_class_weights  # noqa: E402
-from training.train import (  # noqa: E402
-    CHECKPOINTS,
-    TrainConfig,
-    _check_resumable,
-    epoch_order,
-    fine_tune_cut,
-    read_state,
-    run_training,
-    train_variant,
-)
+from training.model import fine_tune_cut  # noqa: E402
+from training.train import run_training  # noqa: E402
+from training.variants import epoch_order, train_variant  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DROP = "ham-small-2026-01-01"
@@ -141,9 +137,9 @@ def test_resuming_checks_settings_added_since_as_their_defaults(tmp_path):
     run = open_storage(str(tmp_path / "run"))
     older = {name: value for name, value in json.loads(json.dumps(TrainConfig("p", "r").__dict__)).items() if name != "train_augment"}
     run.write_bytes(f"{CHECKPOINTS}/run-config.json", json.dumps(older).encode())
-    _check_resumable(run, TrainConfig("p", "r"))  # the setting did not exist then: it was off
+    check_resumable(run, TrainConfig("p", "r"))  # the setting did not exist then: it was off
     with pytest.raises(ValueError, match="train_augment"):
-        _check_resumable(run, TrainConfig("p", "r", train_augment=True))
+        check_resumable(run, TrainConfig("p", "r", train_augment=True))
 
 
 def test_fine_tune_cut_is_the_input_of_the_first_unfrozen_block():
@@ -215,7 +211,7 @@ def test_shard_dataset_streams_every_training_image(processed_root):
 @pytest.mark.slow
 def test_training_end_to_end_writes_artifacts(processed_root, tmp_path):
     """Phase 1 on cached features, phase 2 on cached activations (2 blocks), dx target."""
-    from training.predict import load_model
+    from training.model_io import load_model
 
     run_root = str(tmp_path / "run")
     cfg = TrainConfig(processed_root, run_root, epochs=4, fine_tune_epochs=2, fine_tune_blocks=2, target="dx",
@@ -251,7 +247,7 @@ def test_training_end_to_end_writes_artifacts(processed_root, tmp_path):
 def test_cached_training_equals_running_the_frozen_network_every_epoch(processed_root, tmp_path):
     """Same seed: phase 1 on cached features == phase 1 on images; phase 2 on cached
     activations == phase 2 on images with the same blocks unfrozen (BatchNorm in inference)."""
-    from training.predict import load_model
+    from training.model_io import load_model
 
     common = dict(epochs=2, fine_tune_epochs=2, fine_tune_blocks=1, limit_train=150, fine_tune_learning_rate=1e-4, cache_dtype="float32",
                   train_flips=2)  # odd epochs train on left-right flipped images: cached per variant vs flipped on the fly
@@ -317,7 +313,7 @@ def test_killed_training_resumes_from_the_next_epoch(processed_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_root, tmp_path, capsys):
+def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_root, tmp_path, caplog):
     run_root = str(tmp_path / "run")
     # A budget this small lets each phase run its first epoch (no epoch time known yet), then stops it.
     config = dict(epochs=3, fine_tune_epochs=3, fine_tune_blocks=1, limit_train=120, target="dx")
@@ -328,10 +324,13 @@ def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_ro
 
     again = run_training(TrainConfig(processed_root, run_root, **config))  # a finished run is left as it is
     assert again["epochs_run"] == first["epochs_run"]
-    capsys.readouterr()
-    longer = run_training(TrainConfig(processed_root, run_root, continue_after_budget=True, **config))
-    out = capsys.readouterr().out
-    assert "continuing it" in out and "resuming phase 2 at epoch 2" in out and "phase 2 epoch 1/3" not in out
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training"):
+        longer = run_training(TrainConfig(processed_root, run_root, continue_after_budget=True, **config))
+    out = caplog.text  # log lines (stderr in the CLI)
+    phase2_epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("phase 2 epochs:")]
+    assert "continuing it" in out and "resuming phase 2 at epoch 2" in out
+    assert len(phase2_epochs) == 2 and not any("; epoch 1/3:" in line for line in phase2_epochs)
     assert longer["epochs_run"] == {"phase1": 1, "phase2": 3}
     history = json.loads(open_storage(run_root).read_bytes("model/history.json"))
     assert history["phase2"]["val_auroc"][:1] == stopped["history"]["val_auroc"]  # the first epoch kept, not retrained
@@ -354,7 +353,7 @@ def test_augmented_training_variants_are_cached_once_per_variant(processed_root,
 
 
 @pytest.mark.slow
-def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, capsys):
+def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, caplog):
     """Run root in S3 (moto): checkpoints each epoch, artifacts, and a rerun that reuses them."""
     run_root = f"s3://{s3_bucket}/runs/r1"
     config = dict(epochs=2, fine_tune_epochs=1, fine_tune_blocks=1, limit_train=120, target="dx")
@@ -366,17 +365,19 @@ def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, 
                 "model/checkpoints/phase2-best.weights.h5", "model/checkpoints/phase2-final.weights.h5"):
         assert key in keys, key
     assert any(k.startswith("model/checkpoints/features-train-") and k.endswith(".npy") for k in keys)
-    capsys.readouterr()
-    again = run_training(TrainConfig(processed_root, run_root, **config))
-    out = capsys.readouterr().out
-    assert "epoch 1/" not in out and "cached" not in out  # nothing retrained, nothing recomputed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training"):
+        again = run_training(TrainConfig(processed_root, run_root, **config))
+    out = caplog.text
+    assert "manifest v" in out  # the run's log lines were captured
+    assert "; epoch 1/" not in out and "caching" not in out and "cached" not in out  # nothing retrained, nothing recomputed
     assert again["best_val_auroc"] == first["best_val_auroc"] and again["epochs_run"] == first["epochs_run"]
 
 
 @pytest.mark.slow
 def test_ensemble_training_trains_each_seed_and_exports_their_average(processed_root, tmp_path):
     from training.ensemble import gradcam_layer_names
-    from training.predict import load_model
+    from training.model_io import load_model
 
     run_root = str(tmp_path / "run")
     cfg = TrainConfig(processed_root, run_root, epochs=2, limit_train=120, ensemble_size=2, seed=5)
@@ -414,7 +415,7 @@ def test_label_smoothing_is_checked():
 
 
 def test_smoothed_sparse_crossentropy_is_the_cross_entropy_against_smoothed_targets():
-    from training.train import smoothed_sparse_crossentropy
+    from training.phases import smoothed_sparse_crossentropy
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 7)).astype(np.float32)

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # Each command imports its own module here, deliberately: most load Keras and TensorFlow
+    # (seconds), which ``--help``, a bad argument and ``report`` should not wait for.
     if args.command == "train":
         from training.train import TrainConfig, run_training
 
@@ -115,8 +117,9 @@ def run(args: argparse.Namespace) -> dict:
         from training.predict import predict_folder, read_lesion_map
 
         lesion_of = read_lesion_map(args.lesions) if args.lesions else None
+        # The interactive command: progress bars on a terminal (log lines elsewhere).
         return predict_folder(args.model, args.input, args.output, threshold=args.threshold, overlays=args.overlays,
-                              lesion_of=lesion_of, site=args.site)
+                              lesion_of=lesion_of, site=args.site, bar=True)
     if args.command == "calibrate-site":
         from training.tasks import calibrate_site_run
 

@@ -124,6 +124,7 @@ def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmen
     the manifest) lazily, several at once, so the whole training set never needs to sit in
     memory at once. ``flip``: 0 as stored, 1 left-right, 2 up-down, 3 both (every image).
     """
+    # Lazy: only streamed training needs TensorFlow; the config (TARGETS) and array loading do not.
     import tensorflow as tf
 
     entries = select_shards(manifest, splits, ("original", "augmented") if augmented else ("original",))

@@ -21,7 +21,14 @@ from typing import Sequence
 import keras
 from keras import layers
 
-from training.model import INPUT_LAYER, LAST_CONV_LAYER, PREPROCESS_LAYER, BackbonePreprocessing
+from training.model import (
+    INPUT_LAYER,
+    LAST_CONV_LAYER,
+    PREPROCESS_LAYER,
+    BackbonePreprocessing,
+    last_conv_layer_name,
+)
+from training.model_io import load_model, save_model
 
 ENSEMBLE_LOGIT = "ensemble_logit"
 OUTPUT_LAYER = "melanoma_probability"
@@ -80,19 +87,8 @@ def build_ensemble(members: Sequence[keras.Model], name: str = "melanoma_ensembl
 
 def save_ensemble(member_uris: Sequence[str], output_uri: str) -> dict:
     """Load the members (paths or URIs), build their ensemble and save it to ``output_uri``."""
-    import os
-    import tempfile
-
-    from melanoma.storage import split_uri
-    from training.predict import load_model
-
     ensemble = build_ensemble([load_model(uri) for uri in member_uris])
-    storage, name = split_uri(output_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.keras")
-        ensemble.save(path)
-        with open(path, "rb") as handle:
-            storage.write_bytes(name, handle.read())
+    save_model(ensemble, output_uri)
     return {"model_uri": output_uri, "members": list(member_uris), "params": ensemble.count_params()}
 
 
@@ -114,6 +110,4 @@ def gradcam_layer_names(model: keras.Model) -> list[str]:
     backbones = ensemble_backbones(model)
     if backbones:
         return [member_prefix(index) + LAST_CONV_LAYER[backbone] for index, backbone in enumerate(backbones)]
-    from training.model import last_conv_layer_name
-
     return [last_conv_layer_name(model)]

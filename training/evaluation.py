@@ -66,6 +66,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from training import metrics as m
+from training.shift import calibrate_site, score_shift
 
 SCHEMA_VERSION = 2
 #: How image probabilities become decision scores: as they are, or pooled per lesion.
@@ -316,6 +317,50 @@ def _evaluate_set(
     return block
 
 
+def _pool_by_lesion(internal: dict[str, list[dict]], externals: dict[str, list[dict]], *, n_boot: int, seed: int
+                    ) -> tuple[dict, dict[str, list[dict]], dict[str, list[dict]]]:
+    """(per-image val/test ranking for comparison, internal and external rows with lesion-pooled scores)."""
+    val_rows, test_rows = internal["val"], internal["test"]
+    per_image = {
+        "val": {key: value for key, value in _ranking(val_rows, "val").items() if key in ("auroc", "auprc")},
+        "test": {key: _estimate(*value) for key, value in _ranking_with_ci(test_rows, "test", n_boot=n_boot, seed=seed).items()},
+    }
+    internal = {split: pool_rows_by_lesion(split_rows, split) for split, split_rows in internal.items()}
+    externals = {name: pool_rows_by_lesion(set_rows, f"external set {name!r}") for name, set_rows in externals.items()}
+    return per_image, internal, externals
+
+
+def _leaked_lesions(internal: dict[str, list[dict]]) -> list[str]:
+    """Lesion ids found in more than one of train/val/test (sorted)."""
+    lesion_splits: dict[str, set[str]] = defaultdict(set)
+    for split, split_rows in internal.items():
+        for row in split_rows:
+            lesion_splits[str(row["lesion_id"])].add(split)
+    return sorted(lesion for lesion, splits in lesion_splits.items() if len(splits) > 1)
+
+
+def _threshold_on_val(val_rows: Sequence[dict], strategy: str, target_sensitivity: float) -> dict:
+    """The ``threshold`` block: chosen on validation, with validation's metrics at it."""
+    val_labels, val_scores, val_lesions = _arrays(val_rows, "val")
+    try:
+        threshold = m.choose_threshold(val_labels, val_scores, strategy, target_sensitivity)
+        val_ranking = m.ranking_metrics(val_labels, val_scores)
+    except ValueError as exc:
+        raise ValueError(f"val split: {exc}") from None
+    return {
+        "value": threshold,
+        "strategy": strategy,
+        "target_sensitivity": target_sensitivity if strategy == "sensitivity" else None,
+        "chosen_on": "val",
+        "val": {
+            **m.binary_metrics(val_labels, val_scores, threshold),
+            **val_ranking,
+            "n_images": int(val_labels.size),
+            "n_lesions": len(set(val_lesions.tolist())),
+        },
+    }
+
+
 def evaluate_predictions(
     rows: Sequence[dict],
     *,
@@ -349,33 +394,18 @@ def evaluate_predictions(
         raise ValueError(f"need val and test rows, got {len(val_rows)} val and {len(test_rows)} test")
     scores_block: dict = {"pooling": pooling, "rule": POOLING_RULES[pooling]}
     if pooling == "lesion":
-        common = {"n_boot": n_boot, "seed": seed}
-        scores_block["per_image"] = {
-            "val": {key: value for key, value in _ranking(val_rows, "val").items() if key in ("auroc", "auprc")},
-            "test": {key: _estimate(*value) for key, value in _ranking_with_ci(test_rows, "test", **common).items()},
-        }
-        internal = {split: pool_rows_by_lesion(split_rows, split) for split, split_rows in internal.items()}
-        externals = {name: pool_rows_by_lesion(set_rows, f"external set {name!r}") for name, set_rows in externals.items()}
+        scores_block["per_image"], internal, externals = _pool_by_lesion(internal, externals, n_boot=n_boot, seed=seed)
         val_rows, test_rows = internal["val"], internal["test"]
-
     warnings = []
-    lesion_splits: dict[str, set[str]] = defaultdict(set)
-    for split, split_rows in internal.items():
-        for row in split_rows:
-            lesion_splits[str(row["lesion_id"])].add(split)
-    leaked = sorted(lesion for lesion, splits in lesion_splits.items() if len(splits) > 1)
+    leaked = _leaked_lesions(internal)
     if leaked:
         warnings.append(
             f"{len(leaked)} lesion(s) appear in more than one of train/val/test, e.g. "
             f"{', '.join(leaked[:5])}: the test set is not independent"
         )
 
-    val_labels, val_scores, val_lesions = _arrays(val_rows, "val")
-    try:
-        threshold = m.choose_threshold(val_labels, val_scores, strategy, target_sensitivity)
-        val_ranking = m.ranking_metrics(val_labels, val_scores)
-    except ValueError as exc:
-        raise ValueError(f"val split: {exc}") from None
+    threshold_block = _threshold_on_val(val_rows, strategy, target_sensitivity)
+    threshold, val_scores = threshold_block["value"], _arrays(val_rows, "val")[1]
     test_labels, test_scores, _ = _arrays(test_rows, "test")
     try:
         optimistic = m.choose_threshold(test_labels, test_scores, "youden")
@@ -392,18 +422,7 @@ def evaluate_predictions(
         },
         "lesions_in_multiple_splits": len(leaked),
         "warnings": warnings,
-        "threshold": {
-            "value": threshold,
-            "strategy": strategy,
-            "target_sensitivity": target_sensitivity if strategy == "sensitivity" else None,
-            "chosen_on": "val",
-            "val": {
-                **m.binary_metrics(val_labels, val_scores, threshold),
-                **val_ranking,
-                "n_images": int(val_labels.size),
-                "n_lesions": len(set(val_lesions.tolist())),
-            },
-        },
+        "threshold": threshold_block,
         "test": _evaluate_set(test_rows, "test", threshold, with_curves=True, **common),
         "optimistic_test_youden": {
             "optimistic": True,
@@ -428,8 +447,6 @@ def _external_block(rows: Sequence[dict], name: str, threshold: float, val_score
     external set has labels, what re-choosing the threshold on that site would give on its unseen
     cases (:func:`training.shift.calibrate_site`, out-of-fold). Shifts are added to ``warnings``.
     """
-    from training.shift import calibrate_site, score_shift
-
     block = _evaluate_set(rows, f"external set {name!r}", threshold, with_curves=False, **common)
     labels, scores, lesions = _arrays(rows, f"external set {name!r}")
     block["score_shift"] = score_shift(val_scores, scores, threshold)

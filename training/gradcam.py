@@ -1,48 +1,40 @@
-"""Grad-CAM and Grad-CAM++ for the melanoma classifier, and how well the maps sit on the lesion.
+"""Grad-CAM and Grad-CAM++ heatmaps of the melanoma score: the method only.
 
-Grad-CAM (Selvaraju et al., 2017) weights the feature maps of a convolutional layer by the
-gradient of the class score and keeps the positive part; Grad-CAM++ (Chattopadhay et al.,
-2018) replaces the plain gradient average by pixel-wise weights so that several separate
-regions of evidence are not drowned by the largest one.
+Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+Gradient-based Localization", ICCV 2017) weights the feature maps of a convolutional layer
+by the gradient of the class score and keeps the positive part; Grad-CAM++ (Chattopadhay
+et al., "Grad-CAM++: Generalized Gradient-based Visual Explanations for Deep Convolutional
+Networks", WACV 2018) replaces the plain gradient average by pixel-wise weights so that
+several separate regions of evidence are not drowned by the largest one.
 
-A map that "looks right" is not evidence, so every test image with a segmentation mask is
-also scored: the share of the map's energy inside the lesion (compare it with the lesion's
-share of the image, which is what a uniform map would get) and the pointing game (does the
-hottest pixel fall inside the lesion). Images without a mask are counted, never scored.
-
-Outcomes use the rule of the evaluation step: an image is called melanoma when
-``probability >= threshold``.
+This module computes the maps (:func:`gradcam_heatmaps`), brings them to image size
+(:func:`upsample_heatmap`) and blends them over an image (:func:`overlay_heatmap`). How well
+they sit on the lesion, and the pipeline step that writes them, are in :mod:`training.lesion_focus`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import statistics
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
+import keras
 import numpy as np
+import tensorflow as tf
 
-from melanoma.csvout import csv_bytes
+from melanoma.progress import Progress
 
-OUTCOMES = ("TP", "FP", "FN", "TN")
-CLASS_NAMES = {1: "melanoma", 0: "other"}
-
-
-# --------------------------------------------------------------------------- heatmaps
+__all__ = ["COMBINE_LAYERS", "cam_step", "channel_weights", "gradcam_heatmaps", "layer_list", "normalise_maps",
+           "overlay_heatmap", "score_model", "upsample_heatmap"]
 
 
-def _layer_list(layer_name: str | Sequence[str]) -> list[str]:
+def layer_list(layer_name: str | Sequence[str]) -> list[str]:
     names = [layer_name] if isinstance(layer_name, str) else list(layer_name)
     if not names:
         raise ValueError("no layer to take Grad-CAM maps from")
     return names
 
 
-def _score_model(model, layer_names: str | Sequence[str]) -> tuple[Any, Callable]:
+def score_model(model, layer_names: str | Sequence[str]) -> tuple[Any, Callable]:
     """A model giving (feature maps (N,h,w,C) per layer..., head input) and the function head input -> logit (N,).
 
     We differentiate the sigmoid's pre-activation logit, not the probability: d sigmoid(z)/dz =
@@ -50,9 +42,7 @@ def _score_model(model, layer_names: str | Sequence[str]) -> tuple[Any, Callable
     explaining) would get gradients that are mostly float32 rounding noise. The logit's
     gradient has the same direction without that squashing factor.
     """
-    import keras
-
-    layer_names = _layer_list(layer_names)
+    layer_names = layer_list(layer_names)
     conv_outputs = [model.get_layer(name).output for name in layer_names]
     if len({tuple(output.shape[1:3]) for output in conv_outputs}) != 1:
         raise ValueError(f"layers {list(layer_names)} give maps of different sizes: {[tuple(o.shape[1:3]) for o in conv_outputs]}")
@@ -82,10 +72,10 @@ def _score_model(model, layer_names: str | Sequence[str]) -> tuple[Any, Callable
     return keras.Model(model.inputs, outputs), to_score
 
 
-def _channel_weights(maps: np.ndarray, grads: np.ndarray, plusplus: bool) -> np.ndarray:
+def channel_weights(maps: np.ndarray, grads: np.ndarray, plusplus: bool) -> np.ndarray:
     """Per-channel weights (N,C) from feature maps and score gradients, both (N,h,w,C).
 
-    The NumPy reference of what :func:`_cam_step` computes in the graph (kept for tests).
+    The NumPy reference of what :func:`cam_step` computes in the graph (kept for tests).
     """
     if not plusplus:
         return grads.mean(axis=(1, 2))
@@ -99,7 +89,7 @@ def _channel_weights(maps: np.ndarray, grads: np.ndarray, plusplus: bool) -> np.
     return (alpha * np.maximum(grads, 0.0)).sum(axis=(1, 2))
 
 
-def _normalise(cams: np.ndarray) -> np.ndarray:
+def normalise_maps(cams: np.ndarray) -> np.ndarray:
     """Scale each map (N,h,w) to peak 1; a map with no positive evidence stays all zero."""
     peaks = cams.max(axis=(1, 2), keepdims=True)
     return np.where(peaks > 0, cams / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
@@ -108,22 +98,20 @@ def _normalise(cams: np.ndarray) -> np.ndarray:
 COMBINE_LAYERS = ("each", "joint")
 
 
-def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool, combine_layers: str = "each") -> Callable:
+def cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool, combine_layers: str = "each") -> Callable:
     """One compiled graph: a fixed-shape batch of images -> its un-normalised maps (N,h,w) float64.
 
     Built once per :func:`gradcam_heatmaps` call and traced once (the batch shape is fixed;
     the caller pads the last batch), so each batch is one graph call: forward pass, the
     score's gradient at ``layer_name`` (the backward pass stops there: only the head lies
     between the maps and the score), the channel weights and the weighted sum, with no
-    per-image Python work. The weight arithmetic runs in float64 like :func:`_channel_weights`.
+    per-image Python work. The weight arithmetic runs in float64 like :func:`channel_weights`.
     Several layers (an ensemble's members): ``each`` keeps the positive part of every layer's
     weighted sum and adds them (for an averaged logit, the mean of the members' own Grad-CAM
     maps); ``joint`` concatenates the maps along the channels and keeps the positive part of
     the total, so one member's counter-evidence can cancel another's evidence.
     """
-    import tensorflow as tf
-
-    grad_model, to_score = _score_model(model, layer_names)
+    grad_model, to_score = score_model(model, layer_names)
 
     @tf.function(input_signature=[tf.TensorSpec(batch_shape, dtype)])
     def step(batch):
@@ -154,7 +142,7 @@ def _cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plus
 
 def gradcam_heatmaps(
     model, images: np.ndarray, layer_name: str | Sequence[str], *, batch_size: int = 32, plusplus: bool = False,
-    combine_layers: str = "each",
+    combine_layers: str = "each", progress: Progress | None = None,
 ) -> np.ndarray:
     """Grad-CAM (or Grad-CAM++) maps of the melanoma score for a batch of images.
 
@@ -163,15 +151,14 @@ def gradcam_heatmaps(
     layer_name: the convolutional layer whose maps are weighted (usually the last one), or
     several with maps of one size (an ensemble's members).
     combine_layers: with several layers, ``each`` (the sum of each layer's own map) or
-    ``joint`` (one map of their concatenated channels); see :func:`_cam_step`.
+    ``joint`` (one map of their concatenated channels); see :func:`cam_step`.
     batch_size: images per graph call (fewer when there are fewer images); the last batch is
     padded to it, so the graph is traced once.
     Returns float32 (N,h,w) in [0,1] at that layer's resolution; use :func:`upsample_heatmap`
     for image resolution. Each map is scaled to peak 1; a map with no positive evidence is 0.
+    progress: advanced by each batch's images (long runs log where they are).
     """
-    import tensorflow as tf
-
-    layer_names = _layer_list(layer_name)
+    layer_names = layer_list(layer_name)
     if combine_layers not in COMBINE_LAYERS:
         raise ValueError(f"combine_layers must be one of {COMBINE_LAYERS}, got {combine_layers!r}")
     images = np.asarray(images)
@@ -181,14 +168,16 @@ def gradcam_heatmaps(
     if images.dtype != np.uint8:
         images = images.astype(np.float32, copy=False)
     batch = min(int(batch_size), len(images))
-    step = _cam_step(model, layer_names, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus, combine_layers)
+    step = cam_step(model, layer_names, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus, combine_layers)
     heatmaps = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
         count = len(chunk)
         if count < batch:  # pad, so the one traced graph serves the last batch too
             chunk = np.concatenate([chunk, np.zeros((batch - count, *chunk.shape[1:]), chunk.dtype)])
-        heatmaps.append(_normalise(step(tf.constant(chunk)).numpy()[:count]))
+        heatmaps.append(normalise_maps(step(tf.constant(chunk)).numpy()[:count]))
+        if progress is not None:
+            progress.advance(count)
     return np.concatenate(heatmaps)
 
 
@@ -210,262 +199,3 @@ def overlay_heatmap(
     colours = cv2.applyColorMap(levels, colormap)[..., ::-1]  # OpenCV colour maps are BGR
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------- lesion focus
-
-
-def lesion_focus(heatmap: np.ndarray, mask: np.ndarray) -> dict:
-    """How much of a heatmap (H,W) falls on the lesion mask (H,W) (bool, or uint8 with >0 = lesion).
-
-    Returns ``energy_inside``: share of the heatmap's sum inside the lesion (None for an all-zero
-    map, which points nowhere); ``pointing_hit``: whether the hottest pixel (first in row-major
-    order on ties) is inside the lesion (None for an all-zero map); ``lesion_area_share``: the
-    lesion's share of the image, i.e. the ``energy_inside`` a uniform map would get.
-    """
-    heatmap = np.asarray(heatmap, np.float64)
-    lesion = np.asarray(mask) > 0
-    if heatmap.shape != lesion.shape:
-        raise ValueError(f"heatmap {heatmap.shape} and mask {lesion.shape} differ in size")
-    if not lesion.any():
-        raise ValueError("empty lesion mask: there is nothing to score the heatmap against")
-    total = float(heatmap.sum())
-    area_share = float(lesion.mean())
-    if total <= 0.0:
-        return {"energy_inside": None, "pointing_hit": None, "lesion_area_share": area_share}
-    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return {
-        "energy_inside": float(heatmap[lesion].sum()) / total,
-        "pointing_hit": bool(lesion[peak]),
-        "lesion_area_share": area_share,
-    }
-
-
-def outcome(label: int, probability: float, threshold: float) -> str:
-    """TP/FP/FN/TN of one image; melanoma is predicted when ``probability >= threshold``."""
-    predicted = probability >= threshold
-    if int(label) == 1:
-        return "TP" if predicted else "FN"
-    return "FP" if predicted else "TN"
-
-
-def _group_stats(rows: list[dict]) -> dict:
-    """Counts and focus statistics of one group of per-image rows (see :func:`summarise_focus`)."""
-    scored = [r for r in rows if r.get("energy_inside") is not None]
-    energies = [float(r["energy_inside"]) for r in scored]
-    return {
-        "n": len(rows),
-        "n_without_mask": sum(1 for r in rows if not r.get("has_mask")),
-        "n_scored": len(scored),
-        "energy_inside_mean": statistics.fmean(energies) if energies else None,
-        "energy_inside_median": statistics.median(energies) if energies else None,
-        "lesion_area_share_mean": statistics.fmean(float(r["lesion_area_share"]) for r in scored) if scored else None,
-        "pointing_hit_rate": statistics.fmean(1.0 if r["pointing_hit"] else 0.0 for r in scored) if scored else None,
-    }
-
-
-def summarise_focus(rows: Iterable[dict]) -> dict:
-    """Lesion-focus statistics overall, per class and per outcome.
-
-    rows: one dict per image with ``label`` (1 = melanoma), ``outcome`` (TP/FP/FN/TN),
-    ``has_mask``, and from :func:`lesion_focus` ``energy_inside``, ``pointing_hit``,
-    ``lesion_area_share`` (None when the image has no mask or an all-zero map).
-    Each group reports ``n`` images, ``n_without_mask``, ``n_scored`` (mask and non-empty map),
-    mean/median energy share, mean lesion area share and the pointing-game hit rate
-    (None where nothing was scored).
-    """
-    rows = list(rows)
-    return {
-        "n_images": len(rows),
-        "n_without_mask": sum(1 for r in rows if not r.get("has_mask")),
-        "n_empty_heatmap": sum(1 for r in rows if r.get("has_mask") and r.get("energy_inside") is None),
-        "overall": _group_stats(rows),
-        "by_class": {name: _group_stats([r for r in rows if int(r["label"]) == label]) for label, name in CLASS_NAMES.items()},
-        "by_outcome": {name: _group_stats([r for r in rows if r["outcome"] == name]) for name in OUTCOMES},
-    }
-
-
-def lesion_focus_check(focus: dict) -> dict:
-    """Do the maps of the melanomas sit on their lesions more than a uniform map would?
-
-    ``focus``: the output of :func:`summarise_focus`. A model whose melanoma maps put no more
-    of their energy on the lesion than the lesion's share of the image is looking elsewhere
-    (borders, framing, rulers) for its evidence. ``on_lesion`` is None when no melanoma image
-    with a mask was scored.
-    """
-    melanoma = focus["by_class"]["melanoma"]
-    energy, area = melanoma["energy_inside_mean"], melanoma["lesion_area_share_mean"]
-    return {
-        "group": "class: melanoma",
-        "n_scored": melanoma["n_scored"],
-        "energy_inside_mean": energy,
-        "lesion_area_share_mean": area,
-        "on_lesion": None if energy is None or area is None else bool(energy > area),
-    }
-
-
-def select_gallery(rows: Iterable[dict], threshold: float, per_group: int = 3) -> list[dict]:
-    """Images worth looking at: per outcome, the ``per_group`` most confident and ``per_group`` borderline.
-
-    rows: dicts with at least ``image_id``, ``label`` and ``probability``.
-    Most confident means farthest from the threshold on the predicted side (highest
-    probability for TP/FP, lowest for FN/TN); borderline means closest to the threshold.
-    Returns copies of the rows with ``outcome`` and ``selection`` ("most confident" or
-    "borderline") added, in the order TP, FP, FN, TN; an image is listed once.
-    """
-    by_outcome: dict[str, list[dict]] = {name: [] for name in OUTCOMES}
-    for row in rows:
-        by_outcome[outcome(row["label"], float(row["probability"]), threshold)].append(row)
-    gallery, seen = [], set()
-    for name, group in by_outcome.items():
-        # image_id breaks ties so the selection is the same on every run.
-        confident = sorted(group, key=lambda r: (-abs(float(r["probability"]) - threshold), str(r["image_id"])))
-        borderline = sorted(group, key=lambda r: (abs(float(r["probability"]) - threshold), str(r["image_id"])))
-        for selection, ranked in (("most confident", confident), ("borderline", borderline)):
-            taken = 0
-            for row in ranked:
-                if taken == per_group:
-                    break
-                if row["image_id"] in seen:
-                    continue
-                seen.add(row["image_id"])
-                gallery.append(dict(row, outcome=name, selection=selection))
-                taken += 1
-    return gallery
-
-
-# --------------------------------------------------------------------------- pipeline step
-
-FOCUS_COLUMNS = (
-    "image_id", "lesion_id", "dx", "label", "probability", "outcome",
-    "has_mask", "energy_inside", "pointing_hit", "lesion_area_share",
-)  # fmt: skip
-
-
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return encoded.tobytes()
-
-
-def _safe_name(image_id: str) -> str:
-    """A storage-key-safe file stem for an image id (ids are data, not trusted paths).
-
-    Ids that had to be changed get a short hash of the original, so two ids never share a file.
-    """
-    text = str(image_id)
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")
-    if safe == text:
-        return safe
-    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def _focus_csv(rows: list[dict]) -> bytes:
-    return csv_bytes(rows, FOCUS_COLUMNS)
-
-
-def focus_rows(shard, heatmaps: np.ndarray, predictions: dict[str, float], threshold: float) -> list[dict]:
-    """One row per image of ``shard`` (FOCUS_COLUMNS): its score, outcome and lesion focus.
-
-    heatmaps: (N,h,w) maps of the shard's images, in its order; predictions: image_id -> score.
-    """
-    size = shard.images.shape[1:3]
-    rows = []
-    for record, heatmap, mask in zip(shard.records, heatmaps, shard.masks):
-        probability = float(predictions[record["image_id"]])
-        row = {key: record.get(key) for key in ("image_id", "lesion_id", "dx", "label")}
-        row.update(probability=probability, outcome=outcome(record["label"], probability, threshold))
-        # A record without a mask carries an all-zero one: it is counted, never scored.
-        row["has_mask"] = bool(record.get("has_mask")) and bool(mask.any())
-        focus = lesion_focus(upsample_heatmap(heatmap, size), mask) if row["has_mask"] else {}
-        row.update({key: focus.get(key) for key in ("energy_inside", "pointing_hit", "lesion_area_share")})
-        rows.append(row)
-    return rows
-
-
-def run_gradcam(
-    model,
-    shard,
-    predictions: dict[str, float],
-    threshold_payload: dict,
-    out_storage,
-    out_prefix: str,
-    *,
-    layer_name: str | None = None,
-    plusplus: bool = False,
-    combine_layers: str = "each",
-) -> dict:
-    """Heatmaps and lesion focus for every image of ``shard`` (the test split); writes the artefacts.
-
-    predictions: image_id -> melanoma score from the evaluation step, lesion-pooled when it
-    pooled (every image of the shard must have one; the outcomes must match the ones
-    evaluation reported).
-    threshold_payload: the evaluation XCom, of which ``threshold``, ``strategy``,
-    ``chosen_on`` and ``pooling`` are used.
-    Writes under ``out_prefix``: ``lesion_focus.csv`` (one row per image),
-    ``gradcam_summary.json`` (threshold used, method, speed, focus summary, gallery) and
-    ``overlays/<image_id>.png`` (original | overlay) for the gallery images.
-    Returns a small JSON-able dict for XCom.
-    """
-    if layer_name is None:
-        from training.ensemble import gradcam_layer_names
-
-        layer_name = gradcam_layer_names(model)
-    threshold = float(threshold_payload["threshold"])
-    missing = [r["image_id"] for r in shard.records if r["image_id"] not in predictions]
-    if missing:
-        raise ValueError(f"{len(missing)} images have no prediction, e.g. {missing[:3]}")
-
-    started = time.perf_counter()
-    heatmaps = gradcam_heatmaps(model, shard.images, layer_name, plusplus=plusplus, combine_layers=combine_layers)
-    elapsed = time.perf_counter() - started
-
-    size = shard.images.shape[1:3]
-    rows = focus_rows(shard, heatmaps, predictions, threshold)
-
-    index = {record["image_id"]: i for i, record in enumerate(shard.records)}
-    gallery = select_gallery(rows, threshold)
-    overlay_keys = []
-    for entry in gallery:
-        i = index[entry["image_id"]]
-        image = shard.images[i]
-        overlay = overlay_heatmap(image, upsample_heatmap(heatmaps[i], size))
-        key = f"{out_prefix}/overlays/{_safe_name(entry['image_id'])}.png"
-        out_storage.write_bytes(key, _png_bytes(np.concatenate([image, overlay], axis=1)))
-        entry["overlay_key"] = key
-        overlay_keys.append(key)
-
-    focus_key, summary_key = f"{out_prefix}/lesion_focus.csv", f"{out_prefix}/gradcam_summary.json"
-    focus = summarise_focus(rows)
-    speed = len(rows) / elapsed if elapsed > 0 and rows else None
-    summary = {
-        "method": "gradcam++" if plusplus else "gradcam",
-        "layer_name": " + ".join(_layer_list(layer_name)),
-        "combine_layers": combine_layers if len(_layer_list(layer_name)) > 1 else None,
-        "heatmap_shape": list(heatmaps.shape[1:]),
-        "threshold": threshold,
-        "strategy": threshold_payload.get("strategy"),
-        "chosen_on": threshold_payload.get("chosen_on"),
-        "positive_rule": "probability >= threshold",
-        "pooling": threshold_payload.get("pooling", "none"),
-        "n_images": len(rows),
-        "heatmaps_per_s": speed,
-        "focus": focus,
-        "lesion_focus_check": lesion_focus_check(focus),
-        "gallery": gallery,
-    }
-    out_storage.write_bytes(focus_key, _focus_csv(rows))
-    out_storage.write_bytes(summary_key, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
-    return {
-        "threshold": threshold,
-        "strategy": summary["strategy"],
-        "method": summary["method"],
-        "n_images": len(rows),
-        "n_without_mask": focus["n_without_mask"],
-        "energy_inside_mean": focus["overall"]["energy_inside_mean"],
-        "pointing_hit_rate": focus["overall"]["pointing_hit_rate"],
-        "melanoma_maps_on_lesion": summary["lesion_focus_check"]["on_lesion"],
-        "heatmaps_per_s": speed,
-        "keys": {"lesion_focus": focus_key, "summary": summary_key, "overlays": overlay_keys},
-    }

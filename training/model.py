@@ -45,7 +45,9 @@ __all__ = [
     "last_conv_layer_name",
     "backbone_layers",
     "freeze_backbone",
+    "backbone_blocks",
     "unfreeze_last_blocks",
+    "fine_tune_cut",
     "feature_extractor",
     "head_model",
     "weights_provenance",
@@ -332,7 +334,7 @@ def freeze_backbone(model: keras.Model) -> None:
     _set_head_trainable(model)
 
 
-def _backbone_blocks(model: keras.Model) -> list[list[keras.layers.Layer]]:
+def backbone_blocks(model: keras.Model) -> list[list[keras.layers.Layer]]:
     """Backbone layers grouped by residual block, in graph order; stem layers belong to none.
 
     Lite's ``top_*`` layers (head conv) come after the last block and are grouped with it.
@@ -357,13 +359,38 @@ def unfreeze_last_blocks(model: keras.Model, n_blocks: int) -> None:
     small fine-tuning batches cannot wreck the ImageNet statistics. The stem stays frozen.
     Recompile the model afterwards.
     """
-    blocks = _backbone_blocks(model)
+    blocks = backbone_blocks(model)
     if not 0 <= n_blocks <= len(blocks):
         raise ValueError(f"n_blocks must be in [0, {len(blocks)}], got {n_blocks}")
     freeze_backbone(model)
     for block in blocks[len(blocks) - n_blocks :]:
         for layer in block:
             layer.trainable = not isinstance(layer, layers.BatchNormalization)
+
+
+def fine_tune_cut(model: keras.Model, n_blocks: int) -> keras.KerasTensor:
+    """The one tensor feeding the last ``n_blocks`` backbone blocks: phase 2's cache point.
+
+    Every input of those blocks' layers that is not produced inside them must be this same
+    tensor (true at block boundaries of ResNet50 and Lite0); ``n_blocks=0`` gives the last
+    conv layer's output (head-only fine-tuning).
+    """
+    if n_blocks == 0:
+        return model.get_layer(last_conv_layer_name(model)).output
+    blocks = backbone_blocks(model)
+    if not 0 < n_blocks <= len(blocks):
+        raise ValueError(f"fine_tune_blocks must be in [0, {len(blocks)}], got {n_blocks}")
+    inside = [layer for block in blocks[len(blocks) - n_blocks :] for layer in block]
+    produced = {id(layer.output) for layer in inside}
+    external: dict[int, keras.KerasTensor] = {}
+    for layer in inside:
+        inputs = layer._inbound_nodes[0].input_tensors
+        for tensor in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+            if id(tensor) not in produced:
+                external[id(tensor)] = tensor
+    if len(external) != 1:
+        raise ValueError(f"the last {n_blocks} blocks take {len(external)} inputs from the frozen part; expected exactly one")
+    return next(iter(external.values()))
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

@@ -12,14 +12,28 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 
+import cv2
 import numpy as np
 
-# The Spark job's preprocessing, imported (not copied): see predict_folder.
 from melanoma.csvout import csv_bytes
-from melanoma.imaging import COLOUR_CONSTANCY, RejectedImage, colour_constancy_of, decode_rgb, preprocess_image_bytes
-from melanoma.storage import open_storage, split_uri
+
+# The Spark job's preprocessing, imported (not copied): see predict_folder.
+from melanoma.imaging import (
+    COLOUR_CONSTANCY,
+    RejectedImage,
+    colour_constancy_of,
+    decode_rgb,
+    preprocess_image_bytes,
+)
+from melanoma.progress import Progress
+from melanoma.storage import Storage, open_storage, split_uri
+from training.ensemble import gradcam_layer_names
+from training.gradcam import gradcam_heatmaps, overlay_heatmap, upsample_heatmap
+from training.lesion_focus import safe_name
+from training.metrics import lesion_pooled_scores
+from training.model_io import load_model
+from training.shift import load_site, score_shift
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +41,24 @@ PREDICTION_COLUMNS = ("image_id", "lesion_id", "split", "label", "dx", "probabil
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def load_model(model_uri: str):
-    """Load a ``.keras`` model from a path or an object-store URI."""
-    import keras
-
-    import training.model  # noqa: F401  (registers the custom layers before deserialising)
-
-    storage, name = split_uri(model_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, name)
-        with open(path, "wb") as handle:
-            handle.write(storage.read_bytes(name))
-        return keras.models.load_model(path)
+#: Batches per ``model.predict`` call: the progress step. A multiple of the batch size, so the
+#: batches (and so the scores) are the same as in one call over all the images.
+PREDICT_BATCHES_PER_STEP = 16
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """images uint8 (N,224,224,3) -> melanoma probabilities float (N,)."""
+def predict_probabilities(model, images: np.ndarray, batch_size: int = 64, *, what: str = "scoring",
+                          bar: bool = False) -> np.ndarray:
+    """images uint8 (N,224,224,3) -> melanoma probabilities float (N,); progress is logged as ``what``."""
     if len(images) == 0:
         return np.zeros((0,), np.float64)
-    return model.predict(images, batch_size=batch_size, verbose=0).reshape(-1).astype(np.float64)
+    step = batch_size * PREDICT_BATCHES_PER_STEP
+    progress = Progress(len(images), what, log.info, bar=bar)
+    parts = []
+    for start in range(0, len(images), step):
+        parts.append(model.predict(images[start : start + step], batch_size=batch_size, verbose=0).reshape(-1))
+        progress.advance(len(parts[-1]))
+    progress.close()
+    return np.concatenate(parts).astype(np.float64)
 
 
 def prediction_rows(records: list[dict], probabilities: np.ndarray, split: str | None = None, source: str | None = None) -> list[dict]:
@@ -135,8 +148,6 @@ class RunContext:
                 "pooling": metrics["scores"]["pooling"], "source": "run (chosen on validation)"}
 
     def site(self, name: str) -> dict:
-        from training.shift import load_site
-
         if self.run is None:
             raise ValueError(f"--site {name}: site thresholds live in a run folder; {MODEL_KEY} of a run is needed, not a bare model file")
         return load_site(self.run, name)
@@ -175,7 +186,8 @@ def resolve_threshold(context: RunContext, threshold: float | None, site: str | 
 
 
 def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: float | None = None, overlays: bool = False,
-                   layer_name: str | None = None, lesion_of: dict[str, str] | None = None, site: str | None = None) -> dict:
+                   layer_name: str | None = None, lesion_of: dict[str, str] | None = None, site: str | None = None,
+                   bar: bool = False) -> dict:
     """Score every image under ``folder_uri``; write ``predictions.csv`` (and overlays) under ``out_uri``.
 
     Each image goes through :func:`melanoma.imaging.preprocess_image_bytes`, the Spark job's
@@ -193,34 +205,23 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
     run's own (chosen on validation); a bare model file with neither is refused. When the run's
     validation scores are known, the scores are tested for a shift against them
     (:func:`training.shift.score_shift`): a shift is logged as a warning and written to
-    ``shift.json``, and the result carries it.
+    ``shift.json``, and the result carries it. ``bar``: progress bars in place of the
+    progress log lines on an interactive terminal (the CLI), when ``rich`` is installed.
     """
     context = RunContext(model_uri)
     operating_point = resolve_threshold(context, threshold, site)
     threshold = operating_point["value"]
-    colour = context.colour_constancy()
     model = load_model(model_uri)
     source, out = open_storage(folder_uri), open_storage(out_uri)
-    images, scored, rejected = [], [], []
-    for image_id, key in images_in_folder(folder_uri):
-        try:
-            array, _notes = preprocess_image_bytes(source.read_bytes(key), colour_constancy=colour)
-        except RejectedImage as error:
-            rejected.append({"image_id": image_id, "key": key, "reason": error.reason, "detail": error.message})
-            continue
-        images.append(array)
-        scored.append((image_id, key))
-    batch = np.stack(images) if images else np.zeros((0, 224, 224, 3), np.uint8)
+    batch, scored, rejected = _read_folder(source, images_in_folder(folder_uri), context.colour_constancy(), bar)
     if lesion_of is not None:
         unmapped = [image_id for image_id, _key in scored if image_id not in lesion_of]
         if unmapped:
             raise ValueError(f"{len(unmapped)} scored image(s) have no lesion in the lesion map, e.g. {', '.join(unmapped[:5])}")
-    probabilities = predict_probabilities(model, batch)
+    probabilities = predict_probabilities(model, batch, what="predict: scoring", bar=bar)
     columns: tuple[str, ...] = ("image_id", "key", "probability", "label", "threshold")
     rows = [{"image_id": image_id, "key": key, "probability": float(p)} for (image_id, key), p in zip(scored, probabilities)]
     if lesion_of is not None:
-        from training.metrics import lesion_pooled_scores
-
         lesions = [lesion_of[row["image_id"]] for row in rows]
         for row, lesion_id, pooled in zip(rows, lesions, lesion_pooled_scores(probabilities, lesions)):
             row.update(lesion_id=lesion_id, image_probability=row["probability"], probability=float(pooled))
@@ -231,32 +232,53 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
     out.write_bytes("predictions.csv", rows_to_csv(rows, columns))
     out.write_bytes("rejected.csv", rows_to_csv(rejected, ("image_id", "key", "reason", "detail")))
     written = ["predictions.csv", "rejected.csv"] + (["shift.json"] if shift else [])
-    if overlays and images:
-        import cv2
-
-        from training.gradcam import _safe_name, gradcam_heatmaps, overlay_heatmap, upsample_heatmap
-        from training.ensemble import gradcam_layer_names
-
-        heatmaps = gradcam_heatmaps(model, batch, layer_name or gradcam_layer_names(model))
-        del batch, images
-        # One image at a time at full size: the originals are never all held in memory.
-        for (image_id, key), heatmap in zip(scored, heatmaps):
-            original, _notes = decode_rgb(source.read_bytes(key), target_size=_ORIGINAL_SIZE)
-            overlay = overlay_heatmap(original, upsample_heatmap(heatmap, original.shape[:2]))
-            ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-            if not ok:
-                raise RuntimeError(f"PNG encoding failed for {key}")
-            overlay_key = f"overlays/{_safe_name(image_id)}.png"
-            out.write_bytes(overlay_key, png.tobytes())
-            written.append(overlay_key)
+    if overlays and scored:
+        heatmaps = gradcam_heatmaps(model, batch, layer_name or gradcam_layer_names(model),
+                                    progress=Progress(len(batch), "predict: heatmaps", log.info, bar=bar))
+        del batch
+        written += _write_overlays(source, out, scored, heatmaps)
     return {"scored": len(rows), "rejected": len(rejected), "predictions_uri": out.uri("predictions.csv"), "written": written,
             "threshold": threshold, "threshold_source": operating_point["source"], "score_shift": shift}
 
 
+def _read_folder(source: Storage, listed: list[tuple[str, str]], colour: str, bar: bool
+                 ) -> tuple[np.ndarray, list[tuple[str, str]], list[dict]]:
+    """(images (N,224,224,3), their (image_id, key), rejected inputs with reasons) of the listed files."""
+    images, scored, rejected = [], [], []
+    progress = Progress(len(listed), "predict: reading and preprocessing", log.info, bar=bar)
+    for image_id, key in listed:
+        try:
+            array, _notes = preprocess_image_bytes(source.read_bytes(key), colour_constancy=colour)
+        except RejectedImage as error:
+            rejected.append({"image_id": image_id, "key": key, "reason": error.reason, "detail": error.message})
+            continue
+        finally:
+            progress.advance()
+        images.append(array)
+        scored.append((image_id, key))
+    progress.close()
+    batch = np.stack(images) if images else np.zeros((0, 224, 224, 3), np.uint8)
+    return batch, scored, rejected
+
+
+def _write_overlays(source: Storage, out: Storage, scored: list[tuple[str, str]], heatmaps: np.ndarray) -> list[str]:
+    """``overlays/<image_id>.png``: each heatmap over its image at the original size; returns the keys."""
+    written = []
+    # One image at a time at full size: the originals are never all held in memory.
+    for (image_id, key), heatmap in zip(scored, heatmaps):
+        original, _notes = decode_rgb(source.read_bytes(key), target_size=_ORIGINAL_SIZE)
+        overlay = overlay_heatmap(original, upsample_heatmap(heatmap, original.shape[:2]))
+        ok, png = cv2.imencode(".png", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for {key}")
+        overlay_key = f"overlays/{safe_name(image_id)}.png"
+        out.write_bytes(overlay_key, png.tobytes())
+        written.append(overlay_key)
+    return written
+
+
 def _check_shift(context: RunContext, probabilities: np.ndarray, threshold: float, out) -> dict | None:
     """Per-image scores against validation's per-image scores; a shift is logged loudly and kept."""
-    from training.shift import score_shift
-
     reference = context.validation_scores()
     if reference is None or len(probabilities) == 0:
         return None

@@ -12,10 +12,21 @@ import json
 import tempfile
 from pathlib import Path
 
-from melanoma.imaging import colour_constancy_of
+import numpy as np
+
+from melanoma.drops import scan_drop
+from melanoma.imaging import RejectedImage, colour_constancy_of, decode_mask, preprocess_image_bytes
 from melanoma.manifest import load_split, require_manifest
+from melanoma.records import Shard
 from melanoma.storage import open_storage
-from training.predict import load_model, predict_probabilities, prediction_rows, rows_to_csv
+from training.ensemble import gradcam_layer_names
+from training.evaluation import decision_scores, evaluate_predictions, write_evaluation, xcom_payload
+from training.gradcam import gradcam_heatmaps
+from training.lesion_focus import focus_rows, lesion_focus_check, run_gradcam, summarise_focus
+from training.model_io import load_model
+from training.predict import predict_probabilities, prediction_rows, rows_to_csv
+from training.report import build_report_from_run
+from training.shift import calibrate_site, save_site, score_shift, site_key
 
 MODEL_KEY = "model/model.keras"
 
@@ -27,12 +38,6 @@ def _load_external(spec: str, colour_constancy: str, *, with_masks: bool = False
     quarantine and images that fail to decode are reported, never dropped silently. Masks
     (all-zero where the drop has none) are decoded only ``with_masks``.
     """
-    import numpy as np
-
-    from melanoma.drops import scan_drop
-    from melanoma.imaging import RejectedImage, decode_mask, preprocess_image_bytes
-    from melanoma.records import Shard
-
     raw_root, _, drop_id = spec.rpartition("::")
     if not raw_root or not drop_id:
         raise ValueError(f"external set must be given as RAW_ROOT::DROP_ID, got {spec!r}")
@@ -64,19 +69,16 @@ def _external_rows(model, spec: str, colour_constancy: str) -> tuple[list[dict],
     """Prediction rows of an external drop, and its unscorable inputs (see :func:`_load_external`)."""
     shard, unscored = _load_external(spec, colour_constancy)
     drop_id = spec.rpartition("::")[2]
-    return prediction_rows(shard.records, predict_probabilities(model, shard.images), split="external", source=drop_id), unscored
+    probabilities = predict_probabilities(model, shard.images, what=f"scoring external {drop_id}")
+    return prediction_rows(shard.records, probabilities, split="external", source=drop_id), unscored
 
 
 def external_focus_run(processed_root: str, run_root: str, spec: str, *, as_of: str | None = None) -> dict:
     """Grad-CAM lesion focus on an external drop with lesion masks, at the run's validation threshold.
 
-    Writes ``eval/external-<drop>-focus.json`` (the summary of :func:`training.gradcam.summarise_focus`
+    Writes ``eval/external-<drop>-focus.json`` (the summary of :func:`training.lesion_focus.summarise_focus`
     and its lesion-focus check) and returns it.
     """
-    from training.ensemble import gradcam_layer_names
-    from training.evaluation import decision_scores
-    from training.gradcam import focus_rows, gradcam_heatmaps, lesion_focus_check, summarise_focus
-
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of)
     metrics = json.loads(run.read_bytes("eval/metrics.json"))
@@ -103,15 +105,14 @@ def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden"
     the metrics, the threshold and Grad-CAM's outcomes use the lesion-pooled scores
     (:func:`training.metrics.lesion_pooled_scores`).
     """
-    from training.evaluation import evaluate_predictions, write_evaluation, xcom_payload
-
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of, version=manifest_version)
     model = load_model(run.uri(MODEL_KEY))
     rows: list[dict] = []
     for split in ("val", "test"):
         shard = load_split(storage, manifest, [split])
-        rows += prediction_rows(shard.records, predict_probabilities(model, shard.images), split=split)
+        probabilities = predict_probabilities(model, shard.images, what=f"evaluate: scoring {split}")
+        rows += prediction_rows(shard.records, probabilities, split=split)
     external_sets, unscored = {}, {}
     for spec in external or []:
         name = spec.rpartition("::")[2]
@@ -144,9 +145,6 @@ def calibrate_site_run(processed_root: str, run_root: str, site: str, labelled_d
     against validation) is kept as ``sites/<site>.json`` in the run, where ``predict --site``
     reads it.
     """
-    from training.evaluation import decision_scores
-    from training.shift import calibrate_site, save_site, score_shift, site_key
-
     site_key(site)  # a bad name fails before any scoring
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of)
@@ -173,12 +171,6 @@ def calibrate_site_run(processed_root: str, run_root: str, site: str, labelled_d
 def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, as_of: str | None = None,
                 layer_name: str | None = None, plusplus: bool = False, manifest_version: int | None = None) -> dict:
     """Grad-CAM over the test split with the threshold ``evaluate`` chose (passed via XCom)."""
-    import csv
-    import io
-
-    from training.evaluation import decision_scores
-    from training.gradcam import run_gradcam
-
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of, version=manifest_version)
     model = load_model(run.uri(MODEL_KEY))
@@ -192,8 +184,6 @@ def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, 
 
 def report_run(run_root: str, threshold_payload: dict) -> dict:
     """Assemble ``report.html`` from the run's metrics, plots and Grad-CAM outputs."""
-    from training.report import build_report_from_run
-
     run = open_storage(run_root)
     html = build_report_from_run(run, threshold_payload)
     run.write_bytes("report.html", html.encode())
