@@ -107,7 +107,9 @@ def real_inputs() -> dict:
     processed = open_storage(PROCESSED_ROOT)
     manifest = latest_manifest(processed) if PROCESSED_ROOT.is_dir() else None
     if manifest is None:
-        raise MissingInput(f"no processed data (no manifest) under {_rel(PROCESSED_ROOT)}: run `make bench-quality`")
+        raise MissingInput(
+            f"no processed data (no manifest) under {_rel(PROCESSED_ROOT)}: run `make bench-quality`"
+        )
 
     # The run folder is the model's grandparent (runs/<key>/model/model.keras); its
     # eval/metrics.json holds the threshold chosen on validation and eval/predictions.csv
@@ -123,28 +125,51 @@ def real_inputs() -> dict:
     else:
         threshold = _find_key(quality, "threshold")
         if isinstance(threshold, dict):
-            payload = {"threshold": threshold.get("value", threshold.get("threshold")),
-                       "strategy": threshold.get("strategy"), "chosen_on": threshold.get("chosen_on")}
+            payload = {
+                "threshold": threshold.get("value", threshold.get("threshold")),
+                "strategy": threshold.get("strategy"),
+                "chosen_on": threshold.get("chosen_on"),
+            }
         elif isinstance(threshold, (int, float)):
-            payload = {"threshold": float(threshold), "strategy": _find_key(quality, "strategy"),
-                       "chosen_on": _find_key(quality, "chosen_on")}
+            payload = {
+                "threshold": float(threshold),
+                "strategy": _find_key(quality, "strategy"),
+                "chosen_on": _find_key(quality, "chosen_on"),
+            }
         source = str(_rel(QUALITY_JSON))
         if payload is not None:
             payload["pooling"] = quality.get("pooling", "none")
     if payload is None or payload.get("threshold") is None:
         raise MissingInput("no validation threshold in the run's eval/metrics.json nor in quality.json")
     if payload.get("chosen_on") not in (None, "val"):
-        raise MissingInput(f"the threshold was chosen on {payload['chosen_on']!r}, not on the validation split")
+        raise MissingInput(
+            f"the threshold was chosen on {payload['chosen_on']!r}, not on the validation split"
+        )
     predictions = None
     if run is not None and run.exists("eval/predictions.csv"):
         from training.evaluation import decision_scores
 
-        rows = [row for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if row["split"] == "test"]
+        rows = [
+            row
+            for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
+            if row["split"] == "test"
+        ]
         # Scored as evaluate scored them (lesion-pooled or not): the threshold applies to those.
-        predictions = decision_scores([r["image_id"] for r in rows], [float(r["probability"]) for r in rows],
-                                      [r["lesion_id"] for r in rows], payload.get("pooling", "none"))
-    return {"model_uri": model_uri, "run_uri": run_uri, "payload": payload, "threshold_source": source,
-            "processed": processed, "manifest": manifest, "predictions": predictions}
+        predictions = decision_scores(
+            [r["image_id"] for r in rows],
+            [float(r["probability"]) for r in rows],
+            [r["lesion_id"] for r in rows],
+            payload.get("pooling", "none"),
+        )
+    return {
+        "model_uri": model_uri,
+        "run_uri": run_uri,
+        "payload": payload,
+        "threshold_source": source,
+        "processed": processed,
+        "manifest": manifest,
+        "predictions": predictions,
+    }
 
 
 def speed_inputs(n_images: int):
@@ -159,15 +184,28 @@ def speed_inputs(n_images: int):
     metadata = HAM10000 / "HAM10000_metadata.csv"
     if not metadata.is_file():
         raise MissingInput(f"HAM10000 not found at {HAM10000}")
-    rows = sorted((r for r in csv.DictReader(metadata.open()) if assign_split(r["lesion_id"]) == "test"),
-                  key=lambda r: r["image_id"])[:n_images]
+    rows = sorted(
+        (r for r in csv.DictReader(metadata.open()) if assign_split(r["lesion_id"]) == "test"),
+        key=lambda r: r["image_id"],
+    )[:n_images]
     images, masks, records = [], [], []
     for row in rows:
-        images.append(preprocess_image_bytes((HAM10000 / "images" / f"{row['image_id']}.jpg").read_bytes())[0])
+        images.append(
+            preprocess_image_bytes((HAM10000 / "images" / f"{row['image_id']}.jpg").read_bytes())[0]
+        )
         mask_path = HAM10000 / "masks" / f"{row['image_id']}_segmentation.png"
-        masks.append(decode_mask(mask_path.read_bytes()) if mask_path.is_file() else np.zeros((224, 224), np.uint8))
-        records.append({"image_id": row["image_id"], "lesion_id": row["lesion_id"], "dx": row["dx"],
-                        "label": int(row["dx"] == "mel"), "has_mask": mask_path.is_file()})
+        masks.append(
+            decode_mask(mask_path.read_bytes()) if mask_path.is_file() else np.zeros((224, 224), np.uint8)
+        )
+        records.append(
+            {
+                "image_id": row["image_id"],
+                "lesion_id": row["lesion_id"],
+                "dx": row["dx"],
+                "label": int(row["dx"] == "mel"),
+                "has_mask": mask_path.is_file(),
+            }
+        )
     shard = Shard(np.stack(images), np.stack(masks), records)
     return shard, build_classifier("efficientnet_lite0", "imagenet")
 
@@ -208,7 +246,11 @@ def forward_ceilings(model, images) -> dict:
         return model(tf.cast(batch, tf.float32), training=False)
 
     def padded(chunk):
-        return np.concatenate([chunk, np.zeros((BATCH - len(chunk), *chunk.shape[1:]), chunk.dtype)]) if len(chunk) < BATCH else chunk
+        return (
+            np.concatenate([chunk, np.zeros((BATCH - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            if len(chunk) < BATCH
+            else chunk
+        )
 
     forward(tf.constant(padded(images[:BATCH])))  # trace
     start = time.perf_counter()
@@ -239,7 +281,15 @@ def _focus_table(focus: dict) -> list[dict]:
     groups = [("all", focus["overall"])]
     groups += [(f"class: {k}", v) for k, v in focus["by_class"].items()]
     groups += [(f"outcome: {k}", focus["by_outcome"][k]) for k in ("TP", "FP", "FN", "TN")]
-    keys = ("n", "n_scored", "n_without_mask", "energy_inside_mean", "energy_inside_median", "lesion_area_share_mean", "pointing_hit_rate")
+    keys = (
+        "n",
+        "n_scored",
+        "n_without_mask",
+        "energy_inside_mean",
+        "energy_inside_median",
+        "lesion_area_share_mean",
+        "pointing_hit_rate",
+    )
     return [{"group": name, **{k: stats.get(k) for k in keys}} for name, stats in groups]
 
 
@@ -282,9 +332,12 @@ def markdown(doc: dict) -> str:
         )
     check = doc.get("lesion_focus_check")
     if check and check["on_lesion"] is not None:
-        lines += ["", f"Lesion focus check (the melanomas' maps on the lesion more than a uniform map's): "
-                      f"**{'passed' if check['on_lesion'] else 'failed'}** ({_pct(check['energy_inside_mean'])} against "
-                      f"{_pct(check['lesion_area_share_mean'])})."]
+        lines += [
+            "",
+            f"Lesion focus check (the melanomas' maps on the lesion more than a uniform map's): "
+            f"**{'passed' if check['on_lesion'] else 'failed'}** ({_pct(check['energy_inside_mean'])} against "
+            f"{_pct(check['lesion_area_share_mean'])}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -312,8 +365,12 @@ def run_real(args) -> int:
     predictions = inputs["predictions"]
     predictions_source = "eval/predictions.csv"
     if predictions is None or any(r["image_id"] not in predictions for r in test.records):
-        predictions = decision_scores([r["image_id"] for r in test.records], predict_probabilities(model, test.images),
-                                      [r["lesion_id"] for r in test.records], inputs["payload"].get("pooling", "none"))
+        predictions = decision_scores(
+            [r["image_id"] for r in test.records],
+            predict_probabilities(model, test.images),
+            [r["lesion_id"] for r in test.records],
+            inputs["payload"].get("pooling", "none"),
+        )
         predictions_source = "scored here with the model"
 
     load_before = os.getloadavg()
@@ -328,13 +385,17 @@ def run_real(args) -> int:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         "model_uri": _rel(inputs["model_uri"]),
-        "backbone": (f"ensemble of {len(ensemble_backbones(model))}: " + ", ".join(ensemble_backbones(model))) if ensemble_backbones(model) else backbone_name(model),
+        "backbone": (f"ensemble of {len(ensemble_backbones(model))}: " + ", ".join(ensemble_backbones(model)))
+        if ensemble_backbones(model)
+        else backbone_name(model),
         "layer_name": " + ".join(gradcam_layer_names(model)),
         "pooling": inputs["payload"].get("pooling", "none"),
         "processed_root": str(_rel(PROCESSED_ROOT)),
         "manifest_version": inputs["manifest"]["version"],
         "n_images": len(test),
-        "threshold": {k: inputs["payload"].get(k) for k in ("threshold", "strategy", "chosen_on", "target_sensitivity")},
+        "threshold": {
+            k: inputs["payload"].get(k) for k in ("threshold", "strategy", "chosen_on", "target_sensitivity")
+        },
         "threshold_source": inputs["threshold_source"],
         "predictions_source": predictions_source,
         "method": summary["method"],
@@ -367,27 +428,38 @@ def run_speed_only(args) -> int:
         return 2
     from training.predict import predict_probabilities
 
-    predictions = dict(zip((r["image_id"] for r in shard.records), predict_probabilities(model, shard.images)))
+    predictions = dict(
+        zip((r["image_id"] for r in shard.records), predict_probabilities(model, shard.images))
+    )
     load_before = os.getloadavg()
     ceiling = forward_ceilings(model, shard.images)
     with tempfile.TemporaryDirectory() as tmp:
-        _, summary, wall = timed_gradcam(model, shard, predictions, {"threshold": 0.5, "strategy": "none (speed only)"}, Path(tmp))
-    print(json.dumps({
-        "mode": "speed only: Lite0 ImageNet backbone, untrained head; focus numbers not meaningful, nothing written",
-        "machine": machine(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "n_images": len(shard),
-        "heatmaps_per_s": round(summary["heatmaps_per_s"], 2),
-        "run_gradcam_images_per_s": _rate(len(shard), wall),
-        "ceiling": ceiling,
-    }, indent=2))
+        _, summary, wall = timed_gradcam(
+            model, shard, predictions, {"threshold": 0.5, "strategy": "none (speed only)"}, Path(tmp)
+        )
+    print(
+        json.dumps(
+            {
+                "mode": "speed only: Lite0 ImageNet backbone, untrained head; focus numbers not meaningful, nothing written",
+                "machine": machine(),
+                "load_average_before": [round(x, 2) for x in load_before],
+                "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                "n_images": len(shard),
+                "heatmaps_per_s": round(summary["heatmaps_per_s"], 2),
+                "run_gradcam_images_per_s": _rate(len(shard), wall),
+                "ceiling": ceiling,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--speed-only", action="store_true", help="speed alone, untrained head, nothing written")
+    parser.add_argument(
+        "--speed-only", action="store_true", help="speed alone, untrained head, nothing written"
+    )
     parser.add_argument("--images", type=int, default=320, help="--speed-only: how many HAM10000 test images")
     args = parser.parse_args(argv)
     return run_speed_only(args) if args.speed_only else run_real(args)

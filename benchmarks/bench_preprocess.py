@@ -68,7 +68,9 @@ def cpu_lock(path: Path, exclusive: bool, wait_s: float):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"could not take the {'exclusive' if exclusive else 'shared'} lock {path} in {wait_s:.0f} s") from None
+                    raise SystemExit(
+                        f"could not take the {'exclusive' if exclusive else 'shared'} lock {path} in {wait_s:.0f} s"
+                    ) from None
                 time.sleep(0.5)
         try:
             yield
@@ -96,18 +98,29 @@ def warm_page_cache(paths: list[Path]) -> int:
     return total
 
 
-def run_spark(corpus: Path, drop_id: str, processed: Path, master: str, log: Path) -> tuple[float, dict, list[str]]:
+def run_spark(
+    corpus: Path, drop_id: str, processed: Path, master: str, log: Path
+) -> tuple[float, dict, list[str]]:
     """Launch spark-submit and time it to its exit; returns (seconds, the job's summary, command)."""
     if processed.exists():
         shutil.rmtree(processed)
     venv_bin = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", SPARK_LOCAL_IP="127.0.0.1")
+    env = dict(
+        os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", SPARK_LOCAL_IP="127.0.0.1"
+    )
     command = [
-        "spark-submit", "--master", master,
+        "spark-submit",
+        "--master",
+        master,
         # The DAG's own spark-submit settings (Python, driver JVM options).
         *[arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")],
         str(ROOT / "spark_jobs" / "preprocess.py"),
-        "--raw-root", str(corpus), "--processed-root", str(processed), "--drops", drop_id,
+        "--raw-root",
+        str(corpus),
+        "--processed-root",
+        str(processed),
+        "--drops",
+        drop_id,
     ]
     launched, started = time.time(), time.perf_counter()
     with open(log, "w") as handle:
@@ -121,9 +134,15 @@ def run_spark(corpus: Path, drop_id: str, processed: Path, master: str, log: Pat
     summary = json.loads(lines[-1].removeprefix("preprocess: summary "))
     clock = summary["wall_clock"]
     summary["outside"] = {
-        "launch_to_script_s": round(clock["script_started"] - launched, 2),  # JVM (spark-submit) + Python start
-        "script_s": round(clock["finished"] - clock["script_started"], 2),  # imports, SparkContext, scan, tasks, manifest
-        "after_script_s": round(exited - clock["finished"], 2),  # SparkContext already stopped: interpreter + JVM exit
+        "launch_to_script_s": round(
+            clock["script_started"] - launched, 2
+        ),  # JVM (spark-submit) + Python start
+        "script_s": round(
+            clock["finished"] - clock["script_started"], 2
+        ),  # imports, SparkContext, scan, tasks, manifest
+        "after_script_s": round(
+            exited - clock["finished"], 2
+        ),  # SparkContext already stopped: interpreter + JVM exit
     }
     return seconds, summary, command
 
@@ -144,7 +163,12 @@ def jpeg_reduced_flag(data: bytes) -> int:
 
     header = read_image_header(data)
     factor = jpeg_scale_factor(header.width, header.height, SIZE)
-    return {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[factor]
+    return {
+        1: cv2.IMREAD_COLOR,
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    }[factor]
 
 
 #: name -> what the single-process loop does per image (all read the file and write raw arrays).
@@ -185,7 +209,9 @@ def run_baseline(name: str, images: list[Path], masks: list[Path | None], out: P
                 batch_masks.append(decode_mask(mask_path.read_bytes(), SIZE))
         else:
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-            batch_images.append(cv2.cvtColor(cv2.resize(bgr, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB))
+            batch_images.append(
+                cv2.cvtColor(cv2.resize(bgr, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+            )
         if len(batch_images) == 256:
             flush()
     if batch_images:
@@ -260,8 +286,15 @@ def machine() -> dict:
     memory = None
     with contextlib.suppress(OSError, ValueError):
         memory = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory, "os": platform.platform(), "python": platform.python_version(),
-            "opencv": cv2.__version__, "pyspark": _pyspark_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "opencv": cv2.__version__,
+        "pyspark": _pyspark_version(),
+    }
 
 
 def _pyspark_version() -> str | None:
@@ -275,8 +308,10 @@ def _pyspark_version() -> str | None:
 def markdown(result: dict) -> str:
     spark, baselines = result["spark"], result["baselines"]
     targets = result["targets"]
-    verdict = (f"{'met' if targets['images_per_s_met'] else '**not met**'} for the rate, "
-               f"{'met' if targets['speedup_met'] else '**not met**'} for the speed-up")
+    verdict = (
+        f"{'met' if targets['images_per_s_met'] else '**not met**'} for the rate, "
+        f"{'met' if targets['speedup_met'] else '**not met**'} for the speed-up"
+    )
     runs = "; ".join(
         f"{r['seconds']:.1f} s (load {r['load_average_before'][0]}, other processes {r['foreign_cpu_s']} CPU-s, steal {r['steal_s']} s"
         f"{', contaminated' if r['contaminated'] else ''})"
@@ -289,60 +324,96 @@ def markdown(result: dict) -> str:
         for name, b in baselines.items()
     )
     per_image = {k: executor.get(k, 0) / n * 1000 for k in ("decode", "mask", "encode", "write", "read_wait")}
-    fixed = clock["launch_to_script_s"] + phases.get("engine_start", 0) + phases.get("finish", 0) + clock["after_script_s"]
+    fixed = (
+        clock["launch_to_script_s"]
+        + phases.get("engine_start", 0)
+        + phases.get("finish", 0)
+        + clock["after_script_s"]
+    )
     return f"""## Preprocessing (Spark `preprocess` job)
 
-`make bench-preprocess`, {result['date']}: {result['machine']['cpu']}, {result['machine']['cores']} cores (shared with other
-agents' work; the timed parts held the exclusive CPU lock), pyspark {result['machine']['pyspark']}, OpenCV {result['machine']['opencv']}.
+`make bench-preprocess`, {result["date"]}: {result["machine"]["cpu"]}, {result["machine"]["cores"]} cores (shared with other
+agents' work; the timed parts held the exclusive CPU lock), pyspark {result["machine"]["pyspark"]}, OpenCV {result["machine"]["opencv"]}.
 
-Corpus: {'all' if n == 10015 else 'the first'} {n:,} HAM10000 images upscaled to 600x450 with noise, JPEG q95 4:4:4 (mean
-{result['corpus']['mean_jpeg_bytes'] / 1024:.0f} KB), with their 600x450 PNG masks: {result['corpus']['bytes'] / 2**30:.2f} GiB
-({result['corpus_bytes']:,} bytes), read from the page cache by every timed pass.
+Corpus: {"all" if n == 10015 else "the first"} {n:,} HAM10000 images upscaled to 600x450 with noise, JPEG q95 4:4:4 (mean
+{result["corpus"]["mean_jpeg_bytes"] / 1024:.0f} KB), with their 600x450 PNG masks: {result["corpus"]["bytes"] / 2**30:.2f} GiB
+({result["corpus_bytes"]:,} bytes), read from the page cache by every timed pass.
 
 | run | seconds | images/s | Spark vs this |
 |---|---:|---:|---:|
-| **Spark job**, `local[2]`, end to end: `spark-submit` launch to exit, cold JVM, fresh processed root | {spark['seconds']:.1f} | **{spark['images_per_s']:.0f}** | |
+| **Spark job**, `local[2]`, end to end: `spark-submit` launch to exit, cold JVM, fresh processed root | {spark["seconds"]:.1f} | **{spark["images_per_s"]:.0f}** | |
 {rows}
 
 Targets: >= {TARGET_IMAGES_PER_S} images/s end to end, and >= {TARGET_SPEEDUP}x the single-process baseline (`baseline`, the
-same per-image code): {verdict} ({spark['images_per_s']:.0f} images/s, {result['speedup']:.2f}x). Spark runs (the median of
+same per-image code): {verdict} ({spark["images_per_s"]:.0f} images/s, {result["speedup"]:.2f}x). Spark runs (the median of
 those no other process disturbed is reported): {runs}. A pass during which processes outside the benchmark used more
-than 5% of the CPU is marked contaminated and run again (up to {result['retries']} extra times).
+than 5% of the CPU is marked contaminated and run again (up to {result["retries"]} extra times).
 
-Where the {spark['seconds']:.1f} s go: spark-submit's JVM and the driver's Python start {clock['launch_to_script_s']:.1f} s;
-imports, manifest and drop listing, and SparkContext start {phases.get('engine_start', 0):.1f} s (the drop's scan runs meanwhile and is done
-{phases.get('scan_done', 0):.1f} s in); {spark['tasks']} tasks of 256 images on 2 cores {phases.get('map', 0):.1f} s; quarantine, index and
-manifest {phases.get('finish', 0):.2f} s; interpreter and JVM exit {clock['after_script_s']:.1f} s. That is {fixed:.1f} s fixed cost,
-{fixed / spark['seconds']:.0%} of the run.
+Where the {spark["seconds"]:.1f} s go: spark-submit's JVM and the driver's Python start {clock["launch_to_script_s"]:.1f} s;
+imports, manifest and drop listing, and SparkContext start {phases.get("engine_start", 0):.1f} s (the drop's scan runs meanwhile and is done
+{phases.get("scan_done", 0):.1f} s in); {spark["tasks"]} tasks of 256 images on 2 cores {phases.get("map", 0):.1f} s; quarantine, index and
+manifest {phases.get("finish", 0):.2f} s; interpreter and JVM exit {clock["after_script_s"]:.1f} s. That is {fixed:.1f} s fixed cost,
+{fixed / spark["seconds"]:.0%} of the run.
 
-Inside the tasks, per image (executor time summed over tasks / {n:,}): decode and checks {per_image['decode']:.2f} ms, mask
-{per_image['mask']:.2f} ms, shard encoding and sha256 {per_image['encode']:.2f} ms, writing {per_image['write']:.2f} ms, reading
-{per_image['read_wait']:.2f} ms. Of the map's {phases.get('map', 0):.1f} s x {executor.get('workers', 2):.0f} workers, summed over the workers: {executor.get('in_tasks', 0):.1f} s in tasks,
-{executor.get('idle_before_first_task', 0):.1f} s before their first task (job submission and Python worker start-up), {executor.get('between_tasks', 0):.1f} s
-between tasks, {executor.get('idle_after_last_task', 0):.1f} s after their last (the tail, collecting results). Output: {spark['output']['shards']} shards,
-{spark['output']['shard_bytes'] / 2**30:.2f} GiB.
+Inside the tasks, per image (executor time summed over tasks / {n:,}): decode and checks {per_image["decode"]:.2f} ms, mask
+{per_image["mask"]:.2f} ms, shard encoding and sha256 {per_image["encode"]:.2f} ms, writing {per_image["write"]:.2f} ms, reading
+{per_image["read_wait"]:.2f} ms. Of the map's {phases.get("map", 0):.1f} s x {executor.get("workers", 2):.0f} workers, summed over the workers: {executor.get("in_tasks", 0):.1f} s in tasks,
+{executor.get("idle_before_first_task", 0):.1f} s before their first task (job submission and Python worker start-up), {executor.get("between_tasks", 0):.1f} s
+between tasks, {executor.get("idle_after_last_task", 0):.1f} s after their last (the tail, collecting results). Output: {spark["output"]["shards"]} shards,
+{spark["output"]["shard_bytes"] / 2**30:.2f} GiB.
 
 Bound: with the per-image code as fast as in `baseline`, two cores and zero overhead would give at most
-2 x {baselines['baseline']['images_per_s']:.0f} = {2 * baselines['baseline']['images_per_s']:.0f} images/s; the fixed {fixed:.1f} s alone caps the end-to-end speedup at
-{n / (fixed + n / (2 * baselines['baseline']['images_per_s'])) / baselines['baseline']['images_per_s']:.2f}x on this corpus.
+2 x {baselines["baseline"]["images_per_s"]:.0f} = {2 * baselines["baseline"]["images_per_s"]:.0f} images/s; the fixed {fixed:.1f} s alone caps the end-to-end speedup at
+{n / (fixed + n / (2 * baselines["baseline"]["images_per_s"])) / baselines["baseline"]["images_per_s"]:.2f}x on this corpus.
 
-Command: `{result['command']}`
+Command: `{result["command"]}`
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, default=DEFAULT_SRC, help="HAM10000 folder (default: %(default)s)")
-    parser.add_argument("--corpus", type=Path, default=None, help="raw root of the corpus (default: benchmarks/corpus; with --limit, <work>/corpus-small)")
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "preprocess", help="scratch folder (default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where preprocess.json/.md go")
+    parser.add_argument(
+        "--src", type=Path, default=DEFAULT_SRC, help="HAM10000 folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="raw root of the corpus (default: benchmarks/corpus; with --limit, <work>/corpus-small)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "benchmarks" / "work" / "preprocess",
+        help="scratch folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "benchmarks" / "results", help="where preprocess.json/.md go"
+    )
     parser.add_argument("--master", default="local[2]")
-    parser.add_argument("--spark-runs", type=int, default=3, help="timed Spark runs; the median is reported (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=3, help="extra attempts when other processes used the CPU meanwhile (default: %(default)s)")
-    parser.add_argument("--lock", type=Path, default=Path(os.environ.get("MELANOMA_CPU_LOCK", "/tmp/melanoma-cpu.lock")))
+    parser.add_argument(
+        "--spark-runs",
+        type=int,
+        default=3,
+        help="timed Spark runs; the median is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="extra attempts when other processes used the CPU meanwhile (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lock", type=Path, default=Path(os.environ.get("MELANOMA_CPU_LOCK", "/tmp/melanoma-cpu.lock"))
+    )
     parser.add_argument("--lock-wait", type=float, default=3600, help="seconds to wait for the CPU lock")
     parser.add_argument("--keep-output", action="store_true", help="keep the processed root")
-    parser.add_argument("--limit", type=int, default=None, help="first N images only, in a drop of its own (a quick check, not a result)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="first N images only, in a drop of its own (a quick check, not a result)",
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -350,8 +421,19 @@ def main(argv: list[str] | None = None) -> int:
         args.corpus = ROOT / "benchmarks" / "corpus" if args.limit is None else args.work / "corpus-small"
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    drop_id = DROP_ID if args.limit is None else f"{DROP_ID}-first{args.limit}"  # never rebuilds the full corpus
-    builder = [sys.executable, str(ROOT / "benchmarks" / "make_preprocess_corpus.py"), "--src", str(args.src), "--out", str(args.corpus), "--drop-id", drop_id]
+    drop_id = (
+        DROP_ID if args.limit is None else f"{DROP_ID}-first{args.limit}"
+    )  # never rebuilds the full corpus
+    builder = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "make_preprocess_corpus.py"),
+        "--src",
+        str(args.src),
+        "--out",
+        str(args.corpus),
+        "--drop-id",
+        drop_id,
+    ]
     builder += [] if args.limit is None else ["--limit", str(args.limit)]
     with cpu_lock(args.lock, exclusive=False, wait_s=args.lock_wait):
         subprocess.run(builder, check=True)
@@ -365,12 +447,15 @@ def main(argv: list[str] | None = None) -> int:
         "jpeg_bytes": sum(p.stat().st_size for p in images),
         "bytes": sum(p.stat().st_size for p in all_files),
         "size": [600, 450],
-        "built_by": "benchmarks/make_preprocess_corpus.py (marker: " + str(args.corpus / f"{drop_id}.corpus.json") + ")",
+        "built_by": "benchmarks/make_preprocess_corpus.py (marker: "
+        + str(args.corpus / f"{drop_id}.corpus.json")
+        + ")",
     }
     corpus["mean_jpeg_bytes"] = round(corpus["jpeg_bytes"] / max(1, len(images)))
 
     processed = args.work / "processed-root"
     spark_runs, baselines = [], {}
+
     # One exclusive hold for every timed pass, so they all run under the same conditions. The
     # corpus is read again right before each pass: this VM pages out file cache that has not
     # been touched for a while (DAMON), which would otherwise turn some reads into disk reads.
@@ -380,29 +465,39 @@ def main(argv: list[str] | None = None) -> int:
 
     with cpu_lock(args.lock, exclusive=True, wait_s=args.lock_wait):
         attempt = 0
-        while sum(not r["contaminated"] for r in spark_runs) < args.spark_runs and attempt < args.spark_runs + args.retries:
+        while (
+            sum(not r["contaminated"] for r in spark_runs) < args.spark_runs
+            and attempt < args.spark_runs + args.retries
+        ):
             warm_page_cache(all_files)
             load = load_average()
             with ForeignCpu() as foreign:
-                seconds, summary, command = run_spark(args.corpus, drop_id, processed, args.master, args.work / f"spark-{attempt}.log")
+                seconds, summary, command = run_spark(
+                    args.corpus, drop_id, processed, args.master, args.work / f"spark-{attempt}.log"
+                )
             output = check_output(processed, drop_id, len(images))
-            spark_runs.append({
-                "seconds": round(seconds, 2),
-                "images_per_s": round(len(images) / seconds, 1),
-                "load_average_before": load,
-                "foreign_cpu_s": round(foreign.foreign, 1),
-                "steal_s": round(foreign.steal, 1),
-                "contaminated": contaminated(foreign.foreign, seconds),
-                "phases": summary["seconds"],
-                "executor_seconds": summary["executor_seconds"],
-                "tasks": summary["tasks"],
-                "wall_clock": summary["outside"],
-                "output": output,
-            })
+            spark_runs.append(
+                {
+                    "seconds": round(seconds, 2),
+                    "images_per_s": round(len(images) / seconds, 1),
+                    "load_average_before": load,
+                    "foreign_cpu_s": round(foreign.foreign, 1),
+                    "steal_s": round(foreign.steal, 1),
+                    "contaminated": contaminated(foreign.foreign, seconds),
+                    "phases": summary["seconds"],
+                    "executor_seconds": summary["executor_seconds"],
+                    "tasks": summary["tasks"],
+                    "wall_clock": summary["outside"],
+                    "output": output,
+                }
+            )
             attempt += 1
-            print(f"spark run {attempt}: {seconds:.1f} s, {len(images) / seconds:.0f} images/s (load {load}, other processes "
-                  f"{foreign.foreign:.1f} CPU-s, steal {foreign.steal:.1f} s{', CONTAMINATED' if spark_runs[-1]['contaminated'] else ''}); "
-                  f"phases {summary['seconds']}; executors {summary['executor_seconds']}", flush=True)
+            print(
+                f"spark run {attempt}: {seconds:.1f} s, {len(images) / seconds:.0f} images/s (load {load}, other processes "
+                f"{foreign.foreign:.1f} CPU-s, steal {foreign.steal:.1f} s{', CONTAMINATED' if spark_runs[-1]['contaminated'] else ''}); "
+                f"phases {summary['seconds']}; executors {summary['executor_seconds']}",
+                flush=True,
+            )
         for name, what in BASELINES.items():
             attempts = []
             while not attempts or (attempts[-1]["contaminated"] and len(attempts) <= args.retries):
@@ -411,18 +506,30 @@ def main(argv: list[str] | None = None) -> int:
                 with ForeignCpu() as foreign:
                     seconds = run_baseline(name, images, masks, args.work / name)
                 shutil.rmtree(args.work / name, ignore_errors=True)
-                attempts.append({"seconds": round(seconds, 2), "images_per_s": round(len(images) / seconds, 1), "load_average_before": load,
-                                 "foreign_cpu_s": round(foreign.foreign, 1), "steal_s": round(foreign.steal, 1),
-                                 "contaminated": contaminated(foreign.foreign, seconds)})
-                print(f"{name}: {seconds:.1f} s, {len(images) / seconds:.0f} images/s (load {load}, other processes "
-                      f"{foreign.foreign:.1f} CPU-s, steal {foreign.steal:.1f} s{', CONTAMINATED' if attempts[-1]['contaminated'] else ''})", flush=True)
+                attempts.append(
+                    {
+                        "seconds": round(seconds, 2),
+                        "images_per_s": round(len(images) / seconds, 1),
+                        "load_average_before": load,
+                        "foreign_cpu_s": round(foreign.foreign, 1),
+                        "steal_s": round(foreign.steal, 1),
+                        "contaminated": contaminated(foreign.foreign, seconds),
+                    }
+                )
+                print(
+                    f"{name}: {seconds:.1f} s, {len(images) / seconds:.0f} images/s (load {load}, other processes "
+                    f"{foreign.foreign:.1f} CPU-s, steal {foreign.steal:.1f} s{', CONTAMINATED' if attempts[-1]['contaminated'] else ''})",
+                    flush=True,
+                )
             # The fastest undisturbed attempt (else the fastest): the baseline at its best, so
             # the speedup is never flattered by a disturbed baseline.
             best = min([a for a in attempts if not a["contaminated"]] or attempts, key=lambda a: a["seconds"])
             baselines[name] = {**best, "does": what, "attempts": attempts}
 
     clean = [r for r in spark_runs if not r["contaminated"]] or spark_runs
-    spark = dict(sorted(clean, key=lambda r: r["seconds"])[len(clean) // 2])  # the median of clean runs (upper for even counts)
+    spark = dict(
+        sorted(clean, key=lambda r: r["seconds"])[len(clean) // 2]
+    )  # the median of clean runs (upper for even counts)
     images_per_s = spark["images_per_s"]
     speedup = images_per_s / baselines["baseline"]["images_per_s"]
     result = {

@@ -98,11 +98,22 @@ def preprocess(reprocess: bool) -> dict:
     if PROCESSED.exists():
         shutil.rmtree(PROCESSED)
     venv_bin = ROOT / ".venv" / "bin"
-    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ, SPARK_LOCAL_IP="127.0.0.1", PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     spark_submit = str(venv_bin / "spark-submit") if (venv_bin / "spark-submit").exists() else "spark-submit"
     common = [spark_submit, "--master", "local[2]", "--conf", f"spark.pyspark.python={sys.executable}"]
     commands = [
-        [*common, "spark_jobs/preprocess.py", "--raw-root", str(SHARED), "--drops", "ham10000", "--processed-root", rel(PROCESSED)],
+        [
+            *common,
+            "spark_jobs/preprocess.py",
+            "--raw-root",
+            str(SHARED),
+            "--drops",
+            "ham10000",
+            "--processed-root",
+            rel(PROCESSED),
+        ],
         [*common, "spark_jobs/augment.py", "--processed-root", rel(PROCESSED)],
     ]
     started = time.perf_counter()
@@ -115,7 +126,11 @@ def preprocess(reprocess: bool) -> dict:
             if line.startswith(("preprocess:", "augment:")):
                 log(line)
     manifest = processed_manifest()
-    return {"reused": False, "seconds": round(time.perf_counter() - started, 1), "manifest_version": manifest["version"]}
+    return {
+        "reused": False,
+        "seconds": round(time.perf_counter() - started, 1),
+        "manifest_version": manifest["version"],
+    }
 
 
 # --------------------------------------------------------------------------- cached vs uncached
@@ -130,8 +145,19 @@ def speedup(n_images: int, blocks: int, target: str) -> dict:
     for cached in (True, False):
         root = WORK / "runs" / f"speedup-{'cached' if cached else 'uncached'}"
         shutil.rmtree(root, ignore_errors=True)
-        cfg = TrainConfig(str(PROCESSED), str(root), epochs=2, fine_tune_epochs=1, fine_tune_blocks=blocks, target=target,
-                          feature_cache=cached, fine_tune_cache=cached, cache_dtype="float32", limit_train=n_images, limit_val=n_images)
+        cfg = TrainConfig(
+            str(PROCESSED),
+            str(root),
+            epochs=2,
+            fine_tune_epochs=1,
+            fine_tune_blocks=blocks,
+            target=target,
+            feature_cache=cached,
+            fine_tune_cache=cached,
+            cache_dtype="float32",
+            limit_train=n_images,
+            limit_val=n_images,
+        )
         log(f"speed-up: {'cached' if cached else 'uncached'} run on {n_images} train / {n_images} val images")
         result = run_training(cfg)
         history = json.loads(open_storage(str(root)).read_bytes("model/history.json"))
@@ -157,14 +183,20 @@ def speedup(n_images: int, blocks: int, target: str) -> dict:
         "phase2_epoch_speedup": round(mean(u["phase2_epoch_seconds"]) / mean(c["phase2_epoch_seconds"]), 1),
         "phase1_fit_speedup": round(mean(u["phase1_fit_seconds"]) / mean(c["phase1_fit_seconds"]), 1),
         "phase2_fit_speedup": round(mean(u["phase2_fit_seconds"]) / mean(c["phase2_fit_seconds"]), 1),
-        "max_val_auroc_difference": max(abs(a - b) for a, b in zip(c["phase1_val_auroc"] + c["phase2_val_auroc"],
-                                                                     u["phase1_val_auroc"] + u["phase2_val_auroc"])),
+        "max_val_auroc_difference": max(
+            abs(a - b)
+            for a, b in zip(
+                c["phase1_val_auroc"] + c["phase2_val_auroc"], u["phase1_val_auroc"] + u["phase2_val_auroc"]
+            )
+        ),
         "note": "epoch_seconds = fit + validation pass + checkpoint; fit_seconds = the training pass alone; "
-                "the cached run also pays cache_seconds once (train + val images through the frozen part)",
+        "the cached run also pays cache_seconds once (train + val images through the frozen part)",
     }
-    log(f"speed-up on {n_images} images: phase 1 epoch x{summary['phase1_epoch_speedup']} (fit x{summary['phase1_fit_speedup']}), "
+    log(
+        f"speed-up on {n_images} images: phase 1 epoch x{summary['phase1_epoch_speedup']} (fit x{summary['phase1_fit_speedup']}), "
         f"phase 2 epoch x{summary['phase2_epoch_speedup']} (fit x{summary['phase2_fit_speedup']}); "
-        f"largest val AUROC difference {summary['max_val_auroc_difference']:.5f}")
+        f"largest val AUROC difference {summary['max_val_auroc_difference']:.5f}"
+    )
     return summary
 
 
@@ -175,9 +207,15 @@ def machine() -> dict:
     import keras
     import tensorflow as tf
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": bool(tf.config.list_physical_devices("GPU")),
-            "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": bool(tf.config.list_physical_devices("GPU")),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def estimate(metrics: dict, name: str) -> dict:
@@ -200,7 +238,14 @@ def evaluate(args: argparse.Namespace, run_root: Path) -> dict:
     from training.tasks import evaluate_run, external_focus_run
 
     specs = external_specs(args.external)
-    evaluate_run(str(PROCESSED), str(run_root), strategy="youden", n_boot=args.n_boot, pooling=args.pooling, external=specs)
+    evaluate_run(
+        str(PROCESSED),
+        str(run_root),
+        strategy="youden",
+        n_boot=args.n_boot,
+        pooling=args.pooling,
+        external=specs,
+    )
     focus = {}
     for spec in specs:
         drop = spec.rpartition("::")[2]
@@ -218,21 +263,43 @@ def external_fields(metrics: dict, focus: dict) -> dict:
         site = block.get("site_calibration") or {}
         shift = block.get("score_shift") or {}
         out[name] = {
-            "n_images": block["n_images"], "n_melanoma": block["n_melanoma"],
-            **{key: {"value": block[key]["value"], "ci_low": block[key]["ci_low"], "ci_high": block[key]["ci_high"]}
-               for key in ("auroc", "auprc", "sensitivity", "specificity")},
+            "n_images": block["n_images"],
+            "n_melanoma": block["n_melanoma"],
+            **{
+                key: {
+                    "value": block[key]["value"],
+                    "ci_low": block[key]["ci_low"],
+                    "ci_high": block[key]["ci_high"],
+                }
+                for key in ("auroc", "auprc", "sensitivity", "specificity")
+            },
             "calibration": {k: block["calibration"][k] for k in ("brier", "ece")},
-            "score_shift": {k: shift.get(k) for k in ("shifted", "ks_statistic", "p_value", "median_logit_shift",
-                                                       "positive_rate", "reference_positive_rate")},
+            "score_shift": {
+                k: shift.get(k)
+                for k in (
+                    "shifted",
+                    "ks_statistic",
+                    "p_value",
+                    "median_logit_shift",
+                    "positive_rate",
+                    "reference_positive_rate",
+                )
+            },
             "score_quantiles": block.get("score_quantiles"),
-            "site_calibration": {k: site.get(k) for k in ("threshold", "threshold_ci", "held_out", "strategy", "skipped") if k in site},
+            "site_calibration": {
+                k: site.get(k)
+                for k in ("threshold", "threshold_ci", "held_out", "strategy", "skipped")
+                if k in site
+            },
             "lesion_focus": (focus.get(name) or {}).get("check"),
             "target": EXTERNAL_TARGET.get(name),
         }
         if name in EXTERNAL_TARGET:
             target = EXTERNAL_TARGET[name]
-            out[name]["target_met"] = (block["auroc"]["value"] >= target["auroc"]
-                                       and block["sensitivity"]["value"] >= target["sensitivity"])
+            out[name]["target_met"] = (
+                block["auroc"]["value"] >= target["auroc"]
+                and block["sensitivity"]["value"] >= target["sensitivity"]
+            )
     return out
 
 
@@ -270,11 +337,20 @@ def reevaluate(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
     focus = evaluate(args, run_root)
     metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
-    result = {**recorded, **evaluation_fields(metrics, focus), "evaluate_seconds": round(time.perf_counter() - started, 1),
-              "reevaluated": {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "command": command}}
+    result = {
+        **recorded,
+        **evaluation_fields(metrics, focus),
+        "evaluate_seconds": round(time.perf_counter() - started, 1),
+        "reevaluated": {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": command,
+        },
+    }
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, RESULTS / "quality.md")
-    log(f"re-evaluated {args.name}: test AUROC {result['auroc']:.4f}, AUPRC {result['auprc']:.4f} ({result['pooling']} pooling)")
+    log(
+        f"re-evaluated {args.name}: test AUROC {result['auroc']:.4f}, AUPRC {result['auprc']:.4f} ({result['pooling']} pooling)"
+    )
     return 0
 
 
@@ -286,13 +362,23 @@ def member_summary(run_root: Path) -> dict:
     phases = {}
     for phase, h in history.items():
         seconds = h.get("epoch_seconds", [])
-        phases[phase] = {"epochs": len(h.get("val_auroc", [])), "best_val_auroc": max(h.get("val_auroc", [float("nan")])),
-                         "mean_epoch_seconds": round(sum(seconds) / len(seconds), 1) if seconds else None,
-                         "train_seconds": round(sum(seconds), 1)}
-    return {"model_uri": rel(run_root / "model" / "model.keras"), "seed": config["seed"], "fine_tune_blocks": config["fine_tune_blocks"],
-            "target": config["target"], "train_flips": config["train_flips"], "train_augment": config.get("train_augment", False),
-            "budget_seconds": config.get("max_train_seconds"),
-            "phases": phases, "phase2_stop_reason": state.get("stop_reason")}
+        phases[phase] = {
+            "epochs": len(h.get("val_auroc", [])),
+            "best_val_auroc": max(h.get("val_auroc", [float("nan")])),
+            "mean_epoch_seconds": round(sum(seconds) / len(seconds), 1) if seconds else None,
+            "train_seconds": round(sum(seconds), 1),
+        }
+    return {
+        "model_uri": rel(run_root / "model" / "model.keras"),
+        "seed": config["seed"],
+        "fine_tune_blocks": config["fine_tune_blocks"],
+        "target": config["target"],
+        "train_flips": config["train_flips"],
+        "train_augment": config.get("train_augment", False),
+        "budget_seconds": config.get("max_train_seconds"),
+        "phases": phases,
+        "phase2_stop_reason": state.get("stop_reason"),
+    }
 
 
 def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
@@ -305,7 +391,10 @@ def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
     run_root = WORK / "runs" / args.name
     shutil.rmtree(run_root, ignore_errors=True)
     started = time.perf_counter()
-    save_ensemble([str(WORK / "runs" / name / "model" / "model.keras") for name in names], str(run_root / "model" / "model.keras"))
+    save_ensemble(
+        [str(WORK / "runs" / name / "model" / "model.keras") for name in names],
+        str(run_root / "model" / "model.keras"),
+    )
     focus = evaluate(args, run_root)
     metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
     manifest = processed_manifest()
@@ -325,17 +414,23 @@ def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     write_ensemble_markdown(result, RESULTS / "quality.md")
-    log(f"ensemble of {names}: test AUROC {result['auroc']:.4f} {result['auroc_ci']}, AUPRC {result['auprc']:.4f} {result['auprc_ci']}; "
-        f"val {result['val']['auroc']:.4f} / {result['val']['auprc']:.4f}")
+    log(
+        f"ensemble of {names}: test AUROC {result['auroc']:.4f} {result['auroc_ci']}, AUPRC {result['auprc']:.4f} {result['auprc_ci']}; "
+        f"val {result['val']['auroc']:.4f} / {result['val']['auprc']:.4f}"
+    )
     return 0
 
 
 def split_counts(manifest: dict, test: dict) -> dict:
     """Image counts of the processed data set, from its manifest and the test block of metrics.json."""
-    return {"train": manifest["counts"]["train"]["0"] + manifest["counts"]["train"]["1"],
-            "train_augmented": manifest["augmented_counts"]["train"]["1"],
-            "val": manifest["counts"]["val"]["0"] + manifest["counts"]["val"]["1"],
-            "test": test["n_images"], "test_melanoma": test["n_melanoma"], "test_lesions": test["n_lesions"]}
+    return {
+        "train": manifest["counts"]["train"]["0"] + manifest["counts"]["train"]["1"],
+        "train_augmented": manifest["augmented_counts"]["train"]["1"],
+        "val": manifest["counts"]["val"]["0"] + manifest["counts"]["val"]["1"],
+        "test": test["n_images"],
+        "test_melanoma": test["n_melanoma"],
+        "test_lesions": test["n_lesions"],
+    }
 
 
 def _estimate_text(e: dict) -> str:
@@ -372,9 +467,12 @@ def external_metric_rows(r: dict) -> list[str]:
     if not r.get("external"):
         return []
     fmt = _estimate_text
-    rows = ["", "| set (never trained or chosen on) | images (melanoma) | AUROC | AUPRC | sensitivity / specificity at the HAM-val threshold "
-            "| score shift vs HAM val (KS D, median logit) | site-calibrated sens / spec, out of fold | lesion focus (melanoma maps on lesion vs area) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "",
+        "| set (never trained or chosen on) | images (melanoma) | AUROC | AUPRC | sensitivity / specificity at the HAM-val threshold "
+        "| score shift vs HAM val (KS D, median logit) | site-calibrated sens / spec, out of fold | lesion focus (melanoma maps on lesion vs area) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, e in r["external"].items():
         shift, site, focus = e["score_shift"], e.get("site_calibration") or {}, e.get("lesion_focus") or {}
         held = site.get("held_out") or {}
@@ -382,8 +480,17 @@ def external_metric_rows(r: dict) -> list[str]:
             f"| {name} | {e['n_images']} ({e['n_melanoma']}) | {fmt(e['auroc'])} | {e['auprc']['value']:.3f} | "
             f"{e['sensitivity']['value']:.3f} / {e['specificity']['value']:.3f} | "
             f"{'**shifted**' if shift.get('shifted') else 'no shift'} ({(shift.get('ks_statistic') or 0):.2f}, {(shift.get('median_logit_shift') or 0):+.2f}) | "
-            + (f"{held['sensitivity']:.3f} / {held['specificity']:.3f} (threshold {site['threshold']:.3f}) | " if held else "- | ")
-            + (f"{focus['energy_inside_mean']:.1%} vs {focus['lesion_area_share_mean']:.1%} |" if focus.get("energy_inside_mean") is not None else "- |"))
+            + (
+                f"{held['sensitivity']:.3f} / {held['specificity']:.3f} (threshold {site['threshold']:.3f}) | "
+                if held
+                else "- | "
+            )
+            + (
+                f"{focus['energy_inside_mean']:.1%} vs {focus['lesion_area_share_mean']:.1%} |"
+                if focus.get("energy_inside_mean") is not None
+                else "- |"
+            )
+        )
     return rows
 
 
@@ -399,17 +506,27 @@ def write_ensemble_markdown(result: dict, path: Path) -> None:
         f"`ensemble_size={len(r['ensemble_of'])}` exports). Lesion-grouped split: {r['counts']['train']} train images "
         f"(+{r['counts']['train_augmented']} augmented melanoma copies), {r['counts']['val']} val, {r['counts']['test']} test "
         f"({r['counts']['test_melanoma']} melanoma). Threshold chosen on validation ({r['threshold_strategy']}). "
-        + ("Scores pooled per lesion (sigmoid of the mean logit of the lesion's images)." if r.get("pooling") == "lesion" else "Each image scored on its own."),
+        + (
+            "Scores pooled per lesion (sigmoid of the mean logit of the lesion's images)."
+            if r.get("pooling") == "lesion"
+            else "Each image scored on its own."
+        ),
         "",
         *test_metric_rows(r),
     ]
-    lines += ["", f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.", "",
-              "| member | seed | blocks | training variants | phase 1 epochs (best val AUROC) | phase 2 epochs (best val AUROC) | phase 2 s/epoch | phase 2 stop |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Target AUROC >= {TARGET['auroc']} and AUPRC >= {TARGET['auprc']}: **{'met' if r['target_met'] else 'not met'}**.",
+        "",
+        "| member | seed | blocks | training variants | phase 1 epochs (best val AUROC) | phase 2 epochs (best val AUROC) | phase 2 s/epoch | phase 2 stop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in r["ensemble_of"].items():
         p1, p2 = m["phases"].get("phase1", {}), m["phases"].get("phase2", {})
-        lines.append(f"| `{name}` | {m['seed']} | {m['fine_tune_blocks']} | {training_variants_cell(m)} | {p1.get('epochs')} ({p1.get('best_val_auroc', float('nan')):.3f}) | "
-                     f"{p2.get('epochs')} ({p2.get('best_val_auroc', float('nan')):.3f}) | {p2.get('mean_epoch_seconds')} | {m.get('phase2_stop_reason')} |")
+        lines.append(
+            f"| `{name}` | {m['seed']} | {m['fine_tune_blocks']} | {training_variants_cell(m)} | {p1.get('epochs')} ({p1.get('best_val_auroc', float('nan')):.3f}) | "
+            f"{p2.get('epochs')} ({p2.get('best_val_auroc', float('nan')):.3f}) | {p2.get('mean_epoch_seconds')} | {m.get('phase2_stop_reason')} |"
+        )
     lines.append("")
     if r.get("notes"):
         lines += [r["notes"], ""]
@@ -430,8 +547,10 @@ def training_variants_text(settings: dict) -> str:
     if n == 1:
         return "training images as stored"
     if settings.get("train_augment"):
-        return (f"training images in {n} variants (stored, then {n - 1} random draws per image of the augment job's flips, "
-                f"rotation, zoom and brightness; epoch e uses variant e mod {n})")
+        return (
+            f"training images in {n} variants (stored, then {n - 1} random draws per image of the augment job's flips, "
+            f"rotation, zoom and brightness; epoch e uses variant e mod {n})"
+        )
     return f"training images in {n} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {n})"
 
 
@@ -451,12 +570,19 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{r['preprocess']['seconds']:.0f} s), lesion-grouped split: {r['counts']['train']} train images "
         f"(+{r['counts']['train_augmented']} augmented melanoma copies), {r['counts']['val']} val, {r['counts']['test']} test "
         f"({r['counts']['test_melanoma']} melanoma). Threshold chosen on validation ({r['threshold_strategy']}). "
-        + ("Scores pooled per lesion: each image scored by the sigmoid of the mean logit of its lesion's images (the pipeline's default)."
-           if r.get("pooling") == "lesion" else "Each image scored on its own."),
+        + (
+            "Scores pooled per lesion: each image scored by the sigmoid of the mean logit of its lesion's images (the pipeline's default)."
+            if r.get("pooling") == "lesion"
+            else "Each image scored on its own."
+        ),
         "",
-        *test_metric_rows(r, extra=[
-            f"| best val AUROC in training, per image (phase 1 / 2) | {r['best_val_auroc'].get('phase1', float('nan')):.3f} / "
-            f"{r['best_val_auroc'].get('phase2', float('nan')):.3f} |"]),
+        *test_metric_rows(
+            r,
+            extra=[
+                f"| best val AUROC in training, per image (phase 1 / 2) | {r['best_val_auroc'].get('phase1', float('nan')):.3f} / "
+                f"{r['best_val_auroc'].get('phase2', float('nan')):.3f} |"
+            ],
+        ),
     ]
     lines += [
         "",
@@ -490,11 +616,17 @@ def write_markdown(result: dict, path: Path) -> None:
         ]
     if r.get("continued_from"):
         c = r["continued_from"]
-        lines += [f"Continued from run `{c['run']}`, whose phase {c['phase']} had stopped after {c['epochs_before']} epochs "
-                  f"({c['stop_reason_before']}): the epochs above include those, while the training time is this call's only.", ""]
+        lines += [
+            f"Continued from run `{c['run']}`, whose phase {c['phase']} had stopped after {c['epochs_before']} epochs "
+            f"({c['stop_reason_before']}): the epochs above include those, while the training time is this call's only.",
+            "",
+        ]
     if r.get("reevaluated"):
-        lines += [f"Evaluation rerun on this model with `{r['reevaluated']['command']}` ({r['reevaluated']['date']}); "
-                  "the training figures are from the original run.", ""]
+        lines += [
+            f"Evaluation rerun on this model with `{r['reevaluated']['command']}` ({r['reevaluated']['date']}); "
+            "the training figures are from the original run.",
+            "",
+        ]
     if r.get("notes"):
         lines += [r["notes"], ""]
     path.write_text("\n".join(lines))
@@ -505,42 +637,102 @@ def write_markdown(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-minutes", type=float, default=75.0, help="whole run, preprocessing included")
+    parser.add_argument(
+        "--budget-minutes", type=float, default=75.0, help="whole run, preprocessing included"
+    )
     parser.add_argument("--target", default="dx", choices=["dx", "melanoma"])
-    parser.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
-                        help="ImageNet backbone (package weights, offline); Lite0 is the benchmark's, Lite2 measured once (BENCHMARKS.md)")
+    parser.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        help="ImageNet backbone (package weights, offline); Lite0 is the benchmark's, Lite2 measured once (BENCHMARKS.md)",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="phase 1 (head) epochs at most")
-    parser.add_argument("--fine-tune-epochs", type=int, default=40, help="phase 2 epochs at most (the budget may stop it first)")
-    parser.add_argument("--fine-tune-blocks", type=int, default=11, help="backbone blocks phase 2 unfreezes (5, 8, 11 and 13 measured, see BENCHMARKS.md)")
+    parser.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=40,
+        help="phase 2 epochs at most (the budget may stop it first)",
+    )
+    parser.add_argument(
+        "--fine-tune-blocks",
+        type=int,
+        default=11,
+        help="backbone blocks phase 2 unfreezes (5, 8, 11 and 13 measured, see BENCHMARKS.md)",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--fine-tune-learning-rate", type=float, default=3e-4)
     parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--lr-decay-patience", type=int, default=2, help="x0.3 learning rate after this many epochs without a better val AUROC")
-    parser.add_argument("--train-flips", type=int, default=4, choices=[1, 2, 4], help="flip variants of the training images")
-    parser.add_argument("--train-augment", action=argparse.BooleanOptionalAction, default=True,
-                        help="variants 1.. of every training image are random draws of the augment job's transform, not flips "
-                             "(the default since aug0/aug4: their maps stay on the lesion; --no-train-augment: pure flips)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss's targets (0: none)")
+    parser.add_argument(
+        "--lr-decay-patience",
+        type=int,
+        default=2,
+        help="x0.3 learning rate after this many epochs without a better val AUROC",
+    )
+    parser.add_argument(
+        "--train-flips", type=int, default=4, choices=[1, 2, 4], help="flip variants of the training images"
+    )
+    parser.add_argument(
+        "--train-augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="variants 1.. of every training image are random draws of the augment job's transform, not flips "
+        "(the default since aug0/aug4: their maps stay on the lesion; --no-train-augment: pure flips)",
+    )
+    parser.add_argument(
+        "--label-smoothing", type=float, default=0.0, help="label smoothing of the loss's targets (0: none)"
+    )
     parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
-    parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation, shuffling, dropout); the split does not depend on it")
-    parser.add_argument("--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed (initialisation, shuffling, dropout); the split does not depend on it",
+    )
+    parser.add_argument(
+        "--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it"
+    )
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--external", default=EXTERNAL_DROPS,
-                        help="comma-separated external drops under ../shared/data, evaluated at the HAM validation threshold ('none': none)")
-    parser.add_argument("--pooling", default="lesion", choices=["lesion", "none"], help="decision scores: pooled per lesion or per image")
-    parser.add_argument("--ensemble-of", default="", help="comma-separated finished run names: evaluate their ensemble as --name (no training)")
-    parser.add_argument("--continue-from", default="",
-                        help="a finished run stopped by its time budget: copy it to --name and train on from its last epoch "
-                             "with its own settings under --budget-minutes (the source run stays as recorded)")
-    parser.add_argument("--reevaluate", action="store_true",
-                        help="no training: evaluate again the run that results/quality.json records (it must be --name)")
-    parser.add_argument("--reprocess", action="store_true", help="rerun the Spark jobs even if processed data exists")
+    parser.add_argument(
+        "--external",
+        default=EXTERNAL_DROPS,
+        help="comma-separated external drops under ../shared/data, evaluated at the HAM validation threshold ('none': none)",
+    )
+    parser.add_argument(
+        "--pooling",
+        default="lesion",
+        choices=["lesion", "none"],
+        help="decision scores: pooled per lesion or per image",
+    )
+    parser.add_argument(
+        "--ensemble-of",
+        default="",
+        help="comma-separated finished run names: evaluate their ensemble as --name (no training)",
+    )
+    parser.add_argument(
+        "--continue-from",
+        default="",
+        help="a finished run stopped by its time budget: copy it to --name and train on from its last epoch "
+        "with its own settings under --budget-minutes (the source run stays as recorded)",
+    )
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="no training: evaluate again the run that results/quality.json records (it must be --name)",
+    )
+    parser.add_argument(
+        "--reprocess", action="store_true", help="rerun the Spark jobs even if processed data exists"
+    )
     parser.add_argument("--name", default="bench", help="run folder name under benchmarks/work/quality/runs")
     parser.add_argument("--notes", default="", help="free text added to quality.md (what else was tried)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    command = "python benchmarks/bench_quality.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/bench_quality.py" + (
+        ""
+        if argv is None and len(sys.argv) == 1
+        else " " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     if args.reevaluate:
         return reevaluate(args, command)
     if args.ensemble_of:
@@ -561,28 +753,63 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(source, run_root)
         before = json.loads(source_state.read_text())
         settings = json.loads((source / "model" / "config.json").read_text())
-        continued = {"run": args.continue_from, "phase": before["phase"], "epochs_before": before["epoch"] + 1,
-                     "stop_reason_before": before.get("stop_reason")}
+        continued = {
+            "run": args.continue_from,
+            "phase": before["phase"],
+            "epochs_before": before["epoch"] + 1,
+            "stop_reason_before": before.get("stop_reason"),
+        }
         sp = None
     else:
-        sp = speedup(args.speedup_images, args.fine_tune_blocks, args.target) if args.speedup_images > 0 else None
+        sp = (
+            speedup(args.speedup_images, args.fine_tune_blocks, args.target)
+            if args.speedup_images > 0
+            else None
+        )
         shutil.rmtree(run_root, ignore_errors=True)
     budget_s = args.budget_minutes * 60
     train_budget = budget_s - (time.perf_counter() - started - CpuTurns.waited) - EVAL_RESERVE_S
     if continued:
-        cfg = TrainConfig.from_dict({**settings, "processed_root": str(PROCESSED), "run_root": str(run_root),
-                                     "max_train_seconds": train_budget, "continue_after_budget": True})
+        cfg = TrainConfig.from_dict(
+            {
+                **settings,
+                "processed_root": str(PROCESSED),
+                "run_root": str(run_root),
+                "max_train_seconds": train_budget,
+                "continue_after_budget": True,
+            }
+        )
     else:
         cfg = TrainConfig(
-            str(PROCESSED), str(run_root), backbone=args.backbone, weights="imagenet", target=args.target,
-            epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, fine_tune_blocks=args.fine_tune_blocks,
-            learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
-            class_weight=args.class_weight, label_smoothing=args.label_smoothing, feature_cache=True, fine_tune_cache=True, cache_dtype="float16",
-            train_flips=args.train_flips, train_augment=args.train_augment, lr_decay_patience=args.lr_decay_patience, max_train_seconds=train_budget, seed=args.seed,
+            str(PROCESSED),
+            str(run_root),
+            backbone=args.backbone,
+            weights="imagenet",
+            target=args.target,
+            epochs=args.epochs,
+            fine_tune_epochs=args.fine_tune_epochs,
+            fine_tune_blocks=args.fine_tune_blocks,
+            learning_rate=args.learning_rate,
+            fine_tune_learning_rate=args.fine_tune_learning_rate,
+            patience=args.patience,
+            class_weight=args.class_weight,
+            label_smoothing=args.label_smoothing,
+            feature_cache=True,
+            fine_tune_cache=True,
+            cache_dtype="float16",
+            train_flips=args.train_flips,
+            train_augment=args.train_augment,
+            lr_decay_patience=args.lr_decay_patience,
+            max_train_seconds=train_budget,
+            seed=args.seed,
         )
-    log(f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)")
+    log(
+        f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)"
+    )
     trained = run_training(cfg)
-    log(f"trained: {json.dumps(trained['best_val_auroc'])} best val AUROC, epochs {trained['epochs_run']}, {trained['train_seconds']:.0f} s")
+    log(
+        f"trained: {json.dumps(trained['best_val_auroc'])} best val AUROC, epochs {trained['epochs_run']}, {trained['train_seconds']:.0f} s"
+    )
 
     evaluate_started = time.perf_counter()
     with CpuTurns.turn():
@@ -601,7 +828,11 @@ def main(argv: list[str] | None = None) -> int:
         aurocs = h.get("val_auroc", [])
         seconds = h.get("epoch_seconds", [])
         best = (aurocs.index(max(aurocs)) + 1) if aurocs else 0
-        if name == "phase2" and state.get("baseline") and (not aurocs or max(aurocs) <= state["baseline"]["val_auroc"]):
+        if (
+            name == "phase2"
+            and state.get("baseline")
+            and (not aurocs or max(aurocs) <= state["baseline"]["val_auroc"])
+        ):
             best = "0 (phase 1 weights kept)"
         return len(aurocs), best, (sum(seconds) / len(seconds) if seconds else 0.0)
 
@@ -620,11 +851,22 @@ def main(argv: list[str] | None = None) -> int:
         "model_uri": rel(run_root / "model" / "model.keras"),
         "metrics_uri": rel(run_root / "eval" / "metrics.json"),
         "best_val_auroc": trained["best_val_auroc"],
-        "epochs": {"phase1": p1[0], "phase1_best": p1[1], "phase2": p2[0], "phase2_best": p2[1],
-                   "phase2_stopped_by_budget": str((trained.get("stop_reason") or {}).get("phase2") or "").startswith("time budget"),
-                   "stop_reason": trained.get("stop_reason")},
+        "epochs": {
+            "phase1": p1[0],
+            "phase1_best": p1[1],
+            "phase2": p2[0],
+            "phase2_best": p2[1],
+            "phase2_stopped_by_budget": str(
+                (trained.get("stop_reason") or {}).get("phase2") or ""
+            ).startswith("time budget"),
+            "stop_reason": trained.get("stop_reason"),
+        },
         "epoch_seconds": {"phase1": round(p1[2], 2), "phase2": round(p2[2], 1)},
-        "settings": {k: v for k, v in json.loads(run.read_bytes("model/config.json")).items() if k not in ("processed_root", "run_root", "extra")},
+        "settings": {
+            k: v
+            for k, v in json.loads(run.read_bytes("model/config.json")).items()
+            if k not in ("processed_root", "run_root", "extra")
+        },
         "counts": split_counts(manifest, test),
         "preprocess": prep,
         "speedup": sp,
@@ -637,10 +879,29 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, RESULTS / "quality.md")
-    log(f"test AUROC {result['auroc']:.4f} {result['auroc_ci']}, AUPRC {result['auprc']:.4f} {result['auprc_ci']}, "
-        f"threshold {result['threshold']:.3f} (val), sensitivity {result['sensitivity']:.3f}, specificity {result['specificity']:.3f}")
-    log(f"target {'met' if result['target_met'] else 'NOT met'}; total {total / 60:.1f} min; wrote {rel(RESULTS / 'quality.json')} and quality.md")
-    print(json.dumps({k: result[k] for k in ("auroc", "auprc", "threshold", "sensitivity", "specificity", "train_seconds", "model_uri")}))
+    log(
+        f"test AUROC {result['auroc']:.4f} {result['auroc_ci']}, AUPRC {result['auprc']:.4f} {result['auprc_ci']}, "
+        f"threshold {result['threshold']:.3f} (val), sensitivity {result['sensitivity']:.3f}, specificity {result['specificity']:.3f}"
+    )
+    log(
+        f"target {'met' if result['target_met'] else 'NOT met'}; total {total / 60:.1f} min; wrote {rel(RESULTS / 'quality.json')} and quality.md"
+    )
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "auroc",
+                    "auprc",
+                    "threshold",
+                    "sensitivity",
+                    "specificity",
+                    "train_seconds",
+                    "model_uri",
+                )
+            }
+        )
+    )
     return 0
 
 

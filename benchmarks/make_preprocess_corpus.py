@@ -76,7 +76,12 @@ def noisy_upscale(bgr: np.ndarray, image_id: str, sigma: float) -> np.ndarray:
 
 def encode_jpeg(bgr: np.ndarray, quality: int) -> bytes:
     # 4:4:4 keeps full-resolution chroma, like the HAM10000 originals' ~250 KB files.
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    params = [
+        cv2.IMWRITE_JPEG_QUALITY,
+        quality,
+        cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+        cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+    ]
     ok, encoded = cv2.imencode(".jpg", bgr, params)
     if not ok:
         raise RuntimeError("JPEG encoding failed")
@@ -146,18 +151,33 @@ def already_built(marker: Path, params: Params, jobs: list[Job]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, required=True, help="HAM10000 folder: HAM10000_metadata.csv, images/, masks/")
+    parser.add_argument(
+        "--src", type=Path, required=True, help="HAM10000 folder: HAM10000_metadata.csv, images/, masks/"
+    )
     parser.add_argument("--out", type=Path, required=True, help="raw root to write the drop into")
-    parser.add_argument("--drop-id", default="ham10000-600x450", help="drop folder name (default: %(default)s)")
+    parser.add_argument(
+        "--drop-id", default="ham10000-600x450", help="drop folder name (default: %(default)s)"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N metadata rows only (default: all)")
-    parser.add_argument("--sigma", type=float, default=8.0, help="Gaussian noise sigma (default: %(default)s)")
+    parser.add_argument(
+        "--sigma", type=float, default=8.0, help="Gaussian noise sigma (default: %(default)s)"
+    )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default: %(default)s)")
-    parser.add_argument("--no-masks", dest="masks", action="store_false", help="do not copy segmentation masks")
+    parser.add_argument(
+        "--no-masks", dest="masks", action="store_false", help="do not copy segmentation masks"
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes (default: %(default)s)")
     args = parser.parse_args(argv)
 
     src = args.src.resolve()
-    params = Params(src=str(src), drop_id=args.drop_id, limit=args.limit, sigma=args.sigma, quality=args.quality, masks=args.masks)
+    params = Params(
+        src=str(src),
+        drop_id=args.drop_id,
+        limit=args.limit,
+        sigma=args.sigma,
+        quality=args.quality,
+        masks=args.masks,
+    )
     drop = args.out / args.drop_id
     marker = args.out / f"{args.drop_id}.corpus.json"
     header, rows = read_rows(src / "HAM10000_metadata.csv", args.limit)
@@ -169,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     if drop.exists():
         shutil.rmtree(drop)  # parameters changed or a build was interrupted: start clean
     marker.unlink(missing_ok=True)
-    for folder in {job.dst_image.parent for job in jobs} | {job.dst_mask.parent for job in jobs if job.dst_mask}:
+    for folder in {job.dst_image.parent for job in jobs} | {
+        job.dst_mask.parent for job in jobs if job.dst_mask
+    }:
         folder.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     # One OpenCV thread per process: the parallelism is the process pool.
-    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        args.workers, initializer=cv2.setNumThreads, initargs=(1,)
+    ) as pool:
         sizes = []
         for size in pool.imap(build_one, jobs, chunksize=16):
             sizes.append(size)

@@ -23,17 +23,26 @@ import datetime as dt
 
 from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable, dag, get_current_context, task
 
-from melanoma.airflow_ops import resolve_run
 from melanoma import asset_ops
+from melanoma.airflow_ops import resolve_run
 from melanoma.asset_ops import INGEST_DONE, drops_from_events
-from melanoma.dag_parts import DROPS_ASSET, MANIFEST_ASSET, augment_task, default_args, params, preprocess_task
+from melanoma.dag_parts import (
+    DROPS_ASSET,
+    MANIFEST_ASSET,
+    augment_task,
+    default_args,
+    params,
+    preprocess_task,
+)
 
 
 @dag(
     dag_id="melanoma_ingest",
     # Daily data intervals (the run of D covers [D, D+1) and owns the drops dated D), or an
     # uploader's event on the drops asset, whichever comes first.
-    schedule=AssetOrTimeSchedule(timetable=CronDataIntervalTimetable("@daily", timezone="UTC"), assets=DROPS_ASSET),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronDataIntervalTimetable("@daily", timezone="UTC"), assets=DROPS_ASSET
+    ),
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
     max_active_runs=1,
@@ -76,11 +85,21 @@ def melanoma_ingest():
 
         logging.getLogger(__name__).info(
             "drops selected: %s; this run's new drops: %s (not processed yet: %s); ingested before: %s; proceed: %s",
-            run["drops"], run["new_drops"], run["pending_drops"], run["finished"], run["proceed"])
+            run["drops"],
+            run["new_drops"],
+            run["pending_drops"],
+            run["finished"],
+            run["proceed"],
+        )
         return bool(run["proceed"])
 
-    @task(outlets=[MANIFEST_ASSET], inlets=[MANIFEST_ASSET], trigger_rule="none_failed", depends_on_past=True,
-          execution_timeout=dt.timedelta(minutes=5))
+    @task(
+        outlets=[MANIFEST_ASSET],
+        inlets=[MANIFEST_ASSET],
+        trigger_rule="none_failed",
+        depends_on_past=True,
+        execution_timeout=dt.timedelta(minutes=5),
+    )
     def publish() -> dict:
         """Announce the newest manifest (one asset event), unless announced already or later runs are still to come."""
         return asset_ops.publish(get_current_context(), MANIFEST_ASSET)

@@ -78,7 +78,12 @@ def melanoma_pipeline():
         """Skip Spark and training when this run brings no new drop (or has already finished)."""
         logging.getLogger(__name__).info(
             "drops selected: %s; this run's new drops: %s (not processed yet: %s); finished before: %s; proceed: %s",
-            run["drops"], run["new_drops"], run["pending_drops"], run["finished"], run["proceed"])
+            run["drops"],
+            run["new_drops"],
+            run["pending_drops"],
+            run["finished"],
+            run["proceed"],
+        )
         return bool(run["proceed"])
 
     preprocess, augment = preprocess_task(), augment_task()

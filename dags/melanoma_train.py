@@ -50,8 +50,13 @@ def melanoma_train():
         dag_run = context["dag_run"]
         os.environ.update(storage_env())  # plan reads manifests and models itself
         events = list(context["triggering_asset_events"].get(MANIFEST_ASSET, []))
-        return resolve_training(dict(context["params"]), run_id=dag_run.run_id, logical_date=context.get("logical_date"),
-                                run_after=getattr(dag_run, "run_after", None), event_versions=event_manifest_versions(events))
+        return resolve_training(
+            dict(context["params"]),
+            run_id=dag_run.run_id,
+            logical_date=context.get("logical_date"),
+            run_after=getattr(dag_run, "run_after", None),
+            event_versions=event_manifest_versions(events),
+        )
 
     @task.short_circuit(execution_timeout=dt.timedelta(minutes=5))
     def should_train(run: dict) -> bool:
@@ -60,8 +65,15 @@ def melanoma_train():
 
         logging.getLogger(__name__).info(
             "manifest v%s (%s; drops %s, %s images, %s melanoma); last model: %s; train: %s: %s",
-            run["manifest_version"], run["manifest_source"], run["drops"], run["images"], run["melanomas"],
-            run["last_model"], run["proceed"], run["reason"])
+            run["manifest_version"],
+            run["manifest_source"],
+            run["drops"],
+            run["images"],
+            run["melanomas"],
+            run["last_model"],
+            run["proceed"],
+            run["reason"],
+        )
         return bool(run["proceed"])
 
     train = training_task("train", execution_timeout=dt.timedelta(hours=12))

@@ -119,7 +119,10 @@ def drops_in_interval(drop_ids: list[str], start: dt.datetime | None, end: dt.da
     selected = []
     for drop_id in drop_ids:
         day = drop_date(drop_id)
-        if day is not None and start <= dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc) < end:
+        if (
+            day is not None
+            and start <= dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc) < end
+        ):
             selected.append(drop_id)
     return selected
 
@@ -147,23 +150,41 @@ def check_history_order(latest: dict | None, as_of: str | None, new_drops: list[
         )
 
 
-def select_drops(requested: list[str], available: list[str], *, run_type: str,
-                 interval_start: dt.datetime | None, interval_end: dt.datetime | None, raw_root: str = "") -> list[str]:
+def select_drops(
+    requested: list[str],
+    available: list[str],
+    *,
+    run_type: str,
+    interval_start: dt.datetime | None,
+    interval_end: dt.datetime | None,
+    raw_root: str = "",
+) -> list[str]:
     """The drops a run is about: ``requested`` (checked), else its interval's (scheduled, backfill), else all."""
     if requested:
         unknown = [d for d in requested if d not in available]
         if unknown:
-            raise ValueError(f"drops {unknown} not found under {raw_root or 'the raw root'}; available: {available}")
+            raise ValueError(
+                f"drops {unknown} not found under {raw_root or 'the raw root'}; available: {available}"
+            )
         return list(dict.fromkeys(requested))
     if run_type in ("scheduled", "backfill"):
         return drops_in_interval(available, interval_start, interval_end)
     return list(available)  # a manual (or asset-triggered) run without a choice takes every drop
 
 
-def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.datetime | None,
-                interval_start: dt.datetime | None, interval_end: dt.datetime | None,
-                run_after: dt.datetime | None = None, event_drops: list[str] | None = None,
-                key_prefix: str = "", done_marker: str = RUN_DONE) -> dict:
+def resolve_run(
+    params: dict,
+    *,
+    run_type: str,
+    run_id: str,
+    logical_date: dt.datetime | None,
+    interval_start: dt.datetime | None,
+    interval_end: dt.datetime | None,
+    run_after: dt.datetime | None = None,
+    event_drops: list[str] | None = None,
+    key_prefix: str = "",
+    done_marker: str = RUN_DONE,
+) -> dict:
     """Everything the run's tasks need, as small JSON (pushed to XCom by the ``plan`` task).
 
     ``drops``: the drops the run is about; ``new_drops``: those it brings into the data set,
@@ -193,11 +214,19 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     raw_root = setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
     raw, processed = open_storage(raw_root), open_storage(data_root)
     available = list_drops(raw)
-    selected = select_drops(list(values["drops"]) or list(event_drops or []), available, run_type=run_type,
-                            interval_start=interval_start, interval_end=interval_end, raw_root=raw_root)
+    selected = select_drops(
+        list(values["drops"]) or list(event_drops or []),
+        available,
+        run_type=run_type,
+        interval_start=interval_start,
+        interval_end=interval_end,
+        raw_root=raw_root,
+    )
     missing_external = [d for d in values["external_drops"] if d not in available]
     if missing_external:
-        raise ValueError(f"external_drops {missing_external} not found under {raw_root}; available: {available}")
+        raise ValueError(
+            f"external_drops {missing_external} not found under {raw_root}; available: {available}"
+        )
     latest = latest_manifest(processed)
     done = set((latest or {}).get("drops", []))
     # Files that reached an ingested drop afterwards are not in the data set: say so on every run.
@@ -207,7 +236,11 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     as_of = _utc(dated).date().isoformat() if dated is not None else None
 
     record_key = join_key("runs", key, PLAN_RECORD)
-    pinned = json.loads(processed.read_bytes(record_key)).get("new_drops", []) if processed.exists(record_key) else []
+    pinned = (
+        json.loads(processed.read_bytes(record_key)).get("new_drops", [])
+        if processed.exists(record_key)
+        else []
+    )
     fresh = [d for d in selected if d not in done]
     check_history_order(latest, as_of, fresh)
     owned = list(dict.fromkeys([*pinned, *fresh]))
@@ -219,7 +252,9 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
         "run_key": key,
         "raw_root": raw_root,
         "data_root": data_root,
-        "run_root": join_key(data_root, "runs", key) if data_root.startswith("s3://") else str(Path(data_root) / "runs" / key),
+        "run_root": join_key(data_root, "runs", key)
+        if data_root.startswith("s3://")
+        else str(Path(data_root) / "runs" / key),
         "drops": selected,
         "new_drops": owned,
         "pending_drops": fresh,
@@ -231,7 +266,9 @@ def resolve_run(params: dict, *, run_type: str, run_id: str, logical_date: dt.da
     }
 
 
-def training_settings(values: dict, as_of: str | None, *, raw_root: str | None = None, manifest_version: int | None = None) -> dict:
+def training_settings(
+    values: dict, as_of: str | None, *, raw_root: str | None = None, manifest_version: int | None = None
+) -> dict:
     """The training steps' settings from a run's Params: ``train_config`` (the trainer's JSON) and evaluate's."""
     raw_root = raw_root or setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
     train_config = {
@@ -252,7 +289,9 @@ def training_settings(values: dict, as_of: str | None, *, raw_root: str | None =
         "limit_train": int(values["max_train_images"]) or None,
         "as_of": as_of,
     }
-    if manifest_version is not None:  # only runs pinned to one manifest say so (older configs stay as they were)
+    if (
+        manifest_version is not None
+    ):  # only runs pinned to one manifest say so (older configs stay as they were)
         train_config["manifest_version"] = manifest_version
     return {
         "train_config": train_config,
@@ -299,15 +338,23 @@ def parse_result(output: str) -> dict:
     """The JSON after the last ``RESULT `` line of a training CLI's output."""
     for line in reversed(output.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     raise RuntimeError("the training CLI printed no RESULT line; see the task log above for its error")
 
 
-def run_cli_locally(cli_args: list[str], env: dict[str, str] | None = None, log=logging.getLogger(__name__).info) -> dict:
+def run_cli_locally(
+    cli_args: list[str], env: dict[str, str] | None = None, log=logging.getLogger(__name__).info
+) -> dict:
     """Run ``python -m training ...`` as a subprocess, streaming its output into the task log."""
     command = [sys.executable, "-m", "training", *cli_args]
-    full_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=PROJECT_ROOT)
+    full_env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=PROJECT_ROOT
+    )
     lines = []
     assert process.stdout is not None
     for line in process.stdout:
@@ -315,5 +362,7 @@ def run_cli_locally(cli_args: list[str], env: dict[str, str] | None = None, log=
         log(line.rstrip("\n"))
     if process.wait() != 0:
         tail = "\n".join(lines[-5:])
-        raise RuntimeError(f"training CLI {cli_args[0]!r} failed with exit code {process.returncode}:\n{tail}")
+        raise RuntimeError(
+            f"training CLI {cli_args[0]!r} failed with exit code {process.returncode}:\n{tail}"
+        )
     return parse_result("\n".join(lines))

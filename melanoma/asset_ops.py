@@ -56,7 +56,9 @@ def event_manifest_versions(events) -> list[int]:
 def manifest_summary(manifest: dict) -> dict:
     """The manifest asset event's extra: which data set, in a few numbers."""
     images, melanomas = image_counts(manifest)
-    augmented = sum(int(n) for split in (manifest.get("augmented_counts") or {}).values() for n in split.values())
+    augmented = sum(
+        int(n) for split in (manifest.get("augmented_counts") or {}).values() for n in split.values()
+    )
     return {
         "manifest_version": manifest["version"],
         "manifest_key": f"processed/manifest-{manifest['version']:06d}.json",
@@ -77,16 +79,24 @@ def publish_decision(latest: dict | None, announced: int | None, later_runs: lis
     if announced is not None and version <= announced:
         return False, f"manifest v{version} was announced already (last event: v{announced})"
     if later_runs:
-        return False, (f"manifest v{version} not announced yet: later ingest runs {later_runs} are still to come; "
-                       "the last of them announces the data set they leave")
-    return True, f"announcing manifest v{version}" + (f" (last event: v{announced})" if announced else " (first event)")
+        return False, (
+            f"manifest v{version} not announced yet: later ingest runs {later_runs} are still to come; "
+            "the last of them announces the data set they leave"
+        )
+    return True, f"announcing manifest v{version}" + (
+        f" (last event: v{announced})" if announced else " (first event)"
+    )
 
 
 def later_ingest_runs(ti, dag_id: str, run_id: str, task_id: str) -> list[str]:
     """Other runs of this DAG whose ``task_id`` has not finished and that are still queued or running."""
     states = ti.get_task_states(dag_id=dag_id, task_ids=[task_id])
-    unfinished = [rid for rid, tasks in states.items() if rid != run_id and tasks.get(task_id) not in _FINISHED]
-    return sorted(rid for rid in unfinished if ti.get_dagrun_state(dag_id=dag_id, run_id=rid) in ("queued", "running"))
+    unfinished = [
+        rid for rid, tasks in states.items() if rid != run_id and tasks.get(task_id) not in _FINISHED
+    ]
+    return sorted(
+        rid for rid in unfinished if ti.get_dagrun_state(dag_id=dag_id, run_id=rid) in ("queued", "running")
+    )
 
 
 def last_announced_version(inlet_events) -> int | None:
@@ -109,8 +119,15 @@ def publish(context, asset) -> dict:
     processed = open_storage(run["data_root"])
     latest = latest_manifest(processed)
     if run["proceed"] and latest and set(run["new_drops"]) <= set(latest.get("drops", [])):
-        record = {"run_key": run["run_key"], "new_drops": run["new_drops"], "manifest_version": latest["version"]}
-        processed.write_bytes(join_key("runs", run["run_key"], INGEST_DONE), (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        record = {
+            "run_key": run["run_key"],
+            "new_drops": run["new_drops"],
+            "manifest_version": latest["version"],
+        }
+        processed.write_bytes(
+            join_key("runs", run["run_key"], INGEST_DONE),
+            (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(),
+        )
     announced = last_announced_version(context["inlet_events"][asset])
     later = later_ingest_runs(ti, ti.dag_id, ti.run_id, ti.task_id)
     emit, reason = publish_decision(latest, announced, later)

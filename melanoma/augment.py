@@ -116,30 +116,45 @@ def adjust_colour(image: np.ndarray, hue: float, saturation: float, contrast: fl
     return np.clip(np.rint((rgb - mean) * contrast + mean), 0, 255).astype(np.uint8)
 
 
-def apply_augment(image: np.ndarray, mask: np.ndarray, params: AugmentParams) -> tuple[np.ndarray, np.ndarray]:
+def apply_augment(
+    image: np.ndarray, mask: np.ndarray, params: AugmentParams
+) -> tuple[np.ndarray, np.ndarray]:
     """Warp image uint8 (H, W, 3) and mask uint8 (H, W) alike; brighten the image only."""
     height, width = mask.shape
     matrix = affine_matrix(params, width, height)
-    warped_mask = cv2.warpAffine(mask, matrix, (width, height), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+    warped_mask = cv2.warpAffine(
+        mask, matrix, (width, height), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101
+    )
     return augment_image(image, params), warped_mask
 
 
 def augment_image(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     """The image part of :func:`apply_augment`: uint8 (H, W, 3) -> warped, recoloured and brightened, same shape."""
     height, width = image.shape[:2]
-    warped = cv2.warpAffine(image, affine_matrix(params, width, height), (width, height), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_REFLECT_101)
-    return adjust_brightness(adjust_colour(warped, params.hue, params.saturation, params.contrast), params.brightness)
+    warped = cv2.warpAffine(
+        image,
+        affine_matrix(params, width, height),
+        (width, height),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+    return adjust_brightness(
+        adjust_colour(warped, params.hue, params.saturation, params.contrast), params.brightness
+    )
 
 
-def augment_pair(image: np.ndarray, mask: np.ndarray, image_id: str, copy_index: int) -> tuple[np.ndarray, np.ndarray]:
+def augment_pair(
+    image: np.ndarray, mask: np.ndarray, image_id: str, copy_index: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One augmented copy: image uint8 (224, 224, 3), mask uint8 (224, 224) -> same shapes.
 
     Identical arguments give identical outputs; a mask of zeros (image without a mask)
     stays zeros.
     """
     if image.dtype != np.uint8 or image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"image must be uint8 ({IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {image.dtype} {image.shape}")
+        raise ValueError(
+            f"image must be uint8 ({IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {image.dtype} {image.shape}"
+        )
     if mask.dtype != np.uint8 or mask.shape != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"mask must be uint8 ({IMAGE_SIZE}, {IMAGE_SIZE}), got {mask.dtype} {mask.shape}")
     if copy_index < 0:

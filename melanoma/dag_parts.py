@@ -40,10 +40,13 @@ DROPS_ASSET = Asset(name="melanoma_drops", uri="x-melanoma://raw/drops", group="
 
 def default_args() -> dict:
     """Retries from the environment (they are needed at parse time, so not a Variable), backoff, a timeout."""
-    return {"retries": int(os.environ.get("MELANOMA_TASK_RETRIES", "2")),
-            "retry_delay": dt.timedelta(seconds=int(os.environ.get("MELANOMA_TASK_RETRY_DELAY_S", "120"))),
-            "retry_exponential_backoff": True, "max_retry_delay": dt.timedelta(minutes=30),
-            "execution_timeout": dt.timedelta(minutes=10)}
+    return {
+        "retries": int(os.environ.get("MELANOMA_TASK_RETRIES", "2")),
+        "retry_delay": dt.timedelta(seconds=int(os.environ.get("MELANOMA_TASK_RETRY_DELAY_S", "120"))),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": dt.timedelta(minutes=30),
+        "execution_timeout": dt.timedelta(minutes=10),
+    }
 
 
 PARAMS: dict[str, Param] = {
@@ -337,7 +340,9 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
             recheck_history_order(context["ti"].xcom_pull(task_ids="plan"))
         self.env_vars = {**(self.env_vars or {}), **storage_env()}
         # Read at run time (Variables, env), not at parse time; a conf given to the operator wins.
-        spark = submit_conf(setting("spark_python", sys.executable), setting("spark_driver_java_options", DRIVER_JAVA_OPTIONS))
+        spark = submit_conf(
+            setting("spark_python", sys.executable), setting("spark_driver_java_options", DRIVER_JAVA_OPTIONS)
+        )
         self.conf = {**spark, **(self.conf or {})}
         return super().execute(context)
 
@@ -349,8 +354,16 @@ def preprocess_task() -> MelanomaSparkSubmitOperator:
         conn_id="spark_default",
         application=str(SPARK_JOBS / "preprocess.py"),
         name="melanoma-preprocess",
-        application_args=["--raw-root", "{{ %s['raw_root'] }}" % PLAN, "--drops", "{{ %s['new_drops'] | tojson }}" % PLAN,
-                          "--processed-root", "{{ %s['data_root'] }}" % PLAN, "--logical-date", "{{ %s['as_of'] }}" % PLAN],
+        application_args=[
+            "--raw-root",
+            "{{ %s['raw_root'] }}" % PLAN,
+            "--drops",
+            "{{ %s['new_drops'] | tojson }}" % PLAN,
+            "--processed-root",
+            "{{ %s['data_root'] }}" % PLAN,
+            "--logical-date",
+            "{{ %s['as_of'] }}" % PLAN,
+        ],
         execution_timeout=dt.timedelta(hours=2),
         check_history=True,
         # Drops enter the data set in date order: wait for the previous run's preprocess and augment.

@@ -32,9 +32,13 @@ def missing_prerequisites() -> list[str]:
     """One line per missing tool, saying what to install."""
     problems = []
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        problems.append("Java 17+ is needed by Spark: install a JDK (e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME")
+        problems.append(
+            "Java 17+ is needed by Spark: install a JDK (e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME"
+        )
     if shutil.which("spark-submit", path=airflow_env_path()) is None:
-        problems.append("spark-submit not found: install the requirements (pyspark==4.2.0) into .venv with 'make venv'")
+        problems.append(
+            "spark-submit not found: install the requirements (pyspark==4.2.0) into .venv with 'make venv'"
+        )
     return problems
 
 
@@ -42,7 +46,9 @@ def airflow_env_path() -> str:
     return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
-def airflow_env(airflow_home: Path, data_root: str, raw_root: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def airflow_env(
+    airflow_home: Path, data_root: str, raw_root: str, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """Environment for an embedded Airflow (SQLite, local Spark, local runner)."""
     env = dict(os.environ)
     env.update(
@@ -77,15 +83,33 @@ def airflow_env(airflow_home: Path, data_root: str, raw_root: str, extra: dict[s
     return env
 
 
-def run_dag(env: dict[str, str], conf: dict, logical_date: str | None = None,
-            dag_id: str = "melanoma_pipeline") -> subprocess.CompletedProcess:
+def run_dag(
+    env: dict[str, str], conf: dict, logical_date: str | None = None, dag_id: str = "melanoma_pipeline"
+) -> subprocess.CompletedProcess:
     """``airflow dags test <dag_id>`` with ``conf`` as the run's Params (migrating the SQLite DB first)."""
     airflow = str(Path(sys.executable).parent / "airflow")
-    migrate = subprocess.run([airflow, "db", "migrate"], env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    migrate = subprocess.run(
+        [airflow, "db", "migrate"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     if migrate.returncode != 0:
         return migrate
-    command = [airflow, "dags", "test", dag_id, *([logical_date] if logical_date else []), "-c", json.dumps(conf)]
-    return subprocess.run(command, env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [
+        airflow,
+        "dags",
+        "test",
+        dag_id,
+        *([logical_date] if logical_date else []),
+        "-c",
+        json.dumps(conf),
+    ]
+    return subprocess.run(
+        command, env=env, cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def task_states(airflow_home: Path, dag_id: str = "melanoma_pipeline") -> list[tuple[str, str, float | None]]:
@@ -96,13 +120,18 @@ def task_states(airflow_home: Path, dag_id: str = "melanoma_pipeline") -> list[t
         return db.execute(
             "select task_id, state, duration from task_instance where dag_id = ? "
             "and run_id = (select run_id from dag_run where dag_id = ? order by id desc limit 1) "
-            "order by start_date", (dag_id, dag_id)
+            "order by start_date",
+            (dag_id, dag_id),
         ).fetchall()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR") or None, help="a HAM10000-layout folder (default: synthetic data)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("DATA_DIR") or None,
+        help="a HAM10000-layout folder (default: synthetic data)",
+    )
     parser.add_argument("--out", default=str(PROJECT_ROOT / "output" / "demo"))
     parser.add_argument("--conf", default="{}", help="JSON Params for the run (e.g. '{\"epochs\": 5}')")
     args = parser.parse_args()
@@ -144,11 +173,15 @@ def main() -> int:
         for task_id, state, seconds in states:
             print(f"  {task_id:<15} {state or 'none':<10} {'' if seconds is None else f'{seconds:6.1f} s'}")
         if result.returncode != 0:
-            print(f"demo: the {dag_id} run failed (exit {result.returncode}); full log: {log}", file=sys.stderr)
+            print(
+                f"demo: the {dag_id} run failed (exit {result.returncode}); full log: {log}", file=sys.stderr
+            )
             return result.returncode
     runs = sorted((Path(data_root) / "runs").glob("train-*"), key=lambda p: p.stat().st_mtime)
     if not runs:
-        print(f"demo: every task finished but no training run folder exists under {data_root}/runs (nothing to train?); log: {log}")
+        print(
+            f"demo: every task finished but no training run folder exists under {data_root}/runs (nothing to train?); log: {log}"
+        )
         return 0
     run = runs[-1]
     print(f"demo: done. Full log: {log}")

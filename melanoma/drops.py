@@ -49,9 +49,9 @@ import csv
 import datetime
 import io
 import json
+import logging
 import math
 import posixpath
-import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -157,8 +157,12 @@ def list_drops(raw: Storage) -> list[str]:
     staged = {d for d in drops if d.startswith((".", "_"))}
     refused = sorted(d for d in drops - staged if not is_valid_drop_id(d))
     if refused:
-        log.warning("folders under %s that are not valid drop ids (%s) are not drops, rename them: %s",
-                    raw.root_uri, DROP_ID_PATTERN, refused)
+        log.warning(
+            "folders under %s that are not valid drop ids (%s) are not drops, rename them: %s",
+            raw.root_uri,
+            DROP_ID_PATTERN,
+            refused,
+        )
     return sorted(d for d in drops - staged if is_valid_drop_id(d))
 
 
@@ -175,7 +179,9 @@ def late_report_key(drop_id: str) -> str:
     return f"processed/late-{drop_id}.json"
 
 
-def late_files(raw: Storage, out: Storage, manifest: dict | None, drop_ids: list[str] | None = None) -> dict[str, dict[str, list[str]]]:
+def late_files(
+    raw: Storage, out: Storage, manifest: dict | None, drop_ids: list[str] | None = None
+) -> dict[str, dict[str, list[str]]]:
     """Ingested drops whose objects differ from their listing at ingestion: drop -> {added, changed, removed}.
 
     The contract: a drop is ingested once, as it is when its run scans it. Objects that
@@ -204,7 +210,9 @@ def late_files(raw: Storage, out: Storage, manifest: dict | None, drop_ids: list
     return found
 
 
-def report_late_files(raw: Storage, out: Storage, manifest: dict | None, drop_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+def report_late_files(
+    raw: Storage, out: Storage, manifest: dict | None, drop_ids: list[str] | None = None
+) -> dict[str, dict[str, int]]:
     """:func:`late_files`, logged as a warning and written to ``processed/late-<drop>.json``; returns counts per drop."""
     found = late_files(raw, out, manifest, drop_ids)
     for drop_id, diff in found.items():
@@ -212,15 +220,27 @@ def report_late_files(raw: Storage, out: Storage, manifest: dict | None, drop_id
         log.warning(
             "drop %s changed after it was ingested (%s): these objects are NOT in the data set; "
             "put new files in a new drop (e.g. %s-2) and never change an ingested drop. Listed in %s",
-            drop_id, ", ".join(f"{n} {k}" for k, n in counts.items() if n), drop_id, out.uri(late_report_key(drop_id)),
+            drop_id,
+            ", ".join(f"{n} {k}" for k, n in counts.items() if n),
+            drop_id,
+            out.uri(late_report_key(drop_id)),
         )
-        report = {"drop_id": drop_id, "manifest_version": (manifest or {}).get("version"), **diff,
-                  "what_to_do": "ingested drops are sealed: bring late files as a new drop"}
-        out.write_bytes(late_report_key(drop_id), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+        report = {
+            "drop_id": drop_id,
+            "manifest_version": (manifest or {}).get("version"),
+            **diff,
+            "what_to_do": "ingested drops are sealed: bring late files as a new drop",
+        }
+        out.write_bytes(
+            late_report_key(drop_id), (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+        )
     return {d: {k: len(v) for k, v in diff.items()} for d, diff in found.items()}
 
 
-_DATE_PATTERNS = (re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)"), re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)"))
+_DATE_PATTERNS = (
+    re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)"),
+    re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)"),
+)
 
 
 def drop_date(drop_id: str) -> datetime.date | None:
@@ -249,7 +269,9 @@ def _drop_keys(raw: Storage, drop_id: str) -> list[str]:
     return sorted(k for k in _drop_listing(raw, drop_id) if is_valid_key(k))
 
 
-def _metadata_tables(raw: Storage, keys: list[str], refused: list[str] | None = None) -> dict[str, tuple[list[str], list[list[str]]]]:
+def _metadata_tables(
+    raw: Storage, keys: list[str], refused: list[str] | None = None
+) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Every ``*metadata*.csv`` holding ``image_id`` and ``dx`` columns: key -> (header, rows).
 
     A metadata file the store refuses for good is appended to ``refused`` (when given) instead.
@@ -487,7 +509,11 @@ class _Collector:
     def accept(self, row: _Row, image_key: str, mask_key: str | None) -> None:
         if row.dx not in DX_CODES:
             shown = row.raw_dx if row.raw_dx is not None else "no diagnosis"
-            self.quarantine(row.image_id, "unknown-dx", f"{row.where}: diagnosis {shown!r} is not one of {', '.join(DX_CODES)}")
+            self.quarantine(
+                row.image_id,
+                "unknown-dx",
+                f"{row.where}: diagnosis {shown!r} is not one of {', '.join(DX_CODES)}",
+            )
             return
         self.inputs.append(
             InputItem(
@@ -508,7 +534,9 @@ class _Collector:
         )
 
 
-def _settle_id(out: _Collector, image_id: str, rows: list[_Row], files: list[str], mask_key: str | None) -> None:
+def _settle_id(
+    out: _Collector, image_id: str, rows: list[_Row], files: list[str], mask_key: str | None
+) -> None:
     """Put every input of one image_id (its rows and files) in inputs or quarantine."""
     if not is_safe_image_id(image_id):
         # One entry per input: the first row and first file together, then each extra.
@@ -516,10 +544,14 @@ def _settle_id(out: _Collector, image_id: str, rows: list[_Row], files: list[str
         if rows and files:
             places = [f"{rows[0].where} and {files[0]}"] + places[1 : len(rows)] + files[1:]
         for where in places:
-            out.quarantine(image_id, "image-id-path", f"{where}: image_id {image_id!r} is not a safe file name")
+            out.quarantine(
+                image_id, "image-id-path", f"{where}: image_id {image_id!r} is not a safe file name"
+            )
         return
     if not files:
-        out.quarantine(image_id, "missing-image", f"{rows[0].where}: no image file named {image_id}.<ext> in the drop")
+        out.quarantine(
+            image_id, "missing-image", f"{rows[0].where}: no image file named {image_id}.<ext> in the drop"
+        )
         for row in rows[1:]:
             out.quarantine(image_id, "duplicate-image-id", f"{row.where}: repeats image_id {image_id!r}")
         return
@@ -531,13 +563,21 @@ def _settle_id(out: _Collector, image_id: str, rows: list[_Row], files: list[str
     conflicting = any(_row_fields(row) != _row_fields(first) for row in extra_rows)
     if conflicting:
         places = ", ".join(row.where for row in rows)
-        out.quarantine(image_id, "duplicate-image-id", f"{first.where}: image_id {image_id!r} has conflicting rows ({places})")
+        out.quarantine(
+            image_id,
+            "duplicate-image-id",
+            f"{first.where}: image_id {image_id!r} has conflicting rows ({places})",
+        )
     else:
         out.accept(first, files[0], mask_key)
     for row in extra_rows:
-        out.quarantine(image_id, "duplicate-image-id", f"{row.where}: repeats image_id {image_id!r} of {first.where}")
+        out.quarantine(
+            image_id, "duplicate-image-id", f"{row.where}: repeats image_id {image_id!r} of {first.where}"
+        )
     for key in files[1:]:
-        out.quarantine(key, "duplicate-image-id", f"{key}: second file for image_id {image_id!r} (using {files[0]})")
+        out.quarantine(
+            key, "duplicate-image-id", f"{key}: second file for image_id {image_id!r} (using {files[0]})"
+        )
 
 
 def _count_inputs(parsed: list, files: dict[str, list[str]]) -> int:
@@ -577,9 +617,15 @@ def scan_drop(raw: Storage, drop_id: str, layout: str = "auto") -> DropScan:
 
     out = _Collector(drop_id, layout)
     for key in bad_keys:  # never read nor written: the key cannot be addressed safely
-        out.quarantine(key, "bad-key", f"object name {key!r} has an empty, '.' or '..' segment or a backslash")
+        out.quarantine(
+            key, "bad-key", f"object name {key!r} has an empty, '.' or '..' segment or a backslash"
+        )
     for key in refused:
-        out.quarantine(key, "refused-object", f"{key}: the store refuses to read it (a symlink leaving the root?); its rows are unknown")
+        out.quarantine(
+            key,
+            "refused-object",
+            f"{key}: the store refuses to read it (a symlink leaving the root?); its rows are unknown",
+        )
     keys = [k for k in keys if k not in refused]
     rows_by_id: dict[str, list[_Row]] = {}
     bad_ids: set[str] = set()

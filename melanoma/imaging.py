@@ -249,7 +249,13 @@ def _jpeg_header(data: bytes) -> ImageHeader:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # IHDR colour type -> (channels, colour, has alpha)
-_PNG_COLOR_TYPES = {0: (1, "gray", False), 2: (3, "rgb", False), 3: (1, "palette", False), 4: (2, "gray", True), 6: (4, "rgb", True)}
+_PNG_COLOR_TYPES = {
+    0: (1, "gray", False),
+    2: (3, "rgb", False),
+    3: (1, "palette", False),
+    4: (2, "gray", True),
+    6: (4, "rgb", True),
+}
 
 
 def _png_header(data: bytes) -> ImageHeader:
@@ -333,7 +339,9 @@ def _pil_header(data: bytes) -> ImageHeader:
     except Image.DecompressionBombError as error:
         raise RejectedImage("decompression-bomb", str(error)) from None
     except UnidentifiedImageError:
-        raise RejectedImage("not-an-image", f"no known image signature (starts with {signature(data)})") from None
+        raise RejectedImage(
+            "not-an-image", f"no known image signature (starts with {signature(data)})"
+        ) from None
     except (OSError, SyntaxError, ValueError, struct.error) as error:
         raise RejectedImage("undecodable", f"unreadable image header: {error}") from None
     channels, color, has_alpha, bit_depth = _PIL_MODES.get(mode, (None, None, False, None))
@@ -404,7 +412,9 @@ def _check_complete(data: bytes, header: ImageHeader) -> None:
     for a 250 KB JPEG, about 10% of its whole preprocessing).
     """
     if header.format == "jpeg" and data.rfind(b"\xff\xd9") < (header.data_offset or 0):
-        raise RejectedImage("truncated", f"JPEG has no end-of-image marker after its scan data ({len(data)} bytes)")
+        raise RejectedImage(
+            "truncated", f"JPEG has no end-of-image marker after its scan data ({len(data)} bytes)"
+        )
     if header.format == "png" and data.rfind(b"IEND") < (header.data_offset or 0):
         raise RejectedImage("truncated", f"PNG has no IEND chunk after its image data ({len(data)} bytes)")
 
@@ -493,13 +503,18 @@ def _imdecode(data: bytes, flags: int, header: ImageHeader) -> np.ndarray:
     except cv2.error as error:
         if error.code == cv2.Error.StsNoMem:
             # The machine's state, not the file's: a retry with more memory decodes it.
-            raise MemoryError(f"OpenCV ran out of memory decoding a {header.width}x{header.height} {header.format}") from error
-        raise RejectedImage("undecodable", f"OpenCV cannot decode this {header.format}: {error}".strip()) from None
+            raise MemoryError(
+                f"OpenCV ran out of memory decoding a {header.width}x{header.height} {header.format}"
+            ) from error
+        raise RejectedImage(
+            "undecodable", f"OpenCV cannot decode this {header.format}: {error}".strip()
+        ) from None
     if array is None:
         # Cut-short files were caught by _check_complete before decoding; what is left is
         # data libjpeg/libpng refuse outright.
         raise RejectedImage(
-            "undecodable", f"OpenCV cannot decode this {header.format} ({header.width}x{header.height}, {len(data)} bytes)"
+            "undecodable",
+            f"OpenCV cannot decode this {header.format} ({header.width}x{header.height}, {len(data)} bytes)",
         )
     return array
 
@@ -537,7 +552,9 @@ def _checked_header(data: bytes, max_pixels: int) -> ImageHeader:
     return header
 
 
-def decode_rgb(data: bytes, *, target_size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+def decode_rgb(
+    data: bytes, *, target_size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, list[str]]:
     """Decode image bytes to display-oriented RGB, converting rather than refusing.
 
     Returns ``(rgb, notes)``: rgb is uint8 (H, W, 3), C-contiguous. JPEGs whose short side
@@ -556,7 +573,9 @@ def decode_rgb(data: bytes, *, target_size: int = IMAGE_SIZE, max_pixels: int = 
         _expect_shape(rgb, math.ceil(header.width / factor), math.ceil(header.height / factor), header)
         if rgb.dtype != np.uint8:
             # 12-bit JPEGs hold 0..4095: scaling them like 16-bit data would darken them.
-            raise RejectedImage("undecodable", f"{header.bit_depth}-bit JPEG decoded as {rgb.dtype}: unsupported")
+            raise RejectedImage(
+                "undecodable", f"{header.bit_depth}-bit JPEG decoded as {rgb.dtype}: unsupported"
+            )
     else:
         # UNCHANGED keeps 16-bit samples and alpha so they are converted (and noted) here,
         # the same way for every format.
@@ -609,8 +628,9 @@ def shades_of_gray(rgb: np.ndarray, p: int = SHADES_OF_GRAY_P) -> np.ndarray:
     return np.stack([tables[rgb[..., c], c] for c in range(3)], axis=-1)
 
 
-def preprocess_image_bytes(data: bytes, size: int = IMAGE_SIZE, *,
-                           colour_constancy: str = COLOUR_CONSTANCY[0]) -> tuple[np.ndarray, list[str]]:
+def preprocess_image_bytes(
+    data: bytes, size: int = IMAGE_SIZE, *, colour_constancy: str = COLOUR_CONSTANCY[0]
+) -> tuple[np.ndarray, list[str]]:
     """Bytes -> ((size, size, 3) uint8 RGB model input, conversion notes).
 
     ``colour_constancy`` must match what the model was trained on: the processed manifest's

@@ -108,19 +108,27 @@ def read_verified_shard(storage: Storage, shard_entry: dict) -> Shard:
     """Read a shard and check it against the manifest's checksum and count."""
     data = storage.read_bytes(shard_entry["key"])
     if sha256_hex(data) != shard_entry["sha256"]:
-        raise ManifestError(f"checksum mismatch for {shard_entry['key']}: the shard changed after its manifest")
+        raise ManifestError(
+            f"checksum mismatch for {shard_entry['key']}: the shard changed after its manifest"
+        )
     shard = decode_shard(data)
     if len(shard) != shard_entry["count"]:
-        raise ManifestError(f"{shard_entry['key']} holds {len(shard)} records, manifest says {shard_entry['count']}")
+        raise ManifestError(
+            f"{shard_entry['key']} holds {len(shard)} records, manifest says {shard_entry['count']}"
+        )
     return shard
 
 
-def iter_shards(storage: Storage, manifest: dict, splits: Iterable[str], kinds: Iterable[str] = ("original",)) -> Iterator[Shard]:
+def iter_shards(
+    storage: Storage, manifest: dict, splits: Iterable[str], kinds: Iterable[str] = ("original",)
+) -> Iterator[Shard]:
     for entry in select_shards(manifest, splits, kinds):
         yield read_verified_shard(storage, entry)
 
 
-def load_split(storage: Storage, manifest: dict, splits: Iterable[str], kinds: Iterable[str] = ("original",)) -> Shard:
+def load_split(
+    storage: Storage, manifest: dict, splits: Iterable[str], kinds: Iterable[str] = ("original",)
+) -> Shard:
     """All records of the given splits in one :class:`Shard` (images (N,224,224,3) in memory)."""
     shards = list(iter_shards(storage, manifest, splits, kinds))
     if not shards:

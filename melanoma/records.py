@@ -74,7 +74,9 @@ def encode_shard(images: np.ndarray, masks: np.ndarray, records: list[dict]) -> 
     twice more on the Spark job's hot path.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"images must be uint8 (N,{IMAGE_SIZE},{IMAGE_SIZE},3), got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"images must be uint8 (N,{IMAGE_SIZE},{IMAGE_SIZE},3), got {images.dtype} {images.shape}"
+        )
     if masks.dtype != np.uint8 or masks.shape != images.shape[:3]:
         raise ValueError(f"masks must be uint8 {images.shape[:3]}, got {masks.dtype} {masks.shape}")
     if len(records) != len(images):

@@ -27,7 +27,15 @@ import json
 import logging
 from typing import Any
 
-from melanoma.airflow_ops import PARAM_DEFAULTS, PLAN_RECORD, RUN_DONE, _utc, run_key, setting, training_settings
+from melanoma.airflow_ops import (
+    PARAM_DEFAULTS,
+    PLAN_RECORD,
+    RUN_DONE,
+    _utc,
+    run_key,
+    setting,
+    training_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +64,16 @@ def image_counts(manifest: dict) -> tuple[int, int]:
 
 def resolve_policy(values: dict) -> dict:
     """The policy and its thresholds: the run's Params where given, else Variables/env, else ``every``."""
+
     def number(name: str) -> int:
         given = values.get(name)
         raw = given if given is not None else setting(name, "0")
         try:
             number = int(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{name}={raw!r} is not a whole number (Param, Variable melanoma_{name} or env MELANOMA_{name.upper()})") from None
+            raise ValueError(
+                f"{name}={raw!r} is not a whole number (Param, Variable melanoma_{name} or env MELANOMA_{name.upper()})"
+            ) from None
         if number < 0:
             raise ValueError(f"{name}={number} must be 0 or more")
         return number
@@ -70,10 +81,15 @@ def resolve_policy(values: dict) -> dict:
     policy = values.get("retrain_policy") or setting("retrain_policy", "every")
     if policy not in POLICIES:
         raise ValueError(f"retrain_policy={policy!r}: use one of {POLICIES}")
-    result = {"policy": policy, "min_new_images": number("retrain_min_new_images"),
-              "min_new_melanomas": number("retrain_min_new_melanomas")}
+    result = {
+        "policy": policy,
+        "min_new_images": number("retrain_min_new_images"),
+        "min_new_melanomas": number("retrain_min_new_melanomas"),
+    }
     if policy == "min_new" and not (result["min_new_images"] or result["min_new_melanomas"]):
-        raise ValueError("retrain_policy=min_new needs retrain_min_new_images or retrain_min_new_melanomas above 0")
+        raise ValueError(
+            "retrain_policy=min_new needs retrain_min_new_images or retrain_min_new_melanomas above 0"
+        )
     return result
 
 
@@ -86,12 +102,18 @@ def last_model(processed, *, up_to: int, exclude: str) -> dict | None:
         if len(parts) != 4 or not key.endswith(_MODEL_RECORD) or parts[1] == exclude:
             continue
         version = json.loads(processed.read_bytes(key)).get("manifest_version")
-        if isinstance(version, int) and version <= up_to and (best is None or version > best["manifest_version"]):
+        if (
+            isinstance(version, int)
+            and version <= up_to
+            and (best is None or version > best["manifest_version"])
+        ):
             best = {"run_key": parts[1], "manifest_version": version}
     return best
 
 
-def decide(policy: dict, manifest: dict, baseline: dict | None, baseline_manifest: dict | None) -> tuple[bool, str]:
+def decide(
+    policy: dict, manifest: dict, baseline: dict | None, baseline_manifest: dict | None
+) -> tuple[bool, str]:
     """(train?, why): the retraining policy applied to ``manifest`` against the last model's manifest."""
     version = manifest["version"]
     if policy["policy"] == "always":
@@ -100,19 +122,27 @@ def decide(policy: dict, manifest: dict, baseline: dict | None, baseline_manifes
         return True, f"no model trained on manifest v{version} or an earlier one yet: train the first"
     since = f"since manifest v{baseline['manifest_version']} (the data of runs/{baseline['run_key']})"
     if baseline["manifest_version"] >= version:
-        return False, f"runs/{baseline['run_key']} already trained on manifest v{version}: nothing new to train on"
+        return (
+            False,
+            f"runs/{baseline['run_key']} already trained on manifest v{version}: nothing new to train on",
+        )
     images, melanomas = (a - b for a, b in zip(image_counts(manifest), image_counts(baseline_manifest)))
     news = f"{images} new images ({melanomas} melanoma) {since}"
     if policy["policy"] == "every":
         return True, f"policy every: {news}"
-    wanted = [f"{n} images" for n in [policy["min_new_images"]] if n] + [f"{n} melanomas" for n in [policy["min_new_melanomas"]] if n]
-    enough = (policy["min_new_images"] and images >= policy["min_new_images"]) or \
-        (policy["min_new_melanomas"] and melanomas >= policy["min_new_melanomas"])
+    wanted = [f"{n} images" for n in [policy["min_new_images"]] if n] + [
+        f"{n} melanomas" for n in [policy["min_new_melanomas"]] if n
+    ]
+    enough = (policy["min_new_images"] and images >= policy["min_new_images"]) or (
+        policy["min_new_melanomas"] and melanomas >= policy["min_new_melanomas"]
+    )
     verdict = "reached" if enough else "not reached"
     return bool(enough), f"policy min_new (at least {' or '.join(wanted)}): {news}; {verdict}"
 
 
-def _choose_version(processed, requested: int, event_versions: list[int], as_of: str | None) -> tuple[int, str]:
+def _choose_version(
+    processed, requested: int, event_versions: list[int], as_of: str | None
+) -> tuple[int, str]:
     """(manifest version, where it came from) for a run that has not pinned one yet."""
     from melanoma.manifest import ManifestError, latest_manifest
 
@@ -122,12 +152,20 @@ def _choose_version(processed, requested: int, event_versions: list[int], as_of:
         return max(event_versions), f"the triggering asset event(s) (versions {sorted(event_versions)})"
     latest = latest_manifest(processed, as_of=as_of)
     if latest is None:
-        raise ManifestError(f"no manifest as of {as_of} under {processed.uri('processed')}: run melanoma_ingest first")
+        raise ManifestError(
+            f"no manifest as of {as_of} under {processed.uri('processed')}: run melanoma_ingest first"
+        )
     return latest["version"], f"the newest manifest as of {as_of}"
 
 
-def resolve_training(params: dict, *, run_id: str, logical_date: dt.datetime | None, run_after: dt.datetime | None,
-                     event_versions: list[int]) -> dict:
+def resolve_training(
+    params: dict,
+    *,
+    run_id: str,
+    logical_date: dt.datetime | None,
+    run_after: dt.datetime | None,
+    event_versions: list[int],
+) -> dict:
     """Everything the training DAG's tasks need, as small JSON (the ``plan`` task's XCom); see the module doc."""
     import math
     from pathlib import Path
@@ -153,9 +191,14 @@ def resolve_training(params: dict, *, run_id: str, logical_date: dt.datetime | N
     record_key = join_key("runs", key, PLAN_RECORD)
     pinned = json.loads(processed.read_bytes(record_key)) if processed.exists(record_key) else None
     if pinned:  # a rerun: the data this run was triggered with, not the newest
-        version, source = int(pinned["manifest_version"]), f"pinned in runs/{key}/{PLAN_RECORD} at its first attempt"
+        version, source = (
+            int(pinned["manifest_version"]),
+            f"pinned in runs/{key}/{PLAN_RECORD} at its first attempt",
+        )
     else:
-        version, source = _choose_version(processed, int(values["manifest_version"]), event_versions, run_date)
+        version, source = _choose_version(
+            processed, int(values["manifest_version"]), event_versions, run_date
+        )
     manifest = require_manifest(processed, version=version)
     policy = resolve_policy(values)
     baseline = last_model(processed, up_to=version, exclude=key)
@@ -166,11 +209,22 @@ def resolve_training(params: dict, *, run_id: str, logical_date: dt.datetime | N
         train, reason = False, f"runs/{key}/{RUN_DONE} exists: this run has finished"
     as_of = manifest.get("logical_date")
     if train and not pinned:  # pin the data set before any output exists (a skipped run writes nothing)
-        record = {"run_key": key, "run_id": run_id, "manifest_version": version, "drops": manifest.get("drops", []),
-                  "as_of": as_of, "policy": policy, "reason": reason}
+        record = {
+            "run_key": key,
+            "run_id": run_id,
+            "manifest_version": version,
+            "drops": manifest.get("drops", []),
+            "as_of": as_of,
+            "policy": policy,
+            "reason": reason,
+        }
         processed.write_bytes(record_key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     images, melanomas = image_counts(manifest)
-    run_root = join_key(data_root, "runs", key) if data_root.startswith("s3://") else str(Path(data_root) / "runs" / key)
+    run_root = (
+        join_key(data_root, "runs", key)
+        if data_root.startswith("s3://")
+        else str(Path(data_root) / "runs" / key)
+    )
     return {
         "run_key": key,
         "raw_root": raw_root,

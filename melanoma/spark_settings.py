@@ -38,7 +38,11 @@ SPARK_DEFAULTS = {
 
 def submit_conf(python: str, driver_java_options: str = DRIVER_JAVA_OPTIONS) -> dict[str, str]:
     """``--conf`` pairs for spark-submit: the executors' and driver's Python, the driver's JVM options."""
-    conf = {"spark.pyspark.python": python, "spark.pyspark.driver.python": python, "spark.ui.showConsoleProgress": "false"}
+    conf = {
+        "spark.pyspark.python": python,
+        "spark.pyspark.driver.python": python,
+        "spark.ui.showConsoleProgress": "false",
+    }
     if driver_java_options:
         conf["spark.driver.extraJavaOptions"] = driver_java_options
     return conf

@@ -182,7 +182,9 @@ class S3Storage:
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=Config(**s3_client_settings()))
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint_url, config=Config(**s3_client_settings())
+            )
         return self._client
 
     @contextlib.contextmanager
@@ -198,8 +200,14 @@ class S3Storage:
             ResponseStreamingError,
         )
 
-        unanswered = (ConnectTimeoutError, ReadTimeoutError, EndpointConnectionError, ConnectionClosedError,
-                      IncompleteReadError, ResponseStreamingError)
+        unanswered = (
+            ConnectTimeoutError,
+            ReadTimeoutError,
+            EndpointConnectionError,
+            ConnectionClosedError,
+            IncompleteReadError,
+            ResponseStreamingError,
+        )
         try:
             yield
         except unanswered as error:
@@ -292,7 +300,10 @@ def s3_client_settings() -> dict:
     return {
         "connect_timeout": _env_number("MELANOMA_S3_CONNECT_TIMEOUT_S", 5),
         "read_timeout": _env_number("MELANOMA_S3_READ_TIMEOUT_S", 20),
-        "retries": {"total_max_attempts": int(_env_number("MELANOMA_S3_MAX_ATTEMPTS", 3)), "mode": "standard"},
+        "retries": {
+            "total_max_attempts": int(_env_number("MELANOMA_S3_MAX_ATTEMPTS", 3)),
+            "mode": "standard",
+        },
     }
 
 
@@ -311,7 +322,9 @@ def open_storage(uri: str | os.PathLike) -> LocalStorage | S3Storage:
     if parsed.scheme == "file":
         return LocalStorage(Path(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:
-        raise StorageError(f"unsupported storage URI scheme {parsed.scheme!r} in {text!r} (use s3:// or a folder)")
+        raise StorageError(
+            f"unsupported storage URI scheme {parsed.scheme!r} in {text!r} (use s3:// or a folder)"
+        )
     return LocalStorage(Path(text))
 
 

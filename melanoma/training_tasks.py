@@ -29,11 +29,19 @@ from airflow.sdk import BaseOperator
 
 from melanoma.airflow_ops import parse_result, run_cli_locally, setting, storage_env
 
-__all__ = ["STEPS", "training_args", "training_task", "TrainingSubprocessOperator", "TrainingContainerOperator"]
+__all__ = [
+    "STEPS",
+    "training_args",
+    "training_task",
+    "TrainingSubprocessOperator",
+    "TrainingContainerOperator",
+]
 
 log = logging.getLogger(__name__)
 STEPS = ("train", "evaluate", "gradcam", "report")
 RUNNERS = ("local", "docker")
+
+
 def _args_expression(step: str) -> str:
     """Jinja expression of the step's CLI arguments from ``plan``'s (and ``evaluate``'s) XCom."""
     threshold = "ti.xcom_pull(task_ids='evaluate')" if step in ("gradcam", "report") else "None"
@@ -49,9 +57,19 @@ def training_args(step: str, run: dict, threshold: dict | None = None) -> list[s
     if step == "train":
         return ["train", *roots, "--config", json.dumps(run["train_config"], sort_keys=True)]
     if step == "evaluate":
-        args = ["evaluate", *roots, "--strategy", run["threshold_strategy"],
-                "--target-sensitivity", str(run["target_sensitivity"]), "--n-boot", str(run["n_boot"]),
-                "--pooling", run["score_pooling"], *as_of]
+        args = [
+            "evaluate",
+            *roots,
+            "--strategy",
+            run["threshold_strategy"],
+            "--target-sensitivity",
+            str(run["target_sensitivity"]),
+            "--n-boot",
+            str(run["n_boot"]),
+            "--pooling",
+            run["score_pooling"],
+            *as_of,
+        ]
         for external in run["external"]:
             args += ["--external", external]
         return args

@@ -96,7 +96,9 @@ def data_root() -> str:
 def _run_report_key(relative: str) -> bool:
     """True for exactly ``runs/<run key>/report.html`` (no other object, no ``..``)."""
     parts = relative.split("/")
-    return len(parts) == 3 and parts[0] == "runs" and bool(_RUN_KEY.match(parts[1])) and parts[2] == REPORT_NAME
+    return (
+        len(parts) == 3 and parts[0] == "runs" and bool(_RUN_KEY.match(parts[1])) and parts[2] == REPORT_NAME
+    )
 
 
 def report_href(value: Any, root: str | None = None) -> str:
@@ -117,7 +119,9 @@ def report_href(value: Any, root: str | None = None) -> str:
     root = root.rstrip("/") if root.startswith("s3://") else posixpath.normpath(os.path.abspath(root))
     relative = _under(text, root)
     if relative is None or not _run_report_key(relative):
-        log.warning("report_url %r is not a run report under the data root %r; no link shown", text[:200], root[:200])
+        log.warning(
+            "report_url %r is not a run report under the data root %r; no link shown", text[:200], root[:200]
+        )
         return ""
     if root.startswith("s3://"):
         return presigned_s3_url(text)
@@ -127,7 +131,9 @@ def report_href(value: Any, root: str | None = None) -> str:
 def _under(text: str, root: str) -> str | None:
     """``text`` relative to ``root`` when it lies under it, else None (s3 URIs or absolute local paths)."""
     if root.startswith("s3://"):
-        if not text.startswith(root + "/") or any(part in ("", ".", "..") for part in text[len(root) + 1 :].split("/")):
+        if not text.startswith(root + "/") or any(
+            part in ("", ".", "..") for part in text[len(root) + 1 :].split("/")
+        ):
             return None
         return text[len(root) + 1 :]
     if text.startswith("file://"):
@@ -135,7 +141,7 @@ def _under(text: str, root: str) -> str | None:
     if not text.startswith("/") or not root.startswith("/") or posixpath.normpath(text) != text:
         return None  # relative, another scheme, or a path with "..", "." or "//" in it
     base = root if root.endswith("/") else root + "/"
-    return text[len(base):] if text.startswith(base) else None
+    return text[len(base) :] if text.startswith(base) else None
 
 
 def _endpoint() -> str | None:
@@ -179,7 +185,8 @@ def presigned_s3_url(uri: str) -> str:
             log.warning("no S3 credentials in the API server's environment; no link for %r", uri[:200])
             return ""
         client = session.client(
-            "s3", endpoint_url=endpoint,
+            "s3",
+            endpoint_url=endpoint,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
         )
         return client.generate_presigned_url(

@@ -28,7 +28,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--logical-date", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     summary = run_augment(
         args.processed_root,
         lambda: spark_engine("melanoma-augment"),
@@ -38,7 +40,12 @@ def main(argv: list[str]) -> int:
     if summary["manifest_key"] is None:
         log.info("nothing to do, every training shard with melanoma images is already augmented")
     else:
-        log.info("%d augmented images in %d shards; committed %s", summary["images"], summary["shards"], summary["manifest_uri"])
+        log.info(
+            "%d augmented images in %d shards; committed %s",
+            summary["images"],
+            summary["shards"],
+            summary["manifest_uri"],
+        )
     # The machine-read line: stdout, last.
     print("augment: summary " + json.dumps(summary, sort_keys=True), flush=True)
     return 0

@@ -34,11 +34,19 @@ log = logging.getLogger("spark_jobs.preprocess")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw-root", required=True, help="folder or s3:// URI holding <drop_id>/ folders")
-    parser.add_argument("--processed-root", required=True, help="folder or s3:// URI for processed/ and runs/")
-    parser.add_argument("--drops", default="", help='drop ids as a JSON list (["a", "b"]; what the DAG passes) or comma-separated (default: every unprocessed drop)')
+    parser.add_argument(
+        "--processed-root", required=True, help="folder or s3:// URI for processed/ and runs/"
+    )
+    parser.add_argument(
+        "--drops",
+        default="",
+        help='drop ids as a JSON list (["a", "b"]; what the DAG passes) or comma-separated (default: every unprocessed drop)',
+    )
     parser.add_argument("--layout", default="auto", choices=["auto", "ham10000", "isic"])
     parser.add_argument("--logical-date", default=None, help="ISO date recorded in the manifest")
-    parser.add_argument("--shard-size", type=int, default=256, help="images per chunk/task (changing it changes the shards)")
+    parser.add_argument(
+        "--shard-size", type=int, default=256, help="images per chunk/task (changing it changes the shards)"
+    )
     return parser.parse_args(argv)
 
 
@@ -55,7 +63,9 @@ def parse_drops(text: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     summary = run_preprocess(
         args.raw_root,
         args.processed_root,
@@ -66,11 +76,20 @@ def main(argv: list[str]) -> int:
         shard_size=args.shard_size,
     )
     if summary["manifest_key"] is None:
-        log.info("nothing to do, every requested drop is already in the manifest under %s", args.processed_root)
+        log.info(
+            "nothing to do, every requested drop is already in the manifest under %s", args.processed_root
+        )
     else:
         seconds = summary["seconds"]["total"]
-        log.info("%d inputs (%d written, %d quarantined) in %.1f s (%.0f/s); %s", summary["inputs"], summary["written"],
-                 summary["quarantined"], seconds, summary["inputs"] / max(seconds, 1e-9), summary["description"])
+        log.info(
+            "%d inputs (%d written, %d quarantined) in %.1f s (%.0f/s); %s",
+            summary["inputs"],
+            summary["written"],
+            summary["quarantined"],
+            seconds,
+            summary["inputs"] / max(seconds, 1e-9),
+            summary["description"],
+        )
         log.info("committed %s", summary["manifest_uri"])
     summary["wall_clock"] = {"script_started": SCRIPT_STARTED, "finished": time.time()}
     # The machine-read line: stdout, last.

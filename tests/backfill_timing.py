@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from melanoma.synthetic import write_drop  # noqa: E402
 from test_data_aware import DAYS, DROPS, INGEST, TRAIN, Standalone, idle  # noqa: E402
 from test_runs import stop_process_group  # noqa: E402
+
+from melanoma.synthetic import write_drop  # noqa: E402
 
 log = logging.getLogger("backfill_timing")
 
@@ -32,28 +33,45 @@ log = logging.getLogger("backfill_timing")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dag", choices=["melanoma_pipeline", INGEST], required=True)
-    parser.add_argument("--out", required=True, help="a folder for the Airflow home, roots and logs (emptied first)")
+    parser.add_argument(
+        "--out", required=True, help="a folder for the Airflow home, roots and logs (emptied first)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(args.out).resolve()
     shutil.rmtree(root, ignore_errors=True)
     for index, drop in enumerate(DROPS):
-        write_drop(root / "raw", n_images=30, seed=10 + index, drop_id=drop, id_prefix=f"SYN{chr(65 + index)}")
+        write_drop(
+            root / "raw", n_images=30, seed=10 + index, drop_id=drop, id_prefix=f"SYN{chr(65 + index)}"
+        )
     server = Standalone(root, root / "raw")
     server.env.update({"MELANOMA_RETRAIN_POLICY": "every", "MELANOMA_RETRAIN_MIN_NEW_IMAGES": "0"})
     server.home.mkdir(parents=True)
     dags = [args.dag] + ([TRAIN] if args.dag == INGEST else [])
     for step in (("db", "migrate"), ("dags", "reserialize"), *(("dags", "unpause", d) for d in dags)):
         server.airflow(*step)
-    server.airflow("backfill", "create", "--dag-id", args.dag, "--from-date", DAYS[0], "--to-date", DAYS[-1],
-                   "--reprocess-behavior", "failed")
+    server.airflow(
+        "backfill",
+        "create",
+        "--dag-id",
+        args.dag,
+        "--from-date",
+        DAYS[0],
+        "--to-date",
+        DAYS[-1],
+        "--reprocess-behavior",
+        "failed",
+    )
     started = time.monotonic()
     server.start()
     try:
+
         def done():
             runs = {d: server.runs(d) for d in dags}
             queued = server.rows("select count(*) from asset_dag_run_queue")[0][0]
-            backfill = [r for r in runs[args.dag] if r["run_type"] == "backfill"]  # (a scheduled run of today may exist too)
+            backfill = [
+                r for r in runs[args.dag] if r["run_type"] == "backfill"
+            ]  # (a scheduled run of today may exist too)
             finished = len(backfill) == 5 and all(idle(r) for r in runs.values()) and not queued
             return runs if finished and (args.dag != INGEST or runs[TRAIN]) else None
 
@@ -61,11 +79,28 @@ def main() -> int:
         seconds = time.monotonic() - started
     finally:
         stop_process_group(server.process)
-    trained = [(d, r["run_id"]) for d, rs in runs.items() for r in rs if r["states"].get("train") == "success"]
-    versions = [json.loads((server.data / "runs" / r["plan_xcom"]["run_key"] / "model" / "provenance.json").read_text())["manifest_version"]
-                for d, rs in runs.items() for r in rs if r["states"].get("train") == "success"]
-    print(json.dumps({"dag": args.dag, "wall_clock_s": round(seconds), "runs": {d: len(r) for d, r in runs.items()},
-                      "trainings": len(trained), "trained_on_manifest_versions": versions}))
+    trained = [
+        (d, r["run_id"]) for d, rs in runs.items() for r in rs if r["states"].get("train") == "success"
+    ]
+    versions = [
+        json.loads(
+            (server.data / "runs" / r["plan_xcom"]["run_key"] / "model" / "provenance.json").read_text()
+        )["manifest_version"]
+        for d, rs in runs.items()
+        for r in rs
+        if r["states"].get("train") == "success"
+    ]
+    print(
+        json.dumps(
+            {
+                "dag": args.dag,
+                "wall_clock_s": round(seconds),
+                "runs": {d: len(r) for d, r in runs.items()},
+                "trainings": len(trained),
+                "trained_on_manifest_versions": versions,
+            }
+        )
+    )
     return 0
 
 

@@ -25,8 +25,22 @@ import pytest
 from PIL import Image
 
 SHARED_DATA = Path(os.environ.get("MELANOMA_SHARED_DATA", "/work/shared/data"))
-SCAN_REASONS = {"image-id-path", "duplicate-image-id", "missing-image", "missing-metadata", "unknown-dx", "bad-metadata"}
-DECODE_REASONS = {"empty-file", "truncated", "not-an-image", "decompression-bomb", "undecodable", "bad-dimensions"}
+SCAN_REASONS = {
+    "image-id-path",
+    "duplicate-image-id",
+    "missing-image",
+    "missing-metadata",
+    "unknown-dx",
+    "bad-metadata",
+}
+DECODE_REASONS = {
+    "empty-file",
+    "truncated",
+    "not-an-image",
+    "decompression-bomb",
+    "undecodable",
+    "bad-dimensions",
+}
 COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 
 
@@ -60,7 +74,9 @@ def lesion_mask(rgb: np.ndarray) -> np.ndarray:
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 92) -> bytes:
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, encoded = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
     assert ok
     return encoded.tobytes()
 
@@ -79,7 +95,9 @@ def pil_bytes(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
 
 
 def png_bomb(side: int = 30_000) -> bytes:
@@ -91,7 +109,12 @@ def png_bomb(side: int = 30_000) -> bytes:
     compressor = zlib.compressobj(9)
     body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", body)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def corrupt_png(rgb: np.ndarray) -> bytes:
@@ -99,7 +122,12 @@ def corrupt_png(rgb: np.ndarray) -> bytes:
     height, width = rgb.shape[:2]
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     garbage = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", garbage) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", garbage)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def jpeg_with_declared_size(data: bytes, width: int, height: int) -> bytes:
@@ -139,7 +167,16 @@ def build_bad_drop(root: Path, drop_id: str, good_images: list[Path] | None = No
     rows: list[list[str]] = []
     base = synthetic_lesion(200, 150, seed=0)
 
-    def add(image_id: str, data: bytes | None, expect: str, *, folder: Path = part1, ext: str = ".jpg", dx: str = "nv", row: bool = True) -> None:
+    def add(
+        image_id: str,
+        data: bytes | None,
+        expect: str,
+        *,
+        folder: Path = part1,
+        ext: str = ".jpg",
+        dx: str = "nv",
+        row: bool = True,
+    ) -> None:
         if data is not None:
             (folder / f"{image_id}{ext}").write_bytes(data)
         if row:
@@ -156,7 +193,13 @@ def build_bad_drop(root: Path, drop_id: str, good_images: list[Path] | None = No
     else:
         for index in range(3):
             rgb = synthetic_lesion(200, 150, seed=10 + index)
-            add(f"good_{index}", jpeg_bytes(rgb), "ok", folder=part2 if index % 2 else part1, dx="mel" if index % 2 else "nv")
+            add(
+                f"good_{index}",
+                jpeg_bytes(rgb),
+                "ok",
+                folder=part2 if index % 2 else part1,
+                dx="mel" if index % 2 else "nv",
+            )
             (masks / f"good_{index}_segmentation.png").write_bytes(png_bytes(lesion_mask(rgb)))
 
     # Refused at decode time.
@@ -198,7 +241,12 @@ def build_bad_drop(root: Path, drop_id: str, good_images: list[Path] | None = No
     add("conv_rgba", png_bytes(rgba), "alpha-dropped", ext=".png")
     add("conv_gray", pil_bytes(Image.fromarray(base).convert("L"), "JPEG", quality=92), "grayscale->rgb")
     add("conv_cmyk", pil_bytes(Image.fromarray(base).convert("CMYK"), "JPEG", quality=92), "cmyk->rgb")
-    add("conv_16bit", png_bytes(cv2.cvtColor(base, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257), "16bit->8bit", ext=".png")
+    add(
+        "conv_16bit",
+        png_bytes(cv2.cvtColor(base, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257),
+        "16bit->8bit",
+        ext=".png",
+    )
     add("conv_exif", exif_rotated_jpeg(base, 6), "exif-rotated")
     add("conv_large", jpeg_bytes(synthetic_lesion(4000, 3000, seed=4), quality=85), "ok", folder=part2)
 

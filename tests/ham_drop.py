@@ -12,7 +12,9 @@ def metadata_rows(ham10000_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def pick_images(rows: list[dict], n_melanoma: int = 60, n_other: int = 140, skip_lesions: set[str] = frozenset()) -> list[dict]:
+def pick_images(
+    rows: list[dict], n_melanoma: int = 60, n_other: int = 140, skip_lesions: set[str] = frozenset()
+) -> list[dict]:
     """Whole lesions, deterministically: melanoma lesions up to ``n_melanoma`` images, others up to ``n_other``."""
     by_lesion: dict[str, list[dict]] = {}
     for row in rows:
@@ -41,5 +43,13 @@ def upload_images(s3, bucket: str, prefix: str, ham10000_dir: Path, chosen: list
     """Each image under ``HAM10000_images_part_1/`` and its mask under ``masks/`` (the metadata is the caller's)."""
     for row in chosen:
         image_id = row["image_id"]
-        s3.upload_file(str(ham10000_dir / "images" / f"{image_id}.jpg"), bucket, f"{prefix}/HAM10000_images_part_1/{image_id}.jpg")
-        s3.upload_file(str(ham10000_dir / "masks" / f"{image_id}_segmentation.png"), bucket, f"{prefix}/masks/{image_id}_segmentation.png")
+        s3.upload_file(
+            str(ham10000_dir / "images" / f"{image_id}.jpg"),
+            bucket,
+            f"{prefix}/HAM10000_images_part_1/{image_id}.jpg",
+        )
+        s3.upload_file(
+            str(ham10000_dir / "masks" / f"{image_id}_segmentation.png"),
+            bucket,
+            f"{prefix}/masks/{image_id}_segmentation.png",
+        )

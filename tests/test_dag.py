@@ -88,7 +88,9 @@ def test_dag_file_imports_in_under_a_second_without_tensorflow_or_pyspark():
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"DAG file import: {measured['seconds']:.3f} s")
@@ -128,7 +130,9 @@ def test_retries_come_from_the_environment_at_parse_time():
         f"print(sorted({{t.retries for t in bag.dags[{DAG_ID!r}].tasks}}))\n"
     )
     env = {**os.environ, "MELANOMA_TASK_RETRIES": "0", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[0]"
 
@@ -139,7 +143,10 @@ def test_preprocess_waits_for_the_previous_runs_data_steps(dag):
     assert preprocess.depends_on_past and preprocess.wait_for_downstream
     assert dag.get_task("preprocess").downstream_task_ids == {"augment"}
     # Model-side tasks read "the manifest as of the run's date": they need not wait.
-    assert not any(dag.get_task(t).depends_on_past for t in ("plan", "has_new_drops", "train", "evaluate", "gradcam", "report"))
+    assert not any(
+        dag.get_task(t).depends_on_past
+        for t in ("plan", "has_new_drops", "train", "evaluate", "gradcam", "report")
+    )
     assert dag.max_active_runs == 1
 
 
@@ -172,13 +179,22 @@ def test_params_have_descriptions_and_the_documented_defaults(dag):
     for name in PARAM_DEFAULTS:
         param = dag.params.get_param(name)
         assert param.value == PARAM_DEFAULTS[name], name
-        assert param.description and len(param.description) > 20, f"{name} has no description for the trigger form"
+        assert param.description and len(param.description) > 20, (
+            f"{name} has no description for the trigger form"
+        )
 
 
 def test_default_params_validate(serialized_dag):
     assert serialized_dag.params.deep_merge({}).validate() == PARAM_DEFAULTS
-    good = {"epochs": 2, "n_boot": 100, "max_train_images": 200, "drops": ["ham-2026-01-01", "isic_20260102"],
-            "backbone": "resnet50", "threshold_strategy": "sensitivity", "target_sensitivity": 0.9}
+    good = {
+        "epochs": 2,
+        "n_boot": 100,
+        "max_train_images": 200,
+        "drops": ["ham-2026-01-01", "isic_20260102"],
+        "backbone": "resnet50",
+        "threshold_strategy": "sensitivity",
+        "target_sensitivity": 0.9,
+    }
     assert serialized_dag.params.deep_merge(good).validate()["drops"] == ["ham-2026-01-01", "isic_20260102"]
 
 
@@ -265,7 +281,10 @@ def test_run_key_is_stable_per_run_and_distinct_between_runs():
     # A custom run id with a logical date; a pendulum/naive date is read as UTC.
     assert run_key("my run", dt.datetime(2026, 3, 1)) == "run__20260301T000000Z"
     # Without a logical date: the run id, made safe, and still unique.
-    a, b = run_key("manual__2026-03-01T10:00:00+00:00_abc", None), run_key("manual__2026-03-01T10_00_00_00_00_abc", None)
+    a, b = (
+        run_key("manual__2026-03-01T10:00:00+00:00_abc", None),
+        run_key("manual__2026-03-01T10_00_00_00_00_abc", None),
+    )
     assert a != b and "/" not in a and ":" not in a and "+" not in a
     assert run_key("../../etc", None).startswith("etc-")
 
@@ -273,14 +292,20 @@ def test_run_key_is_stable_per_run_and_distinct_between_runs():
 def test_drops_in_interval_is_half_open_and_never_overlaps():
     drops = [f"ham-2026-01-{d:02d}" for d in range(1, 6)] + ["undated", "isic-20260103-part2"]
     assert drops_in_interval(drops, day(2026, 1, 2), day(2026, 1, 3)) == ["ham-2026-01-02"]
-    assert drops_in_interval(drops, day(2026, 1, 2), day(2026, 1, 4)) == ["ham-2026-01-02", "ham-2026-01-03", "isic-20260103-part2"]
+    assert drops_in_interval(drops, day(2026, 1, 2), day(2026, 1, 4)) == [
+        "ham-2026-01-02",
+        "ham-2026-01-03",
+        "isic-20260103-part2",
+    ]
     # Hourly intervals: each drop is owned by exactly one of them (the one holding its midnight).
     hours = [day(2026, 1, 1) + dt.timedelta(hours=h) for h in range(24 * 6)]
     owners = [d for start in hours for d in drops_in_interval(drops, start, start + dt.timedelta(hours=1))]
     assert sorted(owners) == sorted(d for d in drops if d != "undated")
     assert drops_in_interval(drops, day(2026, 1, 2), day(2026, 1, 2)) == []  # zero-width
     assert drops_in_interval(drops, None, None) == []
-    assert drops_in_interval(drops, dt.datetime(2026, 1, 5), dt.datetime(2026, 1, 6)) == ["ham-2026-01-05"]  # naive = UTC
+    assert drops_in_interval(drops, dt.datetime(2026, 1, 5), dt.datetime(2026, 1, 6)) == [
+        "ham-2026-01-05"
+    ]  # naive = UTC
 
 
 @pytest.fixture
@@ -297,10 +322,20 @@ def roots(tmp_path, monkeypatch):
     return raw, data
 
 
-def resolve(run_type: str = "scheduled", date: dt.datetime | None = day(2026, 1, 2), params: dict | None = None, **kwargs) -> dict:
+def resolve(
+    run_type: str = "scheduled",
+    date: dt.datetime | None = day(2026, 1, 2),  # noqa: B008 - a constant, computed once, never mutated
+    params: dict | None = None,
+    **kwargs,
+) -> dict:
     interval = (date, date + dt.timedelta(days=1)) if date else (None, None)
-    defaults = {"run_id": f"{run_type}__{(date or day(2026, 1, 9)).isoformat()}", "logical_date": date,
-                "interval_start": interval[0], "interval_end": interval[1], "run_after": day(2026, 1, 9, 12)}
+    defaults = {
+        "run_id": f"{run_type}__{(date or day(2026, 1, 9)).isoformat()}",
+        "logical_date": date,
+        "interval_start": interval[0],
+        "interval_end": interval[1],
+        "run_after": day(2026, 1, 9, 12),
+    }
     return resolve_run(params or {}, run_type=run_type, **{**defaults, **kwargs})
 
 
@@ -316,16 +351,44 @@ def test_training_params_reach_a_valid_training_config(roots):
     """Every training Param lands in train_config under a name the trainer knows."""
     from training.train import TrainConfig
 
-    params = {"target": "dx", "train_flips": 4, "train_augment": True, "learning_rate": 3e-4, "fine_tune_learning_rate": 2e-4,
-              "lr_decay_patience": 2, "max_train_minutes": 1.5, "fine_tune_epochs": 3, "fine_tune_blocks": 5}
+    params = {
+        "target": "dx",
+        "train_flips": 4,
+        "train_augment": True,
+        "learning_rate": 3e-4,
+        "fine_tune_learning_rate": 2e-4,
+        "lr_decay_patience": 2,
+        "max_train_minutes": 1.5,
+        "fine_tune_epochs": 3,
+        "fine_tune_blocks": 5,
+    }
     run = resolve("manual", params=params)
     cfg = TrainConfig.from_dict({"processed_root": "p", "run_root": "r", **run["train_config"]})
-    assert (cfg.target, cfg.train_flips, cfg.learning_rate, cfg.fine_tune_learning_rate) == ("dx", 4, 3e-4, 2e-4) and cfg.train_augment
-    assert (cfg.lr_decay_patience, cfg.max_train_seconds, cfg.fine_tune_epochs, cfg.fine_tune_blocks) == (2, 90.0, 3, 5)
-    defaults = TrainConfig.from_dict({"processed_root": "p", "run_root": "r", **resolve("manual")["train_config"]})
+    assert (cfg.target, cfg.train_flips, cfg.learning_rate, cfg.fine_tune_learning_rate) == (
+        "dx",
+        4,
+        3e-4,
+        2e-4,
+    ) and cfg.train_augment
+    assert (cfg.lr_decay_patience, cfg.max_train_seconds, cfg.fine_tune_epochs, cfg.fine_tune_blocks) == (
+        2,
+        90.0,
+        3,
+        5,
+    )
+    defaults = TrainConfig.from_dict(
+        {"processed_root": "p", "run_root": "r", **resolve("manual")["train_config"]}
+    )
     # No Param given: the seed's recipe (binary target, lr 1e-4 then 1e-5, no decay, no budget).
-    assert (defaults.target, defaults.train_flips, defaults.learning_rate, defaults.fine_tune_learning_rate) == ("melanoma", 1, 1e-4, 1e-5)
-    assert defaults.lr_decay_patience == 0 and defaults.max_train_seconds is None and not defaults.train_augment
+    assert (
+        defaults.target,
+        defaults.train_flips,
+        defaults.learning_rate,
+        defaults.fine_tune_learning_rate,
+    ) == ("melanoma", 1, 1e-4, 1e-5)
+    assert (
+        defaults.lr_decay_patience == 0 and defaults.max_train_seconds is None and not defaults.train_augment
+    )
 
 
 def test_scheduled_and_backfill_runs_take_their_intervals_drops(roots):
@@ -352,7 +415,9 @@ def test_a_manual_run_takes_every_drop_not_processed_yet(roots):
 def test_explicit_drops_are_taken_as_given_and_unknown_ones_fail_clearly(roots):
     run = resolve("scheduled", day(2026, 1, 2), {"drops": ["ham-2026-01-03", "ham-2026-01-01"]})
     assert run["drops"] == ["ham-2026-01-03", "ham-2026-01-01"]
-    with pytest.raises(ValueError, match=r"drops \['ham-2099-01-01'\] not found under .*available: \['ham-2026-01-01'"):
+    with pytest.raises(
+        ValueError, match=r"drops \['ham-2099-01-01'\] not found under .*available: \['ham-2026-01-01'"
+    ):
         resolve("manual", day(2026, 1, 2), {"drops": ["ham-2026-01-01", "ham-2099-01-01"]})
     with pytest.raises(ValueError, match=r"external_drops \['isic-missing'\] not found"):
         resolve("manual", day(2026, 1, 2), {"external_drops": ["isic-missing"]})
@@ -378,7 +443,9 @@ def test_a_run_pins_its_drops_so_a_rerun_resumes_and_a_finished_one_is_skipped(r
     commit(data, ["ham-2026-01-02"], "2026-01-02")
     before = listing(data)
     resumed = resolve("scheduled", day(2026, 1, 2))
-    assert resumed["new_drops"] == ["ham-2026-01-02"] and resumed["pending_drops"] == [] and resumed["proceed"]
+    assert (
+        resumed["new_drops"] == ["ham-2026-01-02"] and resumed["pending_drops"] == [] and resumed["proceed"]
+    )
     assert listing(data) == before  # nothing rewritten
     # The run finished (report.html is written last): a rerun changes nothing.
     (data / "runs" / first["run_key"] / "report.html").write_text("<html></html>")
@@ -393,7 +460,9 @@ def test_a_run_pins_its_drops_so_a_rerun_resumes_and_a_finished_one_is_skipped(r
 
 def test_as_of_is_the_logical_date_else_the_day_the_run_started(roots):
     assert resolve("manual", day(2026, 1, 2, 18))["as_of"] == "2026-01-02"
-    run = resolve("manual", None, run_id="manual__2026-01-09T12:00:00+00:00_x1y2", run_after=day(2026, 1, 9, 12))
+    run = resolve(
+        "manual", None, run_id="manual__2026-01-09T12:00:00+00:00_x1y2", run_after=day(2026, 1, 9, 12)
+    )
     assert run["as_of"] == "2026-01-09" and run["train_config"]["as_of"] == "2026-01-09"
     assert run["run_key"].startswith("manual__2026-01-09T12_00_00_00_00_x1y2")
 
@@ -402,13 +471,17 @@ def test_drops_are_refused_when_they_would_rewrite_a_later_history(roots):
     """A backfill for 01-02 after 01-03 was processed would put 01-03's data in a manifest dated 01-02."""
     raw, data = roots
     commit(data, ["ham-2026-01-03"], "2026-01-03")
-    with pytest.raises(HistoryOrderError, match=r"dated 2026-01-02 but the newest manifest .* for 2026-01-03"):
+    with pytest.raises(
+        HistoryOrderError, match=r"dated 2026-01-02 but the newest manifest .* for 2026-01-03"
+    ):
         resolve("backfill", day(2026, 1, 2))
     assert not (data / "runs").exists()
     # Nothing new: no history is rewritten, the run just proceeds no further.
     assert resolve("backfill", day(2026, 1, 3))["proceed"] is False
     # In a run dated today the late drop can still be processed.
-    assert resolve("manual", day(2026, 1, 9), {"drops": ["ham-2026-01-02"]})["new_drops"] == ["ham-2026-01-02"]
+    assert resolve("manual", day(2026, 1, 9), {"drops": ["ham-2026-01-02"]})["new_drops"] == [
+        "ham-2026-01-02"
+    ]
     check_history_order({"logical_date": "2026-01-03"}, "2026-01-03", ["x"])  # same date: fine
     check_history_order({"logical_date": None}, "2026-01-01", ["x"])  # undated manifests: nothing to compare
 

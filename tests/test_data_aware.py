@@ -32,11 +32,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_runs import airflow_binary, free_port, manifests, snapshot, stop_process_group
 
-from airflow_server import api_server_env
 from melanoma.demo import airflow_env
 from melanoma.synthetic import write_drop
-from test_runs import airflow_binary, free_port, manifests, snapshot, stop_process_group
+
+from airflow_server import api_server_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -57,26 +58,38 @@ class Standalone:
         self.root, self.raw, self.home, self.data = root, raw, root / "airflow", root / "data"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = airflow_env(self.home, str(self.data), str(raw), {
-            **api_server_env("127.0.0.1", self.port),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-            # The schedule stays on (asset-triggered runs are created by the same loop), so unpausing
-            # the ingest DAG also makes today's scheduled run (2026-12-01's interval here: no drop).
-            # An execution-API hiccup gets one retry, soon: tasks of the backfill's runs created before
-            # standalone starts can be sent before its API server listens ("connection refused").
-            "MELANOMA_TASK_RETRIES": "1",
-            "MELANOMA_TASK_RETRY_DELAY_S": "5",
-            # The retraining policy as a deployment sets it (asset-triggered runs carry no conf).
-            "MELANOMA_RETRAIN_POLICY": "min_new",
-            "MELANOMA_RETRAIN_MIN_NEW_IMAGES": str(MIN_NEW_IMAGES),
-        })
+        self.env = airflow_env(
+            self.home,
+            str(self.data),
+            str(raw),
+            {
+                **api_server_env("127.0.0.1", self.port),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+                # The schedule stays on (asset-triggered runs are created by the same loop), so unpausing
+                # the ingest DAG also makes today's scheduled run (2026-12-01's interval here: no drop).
+                # An execution-API hiccup gets one retry, soon: tasks of the backfill's runs created before
+                # standalone starts can be sent before its API server listens ("connection refused").
+                "MELANOMA_TASK_RETRIES": "1",
+                "MELANOMA_TASK_RETRY_DELAY_S": "5",
+                # The retraining policy as a deployment sets it (asset-triggered runs carry no conf).
+                "MELANOMA_RETRAIN_POLICY": "min_new",
+                "MELANOMA_RETRAIN_MIN_NEW_IMAGES": str(MIN_NEW_IMAGES),
+            },
+        )
         self.cli_log, self.log_path = root / "airflow-cli.log", root / "standalone.log"
         self.process: subprocess.Popen | None = None
         self.token: str | None = None
 
     def airflow(self, *args: str) -> subprocess.CompletedProcess:
-        result = subprocess.run([airflow_binary(), *args], env=self.env, cwd=ROOT, text=True, timeout=300,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            [airflow_binary(), *args],
+            env=self.env,
+            cwd=ROOT,
+            text=True,
+            timeout=300,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         with open(self.cli_log, "a") as log:
             log.write(f"\n===== airflow {' '.join(args)} -> {result.returncode}\n{result.stdout}")
         assert result.returncode == 0, result.stdout[-3000:]
@@ -84,8 +97,15 @@ class Standalone:
 
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([airflow_binary(), "standalone"], env=self.env, cwd=ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                [airflow_binary(), "standalone"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def rows(self, sql: str, *args) -> list[tuple]:
         with sqlite3.connect(self.home / "airflow.db", timeout=60) as db:
@@ -94,23 +114,51 @@ class Standalone:
     def runs(self, dag_id: str) -> list[dict]:
         """Runs in creation order, each with its task states and plan XCom."""
         runs = []
-        for run_id, run_type, state in self.rows("select run_id, run_type, state from dag_run where dag_id=? order by id", dag_id):
-            states = dict(self.rows("select task_id, state from task_instance where dag_id=? and run_id=?", dag_id, run_id))
-            xcom = dict(self.rows("select task_id, value from xcom where dag_id=? and run_id=? and key='return_value'", dag_id, run_id))
-            runs.append({"run_id": run_id, "run_type": run_type, "state": state, "states": states,
-                         **{f"{task}_xcom": json.loads(value) for task, value in xcom.items()}})
+        for run_id, run_type, state in self.rows(
+            "select run_id, run_type, state from dag_run where dag_id=? order by id", dag_id
+        ):
+            states = dict(
+                self.rows(
+                    "select task_id, state from task_instance where dag_id=? and run_id=?", dag_id, run_id
+                )
+            )
+            xcom = dict(
+                self.rows(
+                    "select task_id, value from xcom where dag_id=? and run_id=? and key='return_value'",
+                    dag_id,
+                    run_id,
+                )
+            )
+            runs.append(
+                {
+                    "run_id": run_id,
+                    "run_type": run_type,
+                    "state": state,
+                    "states": states,
+                    **{f"{task}_xcom": json.loads(value) for task, value in xcom.items()},
+                }
+            )
         return runs
 
     def fail_fast(self) -> None:
         """A failed task (or a dead standalone) fails the test at once, with the task's log tail."""
-        assert self.process is not None and self.process.poll() is None, \
+        assert self.process is not None and self.process.poll() is None, (
             f"airflow standalone exited:\n{self.log_path.read_text(errors='replace')[-4000:]}"
-        failed = self.rows("select dag_id, run_id, task_id from task_instance where state in ('failed', 'upstream_failed')")
+        )
+        failed = self.rows(
+            "select dag_id, run_id, task_id from task_instance where state in ('failed', 'upstream_failed')"
+        )
         if failed:
             tails = []
             for dag_id, run_id, task_id in failed:
-                logs = sorted(self.home.glob(f"logs/dag_id={dag_id}/run_id={run_id}/task_id={task_id}/**/*.log"), key=lambda p: p.stat().st_mtime)
-                tails.append(f"--- {dag_id} {run_id} {task_id}: " + (logs[-1].read_text(errors="replace")[-3000:] if logs else "no log"))
+                logs = sorted(
+                    self.home.glob(f"logs/dag_id={dag_id}/run_id={run_id}/task_id={task_id}/**/*.log"),
+                    key=lambda p: p.stat().st_mtime,
+                )
+                tails.append(
+                    f"--- {dag_id} {run_id} {task_id}: "
+                    + (logs[-1].read_text(errors="replace")[-3000:] if logs else "no log")
+                )
             pytest.fail(f"task(s) failed: {failed}\n" + "\n".join(tails) + f"\nsee {self.log_path}")
 
     def wait_for(self, predicate, what: str, timeout: float = TIMEOUT_S):
@@ -121,15 +169,21 @@ class Standalone:
             if value:
                 return value
             time.sleep(3)
-        pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; ingest runs {self.runs(INGEST)}; "
-                    f"train runs {self.runs(TRAIN)}; see {self.log_path}")
+        pytest.fail(
+            f"timed out after {timeout:.0f} s waiting for {what}; ingest runs {self.runs(INGEST)}; "
+            f"train runs {self.runs(TRAIN)}; see {self.log_path}"
+        )
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(self.base + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers=headers, method=method)
+        req = urllib.request.Request(
+            self.base + path,
+            data=None if body is None else json.dumps(body).encode(),
+            headers=headers,
+            method=method,
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as response:
                 return response.status, json.loads(response.read() or b"null")
@@ -138,6 +192,7 @@ class Standalone:
 
     def login(self) -> None:
         """The admin password standalone generated, exchanged for a token (what an uploader's service account does)."""
+
         def api_up():
             try:
                 return self.request("GET", "/api/v2/version")[0] == 200
@@ -146,8 +201,12 @@ class Standalone:
 
         self.wait_for(api_up, f"the API on {self.base}", timeout=300)
         password_file = self.home / "simple_auth_manager_passwords.json.generated"
-        passwords = self.wait_for(lambda: password_file.exists() and json.loads(password_file.read_text()), str(password_file), 60)
-        status, body = self.request("POST", "/auth/token", {"username": "admin", "password": passwords["admin"]})
+        passwords = self.wait_for(
+            lambda: password_file.exists() and json.loads(password_file.read_text()), str(password_file), 60
+        )
+        status, body = self.request(
+            "POST", "/auth/token", {"username": "admin", "password": passwords["admin"]}
+        )
         assert status == 201, (status, body)
         self.token = body["access_token"]
 
@@ -167,10 +226,25 @@ def standalone(tmp_path_factory):
     server.home.mkdir(parents=True)
     # Created before standalone starts: the CLI's INSERT racing the scheduler on SQLite can hit a
     # lock-upgrade deadlock ("database is locked" at once; see tests/test_runs.py).
-    for step in (("db", "migrate"), ("dags", "reserialize"), ("dags", "unpause", INGEST), ("dags", "unpause", TRAIN)):
+    for step in (
+        ("db", "migrate"),
+        ("dags", "reserialize"),
+        ("dags", "unpause", INGEST),
+        ("dags", "unpause", TRAIN),
+    ):
         server.airflow(*step)
-    server.airflow("backfill", "create", "--dag-id", INGEST, "--from-date", DAYS[0], "--to-date", DAYS[-1],
-                   "--reprocess-behavior", "failed")
+    server.airflow(
+        "backfill",
+        "create",
+        "--dag-id",
+        INGEST,
+        "--from-date",
+        DAYS[0],
+        "--to-date",
+        DAYS[-1],
+        "--reprocess-behavior",
+        "failed",
+    )
     server.start()
     try:
         yield server
@@ -185,17 +259,30 @@ def backfilled(standalone):
 
     def done():
         ingest, train = standalone.runs(INGEST), standalone.runs(TRAIN)
-        queued = standalone.rows("select count(*) from asset_dag_run_queue where target_dag_id=?", TRAIN)[0][0]
+        queued = standalone.rows("select count(*) from asset_dag_run_queue where target_dag_id=?", TRAIN)[0][
+            0
+        ]
         backfill = [r for r in ingest if r["run_type"] == "backfill"]
         # Done when every ingest run finished and the training they announced has run.
-        return (ingest, train) if len(backfill) == 5 and idle(ingest) and train and idle(train) and not queued else None
+        return (
+            (ingest, train)
+            if len(backfill) == 5 and idle(ingest) and train and idle(train) and not queued
+            else None
+        )
 
     ingest, train = standalone.wait_for(done, "the five ingest runs and the training they start")
     seconds = time.monotonic() - started
-    print(f"backfill of 5 drops: {seconds:.0f} s from standalone start to the last training's end; "
-          f"ingest runs {[r['run_type'] for r in ingest]}, {len(train)} training run(s)")
-    return {"ingest": ingest, "train": train, "seconds": seconds, "processed": snapshot(standalone.data / "processed"),
-            "manifests": manifests(standalone.data)}
+    print(
+        f"backfill of 5 drops: {seconds:.0f} s from standalone start to the last training's end; "
+        f"ingest runs {[r['run_type'] for r in ingest]}, {len(train)} training run(s)"
+    )
+    return {
+        "ingest": ingest,
+        "train": train,
+        "seconds": seconds,
+        "processed": snapshot(standalone.data / "processed"),
+        "manifests": manifests(standalone.data),
+    }
 
 
 def sequential_reference(raw: Path, out: Path) -> dict[str, str]:
@@ -208,28 +295,45 @@ def sequential_reference(raw: Path, out: Path) -> dict[str, str]:
     return snapshot(out / "processed")
 
 
-def test_a_backfill_ingests_each_drop_in_order_and_trains_once_on_all_of_them(standalone, backfilled, tmp_path):
+def test_a_backfill_ingests_each_drop_in_order_and_trains_once_on_all_of_them(
+    standalone, backfilled, tmp_path
+):
     everything, train = backfilled["ingest"], backfilled["train"]
     ingest = [r for r in everything if r["run_type"] == "backfill"]
     # Besides the backfill, at most the scheduled run of the latest interval, which has no drop.
     others = [r for r in everything if r["run_type"] != "backfill"]
-    assert [r["run_type"] for r in others] in ([], ["scheduled"]) and all(not r["plan_xcom"]["new_drops"] for r in others)
-    assert [r["state"] for r in everything] == ["success"] * len(everything), [r["states"] for r in everything]
+    assert [r["run_type"] for r in others] in ([], ["scheduled"]) and all(
+        not r["plan_xcom"]["new_drops"] for r in others
+    )
+    assert [r["state"] for r in everything] == ["success"] * len(everything), [
+        r["states"] for r in everything
+    ]
     # Each run took the drop dated in its data interval, and they ran in date order.
     assert [r["plan_xcom"]["new_drops"] for r in ingest] == [[d] for d in DROPS]
-    assert [r["plan_xcom"]["run_key"] for r in ingest] == [f"ingest-backfill__{d.replace('-', '')}T000000Z" for d in DAYS]
-    times = {(run_id, task): (start, end) for run_id, task, start, end in standalone.rows(
-        "select run_id, task_id, start_date, end_date from task_instance where dag_id=?", INGEST)}
+    assert [r["plan_xcom"]["run_key"] for r in ingest] == [
+        f"ingest-backfill__{d.replace('-', '')}T000000Z" for d in DAYS
+    ]
+    times = {
+        (run_id, task): (start, end)
+        for run_id, task, start, end in standalone.rows(
+            "select run_id, task_id, start_date, end_date from task_instance where dag_id=?", INGEST
+        )
+    }
     for before, after in zip(ingest, ingest[1:]):
         assert times[(after["run_id"], "preprocess")][0] >= times[(before["run_id"], "augment")][1]
     assert [(m["logical_date"], m["drops"]) for m in backfilled["manifests"]] == [
-        (day, DROPS[:i + 1]) for i, day in enumerate(DAYS) for _ in range(2)]
+        (day, DROPS[: i + 1]) for i, day in enumerate(DAYS) for _ in range(2)
+    ]
 
     # One announcement, by the last ingest run (the backfill's last, or the scheduled run dated after
     # it: each publish waits for the previous run's), naming version 10 and all five drops.
     assert [r["states"]["publish"] for r in ingest[:4]] == ["skipped"] * 4
-    assert sorted(r["states"]["publish"] for r in ingest[4:] + others) == ["skipped"] * len(others) + ["success"]
-    events = standalone.rows("select e.extra from asset_event e join asset a on a.id = e.asset_id where a.name='melanoma_manifest'")
+    assert sorted(r["states"]["publish"] for r in ingest[4:] + others) == ["skipped"] * len(others) + [
+        "success"
+    ]
+    events = standalone.rows(
+        "select e.extra from asset_event e join asset a on a.id = e.asset_id where a.name='melanoma_manifest'"
+    )
     assert len(events) == 1, events
     extra = json.loads(events[0][0])
     assert extra["manifest_version"] == 10 and extra["drops"] == DROPS and extra["images"] > 0
@@ -248,32 +352,54 @@ def test_a_backfill_ingests_each_drop_in_order_and_trains_once_on_all_of_them(st
     assert backfilled["processed"] == sequential_reference(standalone.raw, tmp_path / "sequential")
 
 
-def test_an_uploaders_asset_event_starts_ingestion_then_a_training_run_the_policy_skips(standalone, backfilled):
+def test_an_uploaders_asset_event_starts_ingestion_then_a_training_run_the_policy_skips(
+    standalone, backfilled
+):
     standalone.login()
-    write_drop(standalone.raw, n_images=12, seed=99, drop_id=UPLOADED, id_prefix="UPL")  # the upload, complete
+    write_drop(
+        standalone.raw, n_images=12, seed=99, drop_id=UPLOADED, id_prefix="UPL"
+    )  # the upload, complete
     status, assets = standalone.request("GET", "/api/v2/assets?name_pattern=melanoma_drops")
     assert status == 200 and assets["total_entries"] == 1, assets
-    status, event = standalone.request("POST", "/api/v2/assets/events",
-                                       {"asset_id": assets["assets"][0]["id"], "extra": {"drop_id": UPLOADED}})
+    status, event = standalone.request(
+        "POST",
+        "/api/v2/assets/events",
+        {"asset_id": assets["assets"][0]["id"], "extra": {"drop_id": UPLOADED}},
+    )
     assert status == 200, (status, event)
     trained_before = len(backfilled["train"])
 
     def ingested_and_trained():
         ingest, train = standalone.runs(INGEST), standalone.runs(TRAIN)
         news = [r for r in ingest if r["run_type"] == "asset_triggered"]
-        return (news, train[trained_before:]) if news and idle(news) and len(train) > trained_before and idle(train) else None
+        return (
+            (news, train[trained_before:])
+            if news and idle(news) and len(train) > trained_before and idle(train)
+            else None
+        )
 
-    ingest, train = standalone.wait_for(ingested_and_trained, "the uploaded drop's ingest run and the training run it starts")
+    ingest, train = standalone.wait_for(
+        ingested_and_trained, "the uploaded drop's ingest run and the training run it starts"
+    )
     assert len(ingest) == 1 and ingest[0]["state"] == "success", ingest
     plan = ingest[0]["plan_xcom"]
     assert plan["drops"] == [UPLOADED] and plan["new_drops"] == [UPLOADED], plan
     assert ingest[0]["states"]["publish"] == "success"
 
-    assert len(train) == 1 and train[0]["run_type"] == "asset_triggered" and train[0]["state"] == "success", train
+    assert len(train) == 1 and train[0]["run_type"] == "asset_triggered" and train[0]["state"] == "success", (
+        train
+    )
     decision = train[0]["plan_xcom"]
     newest = manifests(standalone.data)[-1]
-    assert decision["manifest_version"] == newest["version"] > 10 and UPLOADED in newest["drops"] == decision["drops"]
-    assert decision["policy"] == {"policy": "min_new", "min_new_images": MIN_NEW_IMAGES, "min_new_melanomas": 0}
+    assert (
+        decision["manifest_version"] == newest["version"] > 10
+        and UPLOADED in newest["drops"] == decision["drops"]
+    )
+    assert decision["policy"] == {
+        "policy": "min_new",
+        "min_new_images": MIN_NEW_IMAGES,
+        "min_new_melanomas": 0,
+    }
     assert decision["last_model"]["manifest_version"] == 10 and not decision["proceed"]
     assert "12 new images" in decision["reason"] and "not reached" in decision["reason"], decision["reason"]
     assert train[0]["states"]["should_train"] == "success"

@@ -13,10 +13,19 @@ def test_embedded_airflow_waits_for_sqlite_locks_longer_than_sqlite_default(tmp_
     # Read back through Airflow's own config, in a fresh process with exactly that environment:
     # a wrong import path or a value Airflow ignores fails here, not as a flaky "database is locked".
     env = airflow_env(tmp_path / "airflow", str(tmp_path / "data"), str(tmp_path / "raw"))
-    code = ("import json; from airflow.configuration import conf; "
-            "print(json.dumps(conf.getimport('database', 'sql_alchemy_connect_args')))")
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    code = (
+        "import json; from airflow.configuration import conf; "
+        "print(json.dumps(conf.getimport('database', 'sql_alchemy_connect_args')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=PROJECT_ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     connect_args = json.loads(result.stdout.strip().splitlines()[-1])
     assert connect_args["timeout"] >= 30  # seconds; sqlite3 defaults to 5
@@ -26,8 +35,15 @@ def test_embedded_airflow_waits_for_the_execution_api_longer_than_a_sqlite_lock(
     """Issue #20: under load the workers' 5 s default timed out (httpx.ReadTimeout) before ``plan`` ran."""
     env = airflow_env(tmp_path / "airflow", str(tmp_path / "data"), str(tmp_path / "raw"))
     code = "from airflow.sdk.api import client; print(client.API_TIMEOUT)"  # what the task SDK's client uses
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=PROJECT_ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=PROJECT_ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     from melanoma.demo import SQLITE_CONNECT_ARGS
 

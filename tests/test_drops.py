@@ -56,7 +56,9 @@ def scan(corpus) -> DropScan:
 
 def entries_for(scan: DropScan, image_id: str) -> list[QuarantineEntry]:
     """Quarantine entries about ``image_id`` (by id, or by a key whose file stem is the id)."""
-    return [e for e in scan.quarantined if e.item == image_id or Path(e.item).stem == image_id and "/" in e.item]
+    return [
+        e for e in scan.quarantined if e.item == image_id or Path(e.item).stem == image_id and "/" in e.item
+    ]
 
 
 def counted_inputs(drop: Path) -> int:
@@ -64,7 +66,11 @@ def counted_inputs(drop: Path) -> int:
     with open(drop / "HAM10000_metadata.csv", newline="") as handle:
         rows = list(csv.reader(handle))[1:]
     row_ids = {row[1] for row in rows}
-    files = [p for p in drop.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".png") and not p.name.endswith("_segmentation.png")]
+    files = [
+        p
+        for p in drop.rglob("*")
+        if p.is_file() and p.suffix.lower() in (".jpg", ".png") and not p.name.endswith("_segmentation.png")
+    ]
     paired = {p.stem for p in files} & row_ids
     return len(rows) + len(files) - len(paired)
 
@@ -98,7 +104,11 @@ def test_accounting_invariant_holds_and_matches_an_independent_count(corpus, sca
     # One entry per input, and no input both accepted and quarantined.
     accepted = {item.image_id for item in scan.inputs}
     assert len(accepted) == len(scan.inputs)
-    assert not accepted & {e.item for e in scan.quarantined if e.reason in ("missing-image", "image-id-path", "bad-metadata", "unknown-dx")}
+    assert not accepted & {
+        e.item
+        for e in scan.quarantined
+        if e.reason in ("missing-image", "image-id-path", "bad-metadata", "unknown-dx")
+    }
 
 
 def test_inputs_are_sorted_and_complete(scan):
@@ -139,7 +149,9 @@ def test_scan_on_s3_matches_local(corpus, scan):
         client.create_bucket(Bucket="raw")
         for path in (root / DROP).rglob("*"):
             if path.is_file():
-                client.put_object(Bucket="raw", Key=f"landing/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
+                client.put_object(
+                    Bucket="raw", Key=f"landing/{path.relative_to(root).as_posix()}", Body=path.read_bytes()
+                )
         s3 = S3Storage("raw", "landing")
         s3._client = client
         assert list_drops(s3) == [DROP]
@@ -151,7 +163,10 @@ def test_scan_on_s3_matches_local(corpus, scan):
 
 def write_isic(drop: Path, image_id: str, diagnosis: str | None, *, image: bool = True, **clinical) -> None:
     drop.mkdir(parents=True, exist_ok=True)
-    meta = {"clinical": {"diagnosis": diagnosis, "age_approx": 40, "sex": "male", **clinical}, "acquisition": {}}
+    meta = {
+        "clinical": {"diagnosis": diagnosis, "age_approx": 40, "sex": "male", **clinical},
+        "acquisition": {},
+    }
     (drop / f"{image_id}.json").write_text(json.dumps({"name": image_id, "meta": meta}))
     if image:
         (drop / f"{image_id}.jpg").write_bytes(jpeg_bytes(synthetic_lesion(64, 48, seed=1)))

@@ -14,6 +14,7 @@ import boto3
 import pytest
 
 from melanoma.demo import airflow_env, run_dag
+
 from ham_drop import metadata_csv, metadata_rows, pick_images, upload_images
 
 pytestmark = pytest.mark.e2e
@@ -28,8 +29,13 @@ def upload_drop(s3, bucket: str, ham10000_dir) -> list[dict]:
     upload_images(s3, bucket, prefix, ham10000_dir, chosen)
     # Two bad inputs: a truncated JPEG with its row, and a row whose image never arrived.
     good = (ham10000_dir / "images" / f"{chosen[0]['image_id']}.jpg").read_bytes()
-    s3.put_object(Bucket=bucket, Key=f"{prefix}/HAM10000_images_part_2/ISIC_9999999.jpg", Body=good[: len(good) // 3])
-    extra = [dict(chosen[0], lesion_id="HAM_9999999", image_id="ISIC_9999999"), dict(chosen[0], lesion_id="HAM_9999998", image_id="ISIC_9999998")]
+    s3.put_object(
+        Bucket=bucket, Key=f"{prefix}/HAM10000_images_part_2/ISIC_9999999.jpg", Body=good[: len(good) // 3]
+    )
+    extra = [
+        dict(chosen[0], lesion_id="HAM_9999999", image_id="ISIC_9999999"),
+        dict(chosen[0], lesion_id="HAM_9999998", image_id="ISIC_9999998"),
+    ]
     s3.put_object(Bucket=bucket, Key=f"{prefix}/HAM10000_metadata.csv", Body=metadata_csv(chosen + extra))
     return chosen
 
@@ -47,7 +53,11 @@ def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
     (tmp_path / "dags_test.log").write_text(result.stdout)
     assert result.returncode == 0, result.stdout[-6000:]
 
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket) for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        for o in page.get("Contents", [])
+    ]
     manifests = sorted(k for k in keys if k.startswith("data/processed/manifest-"))
     assert len(manifests) == 2, manifests  # preprocess, then augment
     manifest = read_json(s3, s3_bucket, manifests[-1])
@@ -55,17 +65,35 @@ def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
     assert accounting["inputs"] == len(chosen) + 2
     assert accounting["written"] == len(chosen)
     assert accounting["quarantined"] == 2
-    quarantine = [json.loads(line) for line in s3.get_object(Bucket=s3_bucket, Key=f"data/{accounting['quarantine_key']}")["Body"].read().splitlines()]
-    assert {(q["item"], q["reason"]) for q in quarantine} == {("ISIC_9999999", "truncated"), ("ISIC_9999998", "missing-image")}
+    quarantine = [
+        json.loads(line)
+        for line in s3.get_object(Bucket=s3_bucket, Key=f"data/{accounting['quarantine_key']}")["Body"]
+        .read()
+        .splitlines()
+    ]
+    assert {(q["item"], q["reason"]) for q in quarantine} == {
+        ("ISIC_9999999", "truncated"),
+        ("ISIC_9999998", "missing-image"),
+    }
     for shard in manifest["shards"]:
         assert f"data/{shard['key']}" in keys
     n_train_mel = manifest["counts"]["train"]["1"]
     assert manifest["augmented_counts"]["train"]["1"] == 2 * n_train_mel > 0
-    assert manifest["augmented_counts"]["val"] == {"0": 0, "1": 0} and manifest["augmented_counts"]["test"] == {"0": 0, "1": 0}
+    assert manifest["augmented_counts"]["val"] == {"0": 0, "1": 0} and manifest["augmented_counts"][
+        "test"
+    ] == {"0": 0, "1": 0}
 
     run_prefix = "data/runs/manual__20260101T000000Z"
-    for key in ["model/model.keras", "model/history.json", "model/config.json", "model/provenance.json",
-                "eval/metrics.json", "eval/predictions.csv", "gradcam/gradcam_summary.json", "report.html"]:
+    for key in [
+        "model/model.keras",
+        "model/history.json",
+        "model/config.json",
+        "model/provenance.json",
+        "eval/metrics.json",
+        "eval/predictions.csv",
+        "gradcam/gradcam_summary.json",
+        "report.html",
+    ]:
         assert f"{run_prefix}/{key}" in keys, key
     assert any(k.startswith(f"{run_prefix}/eval/") and k.endswith(".png") for k in keys)
     assert any(k.startswith(f"{run_prefix}/gradcam/overlays/") for k in keys)
@@ -75,8 +103,12 @@ def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
 
     # The threshold travelled by XCom: read what evaluate pushed from Airflow's own database.
     db = sqlite3.connect(tmp_path / "airflow" / "airflow.db")
-    xcoms = {task: json.loads(value) for task, value in db.execute(
-        "select task_id, value from xcom where dag_id='melanoma_pipeline' and key='return_value'")}
+    xcoms = {
+        task: json.loads(value)
+        for task, value in db.execute(
+            "select task_id, value from xcom where dag_id='melanoma_pipeline' and key='return_value'"
+        )
+    }
     pushed = xcoms["evaluate"]
     assert pushed["chosen_on"] == "val" and pushed["strategy"] == "youden"
     assert pushed["threshold"] == metrics["threshold"]["value"]

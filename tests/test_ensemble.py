@@ -56,7 +56,9 @@ def test_ensemble_of_one_model_twice_explains_like_the_model(members, images):
     # halved, two copies added: the scaling to peak 1 leaves the single model's map).
     member = members[0]
     twice = build_ensemble([member, member])
-    np.testing.assert_allclose(twice.predict(images, verbose=0), member.predict(images, verbose=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        twice.predict(images, verbose=0), member.predict(images, verbose=0), rtol=1e-4, atol=1e-6
+    )
     single_maps = gradcam_heatmaps(member, images, gradcam_layer_names(member))
     twice_maps = gradcam_heatmaps(twice, images, gradcam_layer_names(twice))
     assert twice_maps.shape == single_maps.shape == (5, 7, 7)
@@ -78,7 +80,10 @@ def test_ensemble_heatmap_each_is_the_mean_of_the_members_own_maps(members, imag
 
     ensemble = build_ensemble(members)
     # Each member's own Grad-CAM, before the per-image scaling to peak 1.
-    own = [cam_step(m, gradcam_layer_names(m), images.shape, tf.uint8, False)(tf.constant(images)).numpy() for m in members]
+    own = [
+        cam_step(m, gradcam_layer_names(m), images.shape, tf.uint8, False)(tf.constant(images)).numpy()
+        for m in members
+    ]
     each = gradcam_heatmaps(ensemble, images, gradcam_layer_names(ensemble), combine_layers="each")
     np.testing.assert_allclose(each, normalise_maps((own[0] + own[1]) / 2), atol=1e-4)
     joint = gradcam_heatmaps(ensemble, images, gradcam_layer_names(ensemble), combine_layers="joint")
@@ -106,6 +111,11 @@ def test_ensemble_cli_combines_saved_models(members, images, tmp_path, capsys):
     out = tmp_path / "out" / "model.keras"
     assert main(["ensemble", "--member", paths[0], "--member", paths[1], "--output", str(out)]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(RESULT_PREFIX)][-1]
-    assert json.loads(line[len(RESULT_PREFIX):])["members"] == paths
+    assert json.loads(line[len(RESULT_PREFIX) :])["members"] == paths
     loaded = keras.models.load_model(out)
-    np.testing.assert_allclose(loaded.predict(images, verbose=0), build_ensemble(members).predict(images, verbose=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        loaded.predict(images, verbose=0),
+        build_ensemble(members).predict(images, verbose=0),
+        rtol=1e-5,
+        atol=1e-7,
+    )

@@ -110,6 +110,7 @@ def test_optimistic_block_is_marked_and_test_picked(dataset, evaluated):
     assert "optimistic" in optimistic["warning"].lower()
     assert optimistic["threshold"] == m.choose_threshold(*arrays(test), "youden")
     assert optimistic["threshold"] != evaluated["threshold"]["value"]
+
     # Picking on test can only flatter Youden's J on test.
     def youden(binary):
         return binary["sensitivity"] + binary["specificity"] - 1
@@ -202,8 +203,16 @@ def test_read_predictions_csv(tmp_path):
     )
     rows = ev.read_predictions_csv(text.encode())
     assert rows[0] == {
-        "image_id": "ISIC_1", "lesion_id": "L1", "split": "val", "label": 1, "dx": "mel",
-        "probability": 0.83, "age": 55.0, "sex": "male", "localization": "back", "source": "ham10000",
+        "image_id": "ISIC_1",
+        "lesion_id": "L1",
+        "split": "val",
+        "label": 1,
+        "dx": "mel",
+        "probability": 0.83,
+        "age": 55.0,
+        "sex": "male",
+        "localization": "back",
+        "source": "ham10000",
     }
     assert (rows[1]["age"], rows[1]["sex"], rows[1]["localization"]) == (None, None, None)
     path = tmp_path / "predictions.csv"
@@ -261,11 +270,20 @@ def _tiny_rows():
     rows = []
     for split, scores in (("val", (0.2, 0.4, 0.6, 0.9)), ("test", (0.3, 0.5, 0.45, 0.95))):
         for i, (label, score) in enumerate(zip((0, 0, 1, 1), scores)):
-            rows.append({
-                "image_id": f"{split}{i}", "lesion_id": f"{split}L{i // 2}", "split": split,
-                "label": label, "dx": None, "probability": score, "age": None, "sex": None,
-                "localization": None, "source": None,
-            })
+            rows.append(
+                {
+                    "image_id": f"{split}{i}",
+                    "lesion_id": f"{split}L{i // 2}",
+                    "split": split,
+                    "label": label,
+                    "dx": None,
+                    "probability": score,
+                    "age": None,
+                    "sex": None,
+                    "localization": None,
+                    "source": None,
+                }
+            )
     return rows
 
 
@@ -281,7 +299,9 @@ def test_plots_on_tiny_input(tmp_path):
     names = [p.name for p in plots.plot_all(stripped, None, tmp_path / "c")]
     assert names == [plots.FILENAMES["confusion_0.5"], plots.FILENAMES["confusion_threshold"]]
     # On tiny sets a percentile interval can exclude its point estimate; error bars must cope.
-    skewed = dict(result, test=dict(result["test"], sensitivity={"value": 0.5, "ci_low": 0.6, "ci_high": 0.9}))
+    skewed = dict(
+        result, test=dict(result["test"], sensitivity={"value": 0.5, "ci_low": 0.6, "ci_high": 0.9})
+    )
     assert plots.plot_roc(skewed, result["test"]["curves"], tmp_path / "roc.png").stat().st_size > 0
 
 
@@ -298,14 +318,20 @@ def test_lesion_pooling_scores_every_image_by_its_lesion(dataset):
     test_labels, test_pooled, test_raw = pooled_arrays("test")
     assert pooled_doc["threshold"]["value"] == m.choose_threshold(val_labels, val_pooled, "youden")
     assert pooled_doc["test"]["auroc"]["value"] == pytest.approx(roc_auc_score(test_labels, test_pooled))
-    assert pooled_doc["test"]["at_threshold"] == m.binary_metrics(test_labels, test_pooled, pooled_doc["threshold"]["value"])
+    assert pooled_doc["test"]["at_threshold"] == m.binary_metrics(
+        test_labels, test_pooled, pooled_doc["threshold"]["value"]
+    )
     # Still one row per image; the unpooled numbers are kept beside the pooled ones.
     assert pooled_doc["test"]["n_images"] == plain_doc["test"]["n_images"] == test_labels.size
     assert pooled_doc["scores"]["pooling"] == "lesion"
     per_image = pooled_doc["scores"]["per_image"]
     assert per_image["test"]["auroc"]["value"] == pytest.approx(roc_auc_score(test_labels, test_raw))
     assert per_image["test"]["auroc"]["value"] == plain_doc["test"]["auroc"]["value"]
-    assert per_image["test"]["auroc"]["ci_low"] < per_image["test"]["auroc"]["value"] < per_image["test"]["auroc"]["ci_high"]
+    assert (
+        per_image["test"]["auroc"]["ci_low"]
+        < per_image["test"]["auroc"]["value"]
+        < per_image["test"]["auroc"]["ci_high"]
+    )
     assert per_image["val"]["auprc"] == plain_doc["threshold"]["val"]["auprc"]
     assert pooled_doc["test"]["auroc"]["value"] != plain_doc["test"]["auroc"]["value"]
     assert plain_doc["scores"] == {"pooling": "none", "rule": ev.POOLING_RULES["none"]}
@@ -316,7 +342,16 @@ def test_lesion_pooling_stays_within_each_set():
     val = make_rows("val", 60, seed=4)
     test = make_rows("test", 60, seed=5)
     # The external set reuses val's lesion ids: its images must not be pooled with val's.
-    external = [{**r, "image_id": "x" + r["image_id"], "split": "external", "source": "clinic", "probability": 1 - r["probability"]} for r in val]
+    external = [
+        {
+            **r,
+            "image_id": "x" + r["image_id"],
+            "split": "external",
+            "source": "clinic",
+            "probability": 1 - r["probability"],
+        }
+        for r in val
+    ]
     doc = ev.evaluate_predictions(val + test + external, n_boot=100, pooling="lesion")
     labels, scores = arrays(external)
     pooled = m.lesion_pooled_scores(scores, [r["lesion_id"] for r in external])

@@ -126,7 +126,9 @@ def test_padded_last_batch_and_one_trace(plusplus, monkeypatch):
     monkeypatch.setattr(gradcam, "cam_step", lambda *a, **k: steps.append(build(*a, **k)) or steps[-1])
 
     batched = gradcam_heatmaps(model, images, "conv", batch_size=3, plusplus=plusplus)
-    one_by_one = np.concatenate([gradcam_heatmaps(model, images[i : i + 1], "conv", plusplus=plusplus) for i in range(7)])
+    one_by_one = np.concatenate(
+        [gradcam_heatmaps(model, images[i : i + 1], "conv", plusplus=plusplus) for i in range(7)]
+    )
 
     np.testing.assert_allclose(batched, one_by_one, atol=1e-6)
     assert steps[0].experimental_get_tracing_count() == 1
@@ -149,11 +151,15 @@ def test_compiled_maps_match_the_numpy_reference(plusplus):
     weights = gradcam.channel_weights(maps, grads, plusplus)
     expected = gradcam.normalise_maps(np.maximum(np.einsum("nhwc,nc->nhw", maps, weights), 0.0))
 
-    np.testing.assert_allclose(gradcam_heatmaps(model, images, "conv", plusplus=plusplus), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        gradcam_heatmaps(model, images, "conv", plusplus=plusplus), expected, atol=1e-6
+    )
 
 
 def test_no_images_gives_an_empty_stack():
-    assert gradcam_heatmaps(bright_patch_model(stride=2), np.zeros((0, SIZE, SIZE, 3), np.uint8), "conv").shape == (0, 16, 16)
+    assert gradcam_heatmaps(
+        bright_patch_model(stride=2), np.zeros((0, SIZE, SIZE, 3), np.uint8), "conv"
+    ).shape == (0, 16, 16)
 
 
 def test_gradcam_plusplus_weights_match_the_closed_form():
@@ -266,14 +272,20 @@ def test_summarise_focus_counts_and_means():
 
 
 def test_lesion_focus_check_compares_melanoma_maps_with_a_uniform_map():
-    on = summarise_focus([_row(1, "TP", 0.5, True, area=0.3), _row(1, "FN", 0.3, False, area=0.3), _row(0, "TN", 0.0, False)])
+    on = summarise_focus(
+        [_row(1, "TP", 0.5, True, area=0.3), _row(1, "FN", 0.3, False, area=0.3), _row(0, "TN", 0.0, False)]
+    )
     check = lesion_focus_check(on)
     assert check["on_lesion"] is True and check["n_scored"] == 2
-    assert check["energy_inside_mean"] == pytest.approx(0.4) and check["lesion_area_share_mean"] == pytest.approx(0.3)
+    assert check["energy_inside_mean"] == pytest.approx(0.4) and check[
+        "lesion_area_share_mean"
+    ] == pytest.approx(0.3)
     # Melanoma maps no better than uniform fail, however well the other class's maps do.
     off = summarise_focus([_row(1, "TP", 0.1, False, area=0.3), _row(0, "TN", 0.9, True)])
     assert lesion_focus_check(off)["on_lesion"] is False
-    assert lesion_focus_check(summarise_focus([_row(1, "TP", None, None, has_mask=False)]))["on_lesion"] is None
+    assert (
+        lesion_focus_check(summarise_focus([_row(1, "TP", None, None, has_mask=False)]))["on_lesion"] is None
+    )
 
 
 def test_select_gallery_confident_and_borderline():
@@ -323,7 +335,15 @@ def test_run_gradcam_end_to_end(tmp_path):
     payload = {"threshold": 0.5, "strategy": "youden", "chosen_on": "val", "test": {"auroc": 0.9}}
     storage = LocalStorage(tmp_path)
 
-    result = run_gradcam(bright_patch_model(size, stride), shard, predictions, payload, storage, "runs/r1/gradcam", layer_name="conv")
+    result = run_gradcam(
+        bright_patch_model(size, stride),
+        shard,
+        predictions,
+        payload,
+        storage,
+        "runs/r1/gradcam",
+        layer_name="conv",
+    )
 
     assert result["threshold"] == 0.5 and result["strategy"] == "youden"
     assert result["n_images"] == 5 and result["n_without_mask"] == 2
@@ -344,7 +364,9 @@ def test_run_gradcam_end_to_end(tmp_path):
     assert summary["focus"]["n_without_mask"] == 2 and summary["focus"]["n_empty_heatmap"] == 1
     assert summary["focus"]["by_outcome"]["TP"]["pointing_hit_rate"] == 1.0
     # Melanomas: ISIC_1's map is on its lesion, ISIC_2's is not; their mean beats the area share.
-    assert summary["lesion_focus_check"]["n_scored"] == 2 and summary["lesion_focus_check"]["on_lesion"] is True
+    assert (
+        summary["lesion_focus_check"]["n_scored"] == 2 and summary["lesion_focus_check"]["on_lesion"] is True
+    )
     assert result["melanoma_maps_on_lesion"] is True
 
     # Every image is in a group of at most 2, so all five are in the gallery, with overlays.
@@ -355,14 +377,24 @@ def test_run_gradcam_end_to_end(tmp_path):
         png = cv2.imdecode(np.frombuffer(storage.read_bytes(key), np.uint8), cv2.IMREAD_COLOR)
         assert png.shape == (size, 2 * size, 3)
     first = next(g for g in summary["gallery"] if g["image_id"] == "ISIC_1")
-    side_by_side = cv2.imdecode(np.frombuffer(storage.read_bytes(first["overlay_key"]), np.uint8), cv2.IMREAD_COLOR)
+    side_by_side = cv2.imdecode(
+        np.frombuffer(storage.read_bytes(first["overlay_key"]), np.uint8), cv2.IMREAD_COLOR
+    )
     np.testing.assert_array_equal(side_by_side[:, :size, ::-1], images[0])  # left half: the original
 
 
 def test_run_gradcam_refuses_images_without_prediction(tmp_path):
     shard = Shard(patch_images([(0, 0)]), np.zeros((1, SIZE, SIZE), np.uint8), _records(["x"], [1], [False]))
     with pytest.raises(ValueError, match="no prediction"):
-        run_gradcam(bright_patch_model(), shard, {}, {"threshold": 0.5}, LocalStorage(tmp_path), "g", layer_name="conv")
+        run_gradcam(
+            bright_patch_model(),
+            shard,
+            {},
+            {"threshold": 0.5},
+            LocalStorage(tmp_path),
+            "g",
+            layer_name="conv",
+        )
 
 
 @pytest.mark.slow

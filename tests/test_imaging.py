@@ -20,14 +20,14 @@ from melanoma.imaging import (
     NOTES,
     REASONS,
     RejectedImage,
+    colour_constancy_of,
     decode_mask,
     decode_rgb,
     jpeg_scale_factor,
-    colour_constancy_of,
     preprocess_image_bytes,
-    shades_of_gray,
     read_image_header,
     resize_for_model,
+    shades_of_gray,
 )
 from melanoma.storage import LocalStorage
 
@@ -94,7 +94,11 @@ def test_every_input_of_the_bad_corpus_gets_its_verdict(corpus):
         written[item.image_id] = notes
 
     def reasons_of(image_id: str) -> set[str]:
-        return {reason for item, reason in quarantined if item == image_id or "/" in item and Path(item).stem == image_id}
+        return {
+            reason
+            for item, reason in quarantined
+            if item == image_id or "/" in item and Path(item).stem == image_id
+        }
 
     for image_id, outcome in expected.items():
         if outcome in DECODE_REASONS | SCAN_REASONS:
@@ -102,10 +106,21 @@ def test_every_input_of_the_bad_corpus_gets_its_verdict(corpus):
         elif outcome == "ok":
             assert written[image_id] == [], (image_id, written.get(image_id))
         else:
-            assert outcome in NOTES and outcome in written[image_id], (image_id, outcome, written.get(image_id))
+            assert outcome in NOTES and outcome in written[image_id], (
+                image_id,
+                outcome,
+                written.get(image_id),
+            )
     assert scan.n_inputs == len(written) + len(quarantined)
     assert DECODE_REASONS <= set(expected.values())
-    assert {"png-content", "alpha-dropped", "grayscale->rgb", "cmyk->rgb", "16bit->8bit", "exif-rotated"} <= set(expected.values())
+    assert {
+        "png-content",
+        "alpha-dropped",
+        "grayscale->rgb",
+        "cmyk->rgb",
+        "16bit->8bit",
+        "exif-rotated",
+    } <= set(expected.values())
 
 
 # --- rejections ------------------------------------------------------------------------
@@ -113,9 +128,15 @@ def test_every_input_of_the_bad_corpus_gets_its_verdict(corpus):
 
 def test_rejection_carries_reason_message_and_survives_pickling():
     error = RejectedImage("truncated", "cut at byte 10")
-    assert (error.reason, error.message, str(error)) == ("truncated", "cut at byte 10", "truncated: cut at byte 10")
+    assert (error.reason, error.message, str(error)) == (
+        "truncated",
+        "cut at byte 10",
+        "truncated: cut at byte 10",
+    )
     again = pickle.loads(pickle.dumps(error))
-    assert isinstance(again, RejectedImage) and again.reason == "truncated" and again.message == "cut at byte 10"
+    assert (
+        isinstance(again, RejectedImage) and again.reason == "truncated" and again.message == "cut at byte 10"
+    )
     assert isinstance(error, ValueError)
     with pytest.raises(ValueError, match="unknown rejection reason"):
         RejectedImage("typo", "x")
@@ -124,7 +145,9 @@ def test_rejection_carries_reason_message_and_survives_pickling():
 def test_empty_text_and_garbage(lesion):
     assert rejection(b"") == "empty-file"
     assert rejection(b"just some text, named .jpg\n") == "not-an-image"
-    assert rejection(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()) == "not-an-image"
+    assert (
+        rejection(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()) == "not-an-image"
+    )
 
 
 def test_truncated_jpeg_at_any_point_is_refused(lesion):
@@ -154,9 +177,15 @@ def test_decompression_bombs_are_refused_before_any_decoding(monkeypatch, lesion
 
     monkeypatch.setattr(imaging.cv2, "imdecode", no_decoding)
     assert rejection(png_bomb()) == "decompression-bomb"
-    assert rejection(pil_bytes(Image.new("L", (8000, 8000)), "PNG"), max_pixels=1_000_000) == "decompression-bomb"
+    assert (
+        rejection(pil_bytes(Image.new("L", (8000, 8000)), "PNG"), max_pixels=1_000_000)
+        == "decompression-bomb"
+    )
     # Formats read through Pillow's lazy header are checked the same way.
-    assert rejection(pil_bytes(Image.new("RGB", (2000, 1000)), "BMP"), max_pixels=1_000_000) == "decompression-bomb"
+    assert (
+        rejection(pil_bytes(Image.new("RGB", (2000, 1000)), "BMP"), max_pixels=1_000_000)
+        == "decompression-bomb"
+    )
     assert MAX_PIXELS == 60_000_000
 
 
@@ -203,7 +232,9 @@ def test_headers_match_pillow_without_decoding(lesion):
 
 def test_other_formats_decode_with_a_content_note(lesion):
     for fmt, note in (("WEBP", "webp-content"), ("BMP", "bmp-content"), ("TIFF", "tiff-content")):
-        rgb, notes = decode_rgb(pil_bytes(Image.fromarray(lesion), fmt, **({"lossless": True} if fmt == "WEBP" else {})))
+        rgb, notes = decode_rgb(
+            pil_bytes(Image.fromarray(lesion), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        )
         assert notes == [note] and np.array_equal(rgb, lesion), fmt
     rgb, notes = decode_rgb(pil_bytes(Image.fromarray(lesion).convert("CMYK"), "TIFF"))
     assert notes == ["tiff-content", "cmyk->rgb"] and np.abs(rgb.astype(int) - lesion).max() <= 2
@@ -269,7 +300,9 @@ def test_grayscale_cmyk_alpha_and_16bit_conversions(lesion):
 
     palette = Image.fromarray(lesion).convert("P", palette=Image.ADAPTIVE)
     rgb, notes = decode_rgb(pil_bytes(palette, "PNG"))
-    assert notes == ["png-content", "palette->rgb"] and np.array_equal(rgb, np.asarray(palette.convert("RGB")))
+    assert notes == ["png-content", "palette->rgb"] and np.array_equal(
+        rgb, np.asarray(palette.convert("RGB"))
+    )
 
 
 # --- reduced-scale decoding ------------------------------------------------------------
@@ -277,7 +310,16 @@ def test_grayscale_cmyk_alpha_and_16bit_conversions(lesion):
 
 @pytest.mark.parametrize(
     "width, height, factor",
-    [(200, 150, 1), (600, 450, 2), (600, 447, 2), (600, 446, 1), (1022, 767, 2), (1504, 1129, 4), (3072, 2304, 8), (6000, 4000, 8)],
+    [
+        (200, 150, 1),
+        (600, 450, 2),
+        (600, 447, 2),
+        (600, 446, 1),
+        (1022, 767, 2),
+        (1504, 1129, 4),
+        (3072, 2304, 8),
+        (6000, 4000, 8),
+    ],
 )
 def test_jpeg_scale_factor_keeps_the_short_side_at_least_224(width, height, factor):
     assert jpeg_scale_factor(width, height, 224) == factor
@@ -375,7 +417,9 @@ def test_masks_from_the_shared_data_are_binary_and_aligned():
         mask = decode_mask(path.read_bytes())
         assert mask.shape == (224, 224) and mask.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255} and mask.any()
-        nearest = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (224, 224), interpolation=cv2.INTER_NEAREST_EXACT)
+        nearest = cv2.resize(
+            cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (224, 224), interpolation=cv2.INTER_NEAREST_EXACT
+        )
         assert np.mean(mask == nearest) > 0.99
 
 

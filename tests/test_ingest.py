@@ -39,7 +39,9 @@ from badcorpus import (
 BAD = "bad-2024-01-01"
 
 
-def write_ham_drop(root: Path, drop_id: str, ids: list[str], *, melanoma_every: int = 3, masks: bool = True) -> None:
+def write_ham_drop(
+    root: Path, drop_id: str, ids: list[str], *, melanoma_every: int = 3, masks: bool = True
+) -> None:
     """A clean HAM10000-layout drop of small synthetic images (every ``melanoma_every``-th is mel)."""
     folder = root / drop_id / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,12 +78,16 @@ def quarantine_lines(root: Path, drop_id: str) -> list[dict]:
 
 def entries_for(entries: list[dict], image_id: str) -> list[dict]:
     """Quarantine entries about ``image_id``: by id, or by an object key whose file stem is the id."""
-    return [e for e in entries if e["item"] == image_id or ("/" in e["item"] and Path(e["item"]).stem == image_id)]
+    return [
+        e for e in entries if e["item"] == image_id or ("/" in e["item"] and Path(e["item"]).stem == image_id)
+    ]
 
 
 def all_records(root: Path, manifest: dict, kind: str = "original") -> list[dict]:
     storage = LocalStorage(root)
-    return [r for s in manifest["shards"] if s["kind"] == kind for r in read_verified_shard(storage, s).records]
+    return [
+        r for s in manifest["shards"] if s["kind"] == kind for r in read_verified_shard(storage, s).records
+    ]
 
 
 class NoEngine:
@@ -113,7 +119,9 @@ def test_plan_drop_cuts_sorted_inputs_into_fixed_chunks(bad_raw, tmp_path):
     plan = ingest.plan_drop(str(raw), str(tmp_path), BAD, {}, shard_size=4)
     ids = [item["image_id"] for task in plan.tasks for item in task.items]
     assert ids == sorted(ids) and len(ids) == len(set(ids))
-    assert [len(t.items) for t in plan.tasks[:-1]] == [4] * (len(plan.tasks) - 1) and 1 <= len(plan.tasks[-1].items) <= 4
+    assert [len(t.items) for t in plan.tasks[:-1]] == [4] * (len(plan.tasks) - 1) and 1 <= len(
+        plan.tasks[-1].items
+    ) <= 4
     assert [t.chunk_index for t in plan.tasks] == list(range(len(plan.tasks)))
     # Scan-time reasons are decided here; everything else goes to the executors.
     for image_id, outcome in expected.items():
@@ -230,7 +238,9 @@ def test_chunking_and_outputs_do_not_depend_on_parallelism(bad_raw, tmp_path):
     for name, workers in (("serial", 1), ("threads", 4)):
         out = tmp_path / name
         with ingest.local_engine(workers) as map_tasks:
-            results = map_tasks(ingest.process_chunk, ingest.plan_drop(str(raw), str(out), BAD, {}, shard_size=5).tasks)
+            results = map_tasks(
+                ingest.process_chunk, ingest.plan_drop(str(raw), str(out), BAD, {}, shard_size=5).tasks
+            )
         random.Random(workers).shuffle(results)  # results may arrive in any order
         plan = ingest.plan_drop(str(raw), str(out), BAD, {}, shard_size=5)
         manifest = ingest.finish_drops(LocalStorage(out), None, [plan], results, logical_date=None)
@@ -263,18 +273,26 @@ def test_duplicate_ids_across_drops_keep_the_first_drops_copy(two_drops, tmp_pat
     records = all_records(out, manifest)
     assert len(records) == 20 and len({r["image_id"] for r in records}) == 20
     assert {r["source_drop"] for r in records if r["image_id"] == "ISIC_0000010"} == {"ham-2024-01-01"}
-    assert manifest["accounting"]["ham-2024-02-01"]["inputs"] == 10 and manifest["accounting"]["ham-2024-02-01"]["written"] == 8
+    assert (
+        manifest["accounting"]["ham-2024-02-01"]["inputs"] == 10
+        and manifest["accounting"]["ham-2024-02-01"]["written"] == 8
+    )
 
 
 def test_duplicates_within_one_run_are_caught_the_same_way(two_drops, tmp_path):
     plans = ingest.plan_drops(str(two_drops), str(tmp_path), None, ["ham-2024-01-01", "ham-2024-02-01"])
     second = plans[1]
-    assert sorted(e["item"] for e in second.quarantined if e["reason"] == "duplicate-image-id") == ["ISIC_0000010", "ISIC_0000011"]
+    assert sorted(e["item"] for e in second.quarantined if e["reason"] == "duplicate-image-id") == [
+        "ISIC_0000010",
+        "ISIC_0000011",
+    ]
 
 
 def test_drops_one_after_another_equal_both_at_once(two_drops, tmp_path):
     sequential, together = tmp_path / "seq", tmp_path / "all"
-    ingest.run_preprocess(str(two_drops), str(sequential), ingest.local_engine, drops=["ham-2024-01-01"], shard_size=4)
+    ingest.run_preprocess(
+        str(two_drops), str(sequential), ingest.local_engine, drops=["ham-2024-01-01"], shard_size=4
+    )
     ingest.run_preprocess(str(two_drops), str(sequential), ingest.local_engine, shard_size=4)
     ingest.run_preprocess(str(two_drops), str(together), ingest.local_engine, shard_size=4)
     m_seq, m_all = latest_manifest(LocalStorage(sequential)), latest_manifest(LocalStorage(together))
@@ -409,7 +427,9 @@ def test_augment_writes_two_copies_per_training_melanoma_and_leaves_val_test_alo
     assert after["augmented_counts"]["train"] == {"0": 0, "1": 2 * n_train_mel}
     assert after["augmented_counts"]["val"] == after["augmented_counts"]["test"] == {"0": 0, "1": 0}
     assert after["counts"] == before["counts"]
-    assert {k: v for k, v in snapshot(out / "processed" / "shards").items() if k in originals} == originals  # untouched
+    assert {
+        k: v for k, v in snapshot(out / "processed" / "shards").items() if k in originals
+    } == originals  # untouched
     augmented_records = all_records(out, after, kind="augmented")
     assert len(augmented_records) == 2 * n_train_mel
     assert all(r["split"] == "train" and r["label"] == 1 and r["augment_of"] for r in augmented_records)

@@ -58,10 +58,15 @@ def test_files_arriving_after_ingestion_are_reported_on_every_run_not_dropped_si
         rerun = ingest.run_preprocess(str(raw), str(out), ingest.local_engine)
     assert rerun["inputs"] == 0 and rerun["manifest_key"] is None  # the drop stays as ingested...
     late = {f"{DROP}/images/{i}{suffix}" for i in ids(4, 3) for suffix in (".jpg", "_segmentation.png")}
-    assert rerun["late_files"] == {DROP: {"added": 6, "changed": 1, "removed": 0}}  # ...and says loudly what it lacks
+    assert rerun["late_files"] == {
+        DROP: {"added": 6, "changed": 1, "removed": 0}
+    }  # ...and says loudly what it lacks
     report = json.loads((out / drops_mod.late_report_key(DROP)).read_text())
     assert set(report["added"]) == late and report["changed"] == [f"{DROP}/HAM10000_metadata.csv"]
-    assert any(r.levelno == logging.WARNING and DROP in r.getMessage() and "NOT in the data set" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING and DROP in r.getMessage() and "NOT in the data set" in r.getMessage()
+        for r in caplog.records
+    )
     check_accounting(out, DROP)
 
 
@@ -75,8 +80,15 @@ def test_the_plan_task_reports_late_files_too(tmp_path, monkeypatch):
     write_ham_drop(raw, DROP, ids(1, 4))
     monkeypatch.setenv("MELANOMA_RAW_ROOT", str(raw))
     monkeypatch.setenv("MELANOMA_DATA_ROOT", str(out))
-    run = resolve_run({"drops": [DROP]}, run_type="manual", run_id="manual__x", logical_date=None,
-                      interval_start=None, interval_end=None, run_after=None)
+    run = resolve_run(
+        {"drops": [DROP]},
+        run_type="manual",
+        run_id="manual__x",
+        logical_date=None,
+        interval_start=None,
+        interval_end=None,
+        run_after=None,
+    )
     assert run["new_drops"] == [] and run["late_files"] == {DROP: {"added": 2, "changed": 1, "removed": 0}}
 
 
@@ -105,8 +117,14 @@ _OOM_SCRIPT = textwrap.dedent(
 
 def test_running_out_of_memory_while_decoding_fails_the_task_instead_of_quarantining():
     """A real allocation failure inside OpenCV (address space capped in a subprocess)."""
-    done = subprocess.run([sys.executable, "-c", _OOM_SCRIPT], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", _OOM_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["outcome"] == "raised" and result["error"] == "MemoryError", result
@@ -150,10 +168,16 @@ def test_odd_object_keys_on_s3_are_quarantined_and_the_run_completes(s3_bucket, 
     client = boto3.client("s3", endpoint_url=s3_env["MELANOMA_S3_ENDPOINT_URL"])
     for path in sorted((local / DROP).rglob("*")):
         if path.is_file():
-            client.put_object(Bucket=s3_bucket, Key=f"raw/{path.relative_to(local).as_posix()}", Body=path.read_bytes())
+            client.put_object(
+                Bucket=s3_bucket, Key=f"raw/{path.relative_to(local).as_posix()}", Body=path.read_bytes()
+            )
     jpeg = (local / DROP / "images" / "ISIC_0000001.jpg").read_bytes()
-    odd = [f"raw/{DROP}/images//ISIC_0000009.jpg", f"raw/{DROP}/images/./ISIC_0000008.jpg",
-           f"raw/{DROP}/x/../ISIC_0000007.jpg", f"raw/{DROP}/sub//HAM10000_metadata.csv"]
+    odd = [
+        f"raw/{DROP}/images//ISIC_0000009.jpg",
+        f"raw/{DROP}/images/./ISIC_0000008.jpg",
+        f"raw/{DROP}/x/../ISIC_0000007.jpg",
+        f"raw/{DROP}/sub//HAM10000_metadata.csv",
+    ]
     for key in odd:
         client.put_object(Bucket=s3_bucket, Key=key, Body=jpeg)
 
@@ -161,7 +185,9 @@ def test_odd_object_keys_on_s3_are_quarantined_and_the_run_completes(s3_bucket, 
     assert (summary["inputs"], summary["written"], summary["quarantined"]) == (8, 4, 4)
     out = open_storage(f"s3://{s3_bucket}/data")
     entries = [json.loads(line) for line in out.read_bytes(ingest.quarantine_key(DROP)).decode().splitlines()]
-    assert sorted((e["item"], e["reason"]) for e in entries) == sorted((k.removeprefix("raw/"), "bad-key") for k in odd)
+    assert sorted((e["item"], e["reason"]) for e in entries) == sorted(
+        (k.removeprefix("raw/"), "bad-key") for k in odd
+    )
 
 
 def test_a_local_folder_with_a_backslash_in_its_name_is_quarantined(two_files_drop):
@@ -171,7 +197,9 @@ def test_a_local_folder_with_a_backslash_in_its_name_is_quarantined(two_files_dr
     (odd / "ISIC_0000005.jpg").write_bytes((raw / DROP / "images" / "ISIC_0000001.jpg").read_bytes())
     summary = ingest.run_preprocess(str(raw), str(out), ingest.local_engine)
     assert (summary["inputs"], summary["written"], summary["quarantined"]) == (3, 2, 1)
-    assert [(e["item"], e["reason"]) for e in quarantine_lines(out, DROP)] == [(f"{DROP}/sub\\dir/ISIC_0000005.jpg", "bad-key")]
+    assert [(e["item"], e["reason"]) for e in quarantine_lines(out, DROP)] == [
+        (f"{DROP}/sub\\dir/ISIC_0000005.jpg", "bad-key")
+    ]
 
 
 def test_a_folder_whose_name_is_not_a_drop_id_is_not_listed(tmp_path, caplog):
@@ -227,8 +255,14 @@ class FrozenEndpoint:
 @pytest.fixture
 def frozen(monkeypatch):
     endpoint = FrozenEndpoint()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                        "MELANOMA_S3_READ_TIMEOUT_S": "1", "MELANOMA_S3_CONNECT_TIMEOUT_S": "1", "MELANOMA_S3_MAX_ATTEMPTS": "2"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MELANOMA_S3_READ_TIMEOUT_S": "1",
+        "MELANOMA_S3_CONNECT_TIMEOUT_S": "1",
+        "MELANOMA_S3_MAX_ATTEMPTS": "2",
+    }.items():
         monkeypatch.setenv(name, value)
     yield endpoint
     endpoint.close()
@@ -263,7 +297,9 @@ def test_the_scan_stops_reading_metadata_after_the_first_failure(frozen):
     storage = S3Storage("bucket", "raw", endpoint_url=frozen.url)
     with pytest.raises(StorageUnavailable):
         drops_mod._read_all(storage, [f"d/ISIC_{i:07d}.json" for i in range(300)])
-    assert len(frozen.connections) <= 2 * 16 * 2, len(frozen.connections)  # two waves of 16 threads, 2 attempts
+    assert len(frozen.connections) <= 2 * 16 * 2, len(
+        frozen.connections
+    )  # two waves of 16 threads, 2 attempts
 
 
 # --- 5. symlinks and leaked bytes ---------------------------------------------------------------
@@ -282,7 +318,11 @@ def test_a_symlink_leaving_a_local_root_is_refused_and_quarantined_without_leaki
     assert (summary["written"], summary["quarantined"]) == (1, 1)
     [entry] = quarantine_lines(out, DROP)
     assert (entry["item"], entry["reason"]) == ("ISIC_0000002", "refused-object")
-    everything = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl"))
+    everything = "".join(
+        p.read_text(errors="replace")
+        for p in out.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".jsonl")
+    )
     assert "SECRET" not in everything and "root:x" not in everything
 
 

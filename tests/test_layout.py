@@ -20,9 +20,23 @@ RESEARCH = "research"
 
 # Calls that import or run code from a name or a file path.
 LOADERS = {
-    "spec_from_file_location", "spec_from_loader", "module_from_spec", "import_module", "__import__",
-    "run_path", "run_module", "SourceFileLoader", "SourcelessFileLoader", "load_source", "exec", "execfile",
-    "run", "Popen", "call", "check_call", "check_output",  # subprocess: running a research script
+    "spec_from_file_location",
+    "spec_from_loader",
+    "module_from_spec",
+    "import_module",
+    "__import__",
+    "run_path",
+    "run_module",
+    "SourceFileLoader",
+    "SourcelessFileLoader",
+    "load_source",
+    "exec",
+    "execfile",
+    "run",
+    "Popen",
+    "call",
+    "check_call",
+    "check_output",  # subprocess: running a research script
 }
 # A path into research/: the folder's name as a path segment of a string, or alone (Path(...) / "research").
 RESEARCH_PATH = re.compile(r"(?:^|[/\\])research(?:[/\\]|$)")
@@ -40,9 +54,14 @@ def _call_name(node: ast.Call) -> str:
 def _is_sys_path_change(node: ast.Call) -> bool:
     """``sys.path.insert(...)`` / ``sys.path.append(...)`` / ``sys.path.extend(...)``."""
     func = node.func
-    return (isinstance(func, ast.Attribute) and func.attr in {"insert", "append", "extend"}
-            and isinstance(func.value, ast.Attribute) and func.value.attr == "path"
-            and isinstance(func.value.value, ast.Name) and func.value.value.id == "sys")
+    return (
+        isinstance(func, ast.Attribute)
+        and func.attr in {"insert", "append", "extend"}
+        and isinstance(func.value, ast.Attribute)
+        and func.value.attr == "path"
+        and isinstance(func.value.value, ast.Name)
+        and func.value.value.id == "sys"
+    )
 
 
 def research_uses(source: str) -> list[str]:
@@ -51,22 +70,51 @@ def research_uses(source: str) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] == RESEARCH]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == RESEARCH:
+            found += [
+                f"line {node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] == RESEARCH
+            ]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == RESEARCH
+        ):
             found.append(f"line {node.lineno}: from {node.module} import ...")
         elif isinstance(node, ast.Call) and _call_name(node) in {"import_module", "__import__"}:
             first = node.args[0] if node.args else None
-            if isinstance(first, ast.Constant) and isinstance(first.value, str) and first.value.split(".")[0] == RESEARCH:
+            if (
+                isinstance(first, ast.Constant)
+                and isinstance(first.value, str)
+                and first.value.split(".")[0] == RESEARCH
+            ):
                 found.append(f"line {node.lineno}: {_call_name(node)}({first.value!r})")
-    docstrings = {id(body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and (body := n.body) and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)}
-    paths = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-             and id(n) not in docstrings and "\n" not in n.value and RESEARCH_PATH.search(n.value)]
-    loaders = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and (_call_name(n) in LOADERS or _is_sys_path_change(n))]
+    docstrings = {
+        id(body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and (body := n.body)
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+    }
+    paths = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and id(n) not in docstrings
+        and "\n" not in n.value
+        and RESEARCH_PATH.search(n.value)
+    ]
+    loaders = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and (_call_name(n) in LOADERS or _is_sys_path_change(n))
+    ]
     if paths and loaders:
-        found += [f"line {n.lineno}: path {n.value!r} in a module that loads code "
-                  f"({', '.join(sorted({_call_name(c) or 'sys.path' for c in loaders}))})" for n in paths]
+        found += [
+            f"line {n.lineno}: path {n.value!r} in a module that loads code "
+            f"({', '.join(sorted({_call_name(c) or 'sys.path' for c in loaders}))})"
+            for n in paths
+        ]
     return found
 
 

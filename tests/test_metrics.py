@@ -180,7 +180,9 @@ def test_choose_threshold_matches_sklearn_brute_force(seed):
     f1, _ = _brute_force(labels, scores, lambda p: f1_score(labels, p))
     assert m.choose_threshold(labels, scores, "f1") == f1
     for target in (0.5, 0.8, 0.95, 1.0):
-        expected = max(t for t in set(scores.tolist()) if recall_score(labels, (scores >= t).astype(int)) >= target)
+        expected = max(
+            t for t in set(scores.tolist()) if recall_score(labels, (scores >= t).astype(int)) >= target
+        )
         assert m.choose_threshold(labels, scores, "sensitivity", target) == expected
         # The returned threshold really meets the target under binary_metrics' convention.
         assert m.binary_metrics(labels, scores, expected)["sensitivity"] >= target
@@ -312,7 +314,9 @@ def test_reliability_curve_matches_calibration_curve():
     np.testing.assert_allclose(curve["fraction_positive"], fraction)
     np.testing.assert_allclose(curve["mean_predicted"], mean)
     assert sum(curve["count"]) == 200
-    for lower, upper, mean_p, count in zip(curve["bin_lower"], curve["bin_upper"], curve["mean_predicted"], curve["count"]):
+    for lower, upper, mean_p, count in zip(
+        curve["bin_lower"], curve["bin_upper"], curve["mean_predicted"], curve["count"]
+    ):
         in_bin = scores[(scores > lower) & (scores <= upper) | ((lower == 0.0) & (scores == 0.0))]
         assert len(in_bin) == count
         assert np.mean(in_bin) == pytest.approx(mean_p)
@@ -329,7 +333,18 @@ def test_calibration_allows_one_class():
 def test_age_bands():
     bands = m.age_bands([None, 5, 29.9, 30, 44, 45, 59, 60, 74, 75, 90, float("nan")])
     assert bands.tolist() == [
-        "unknown", "<30", "<30", "30-44", "30-44", "45-59", "45-59", "60-74", "60-74", "75+", "75+", "unknown",
+        "unknown",
+        "<30",
+        "<30",
+        "30-44",
+        "30-44",
+        "45-59",
+        "45-59",
+        "60-74",
+        "60-74",
+        "75+",
+        "75+",
+        "unknown",
     ]
 
 

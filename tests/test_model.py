@@ -70,7 +70,9 @@ def test_unfreeze_last_blocks_keeps_batchnorm_frozen(resnet: keras.Model) -> Non
     assert "conv5_block1_0_conv" in trainable and "conv4_block6_3_conv" not in trainable
     batchnorms = [layer for layer in resnet.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert not any(bn.trainable for bn in batchnorms)
-    conv5_convs = [layer for layer in resnet.layers if layer.name.startswith("conv5_") and layer.name.endswith("_conv")]
+    conv5_convs = [
+        layer for layer in resnet.layers if layer.name.startswith("conv5_") and layer.name.endswith("_conv")
+    ]
     expected = 524_801 + sum(layer.count_params() for layer in conv5_convs)
     assert _trainable_count(resnet) == expected
 
@@ -139,7 +141,8 @@ def test_efficientnet_lite0_classifier_uses_package_weights() -> None:
     features = M.feature_extractor(model)
     M.freeze_backbone(model)
     np.testing.assert_allclose(
-        np.asarray(features(images, training=True)), np.asarray(features(images, training=False)),
+        np.asarray(features(images, training=True)),
+        np.asarray(features(images, training=False)),
         atol=1e-6,
     )
     M.unfreeze_last_blocks(model, 1)
@@ -189,6 +192,8 @@ def test_efficientnet_lite2_classifier_blocks_and_cache_point() -> None:
     assert tuple(model.get_layer(M.last_conv_layer_name(model)).output.shape) == (None, 7, 7, 1280)
     assert len(M.backbone_blocks(model)) == 21
     M.unfreeze_last_blocks(model, 14)
-    trainable_blocks = sorted({layer.name[:7] for layer in M.backbone_layers(model) if layer.trainable_weights})
+    trainable_blocks = sorted(
+        {layer.name[:7] for layer in M.backbone_layers(model) if layer.trainable_weights}
+    )
     assert trainable_blocks[0] == "block4a" and "block3c" not in trainable_blocks
     assert tuple(fine_tune_cut(model, 14).shape) == (None, 28, 28, 48)

@@ -32,7 +32,10 @@ plugin = load_plugin_module()
     [
         ('"/data/runs/manual__1/report.html"', "file:///data/runs/manual__1/report.html"),
         ('"file:///data/runs/run_1/report.html"', "file:///data/runs/run_1/report.html"),
-        ("/data/runs/scheduled__20260301T000000Z/report.html", "file:///data/runs/scheduled__20260301T000000Z/report.html"),
+        (
+            "/data/runs/scheduled__20260301T000000Z/report.html",
+            "file:///data/runs/scheduled__20260301T000000Z/report.html",
+        ),
         # Issue #20 (6): no open redirect. Any http(s) URL used to pass through.
         ('"https://reports.example.org/run/1/report.html"', ""),
         ("http://minio:9000/runs/1/report.html", ""),
@@ -59,7 +62,9 @@ def test_report_href(stored, href):
 
 def test_report_href_reads_the_data_root_from_the_environment(monkeypatch):
     monkeypatch.setenv("MELANOMA_DATA_ROOT", "/srv/melanoma/")
-    assert plugin.report_href('"/srv/melanoma/runs/k/report.html"') == "file:///srv/melanoma/runs/k/report.html"
+    assert (
+        plugin.report_href('"/srv/melanoma/runs/k/report.html"') == "file:///srv/melanoma/runs/k/report.html"
+    )
     assert plugin.report_href('"/data/runs/k/report.html"') == ""
 
 
@@ -168,7 +173,12 @@ def test_plugin_loaded_by_airflow_reads_real_xcom_rows(tmp_path):
         MELANOMA_DATA_ROOT="/data",
     )
     done = subprocess.run(
-        [sys.executable, "-c", _REAL_DB_SCRIPT], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path
+        [sys.executable, "-c", _REAL_DB_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

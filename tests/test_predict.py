@@ -52,12 +52,23 @@ def test_predict_uses_the_spark_jobs_preprocessing():
 
 
 def test_images_in_folder_finds_images_not_masks_or_metadata(tmp_path):
-    for name in ("a/x.jpg", "b/x.JPG", "b/y.png", "c/deep/z.jpeg", "masks/x_segmentation.png", "meta.csv", "x.json"):
+    for name in (
+        "a/x.jpg",
+        "b/x.JPG",
+        "b/y.png",
+        "c/deep/z.jpeg",
+        "masks/x_segmentation.png",
+        "meta.csv",
+        "x.json",
+    ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     # Two files share the stem "x": each is then named by its path, so ids stay unique.
     assert images_in_folder(str(tmp_path)) == [
-        ("a/x", "a/x.jpg"), ("b/x", "b/x.JPG"), ("y", "b/y.png"), ("z", "c/deep/z.jpeg"),
+        ("a/x", "a/x.jpg"),
+        ("b/x", "b/x.JPG"),
+        ("y", "b/y.png"),
+        ("z", "c/deep/z.jpeg"),
     ]
 
 
@@ -76,7 +87,9 @@ def test_predict_bare_images_in_subfolders(tmp_path, ham10000_dir):
     model_path = tiny_model(tmp_path / "model.keras")
     out = tmp_path / "out"
 
-    result = predict_folder(str(model_path), str(folder), str(out), threshold=0.5, overlays=True, layer_name="conv")
+    result = predict_folder(
+        str(model_path), str(folder), str(out), threshold=0.5, overlays=True, layer_name="conv"
+    )
 
     assert (result["scored"], result["rejected"]) == (3, 2)
     rows = read_csv(out / "predictions.csv")
@@ -88,7 +101,10 @@ def test_predict_bare_images_in_subfolders(tmp_path, ham10000_dir):
     assert {float(r["threshold"]) for r in rows} == {0.5}
 
     rejected = {r["image_id"]: r for r in read_csv(out / "rejected.csv")}
-    assert rejected["cut_short"]["reason"] == "truncated" and rejected["cut_short"]["key"] == "clinic1/cut_short.jpg"
+    assert (
+        rejected["cut_short"]["reason"] == "truncated"
+        and rejected["cut_short"]["key"] == "clinic1/cut_short.jpg"
+    )
     assert rejected["notes"]["reason"] == "not-an-image"
     assert rejected["cut_short"]["detail"]
 
@@ -110,13 +126,18 @@ def test_predict_isic_layout_folder_overlays_at_full_size(tmp_path, isic_sample_
     model_path = tiny_model(tmp_path / "model.keras")
     out = tmp_path / "out"
 
-    result = predict_folder(str(model_path), str(folder), str(out), threshold=0.5, overlays=True, layer_name="conv")
+    result = predict_folder(
+        str(model_path), str(folder), str(out), threshold=0.5, overlays=True, layer_name="conv"
+    )
 
     assert (result["scored"], result["rejected"]) == (2, 0)
     rows = read_csv(out / "predictions.csv")
     assert [r["image_id"] for r in rows] == [image.stem for image in chosen]
     np.testing.assert_allclose(
-        [float(r["probability"]) for r in rows], expected_probabilities(model_path, chosen), rtol=1e-5, atol=1e-7
+        [float(r["probability"]) for r in rows],
+        expected_probabilities(model_path, chosen),
+        rtol=1e-5,
+        atol=1e-7,
     )
     assert read_csv(out / "rejected.csv") == []
     for image in chosen:
@@ -159,18 +180,34 @@ def test_predict_cli_with_the_project_classifier(tmp_path, ham10000_dir, capsys)
     build_classifier("efficientnet_lite0", None).save(tmp_path / "model.keras")
     out = tmp_path / "out"
 
-    code = main(["predict", "--model", str(tmp_path / "model.keras"), "--input", str(folder), "--output", str(out),
-                 "--threshold", "0.41", "--overlays"])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "model.keras"),
+            "--input",
+            str(folder),
+            "--output",
+            str(out),
+            "--threshold",
+            "0.41",
+            "--overlays",
+        ]
+    )
 
     assert code == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(RESULT_PREFIX)][-1]
-    result = json.loads(line[len(RESULT_PREFIX):])
+    result = json.loads(line[len(RESULT_PREFIX) :])
     assert result["scored"] == 2 and result["rejected"] == 0
-    assert sorted(result["written"]) == sorted(["predictions.csv", "rejected.csv"] + [f"overlays/{i}.png" for i in HAM_IDS[:2]])
+    assert sorted(result["written"]) == sorted(
+        ["predictions.csv", "rejected.csv"] + [f"overlays/{i}.png" for i in HAM_IDS[:2]]
+    )
     rows = read_csv(out / "predictions.csv")
     np.testing.assert_allclose(
         [float(r["probability"]) for r in rows],
-        expected_probabilities(tmp_path / "model.keras", sorted(folder.glob("*.jpg"))), rtol=1e-5, atol=1e-7,
+        expected_probabilities(tmp_path / "model.keras", sorted(folder.glob("*.jpg"))),
+        rtol=1e-5,
+        atol=1e-7,
     )
     for image_id in HAM_IDS[:2]:
         assert cv2.imread(str(out / "overlays" / f"{image_id}.png")).shape == (150, 200, 3)
@@ -188,15 +225,31 @@ def test_predict_pools_scores_per_lesion_with_a_lesion_map(tmp_path, ham10000_di
         files.append(folder / f"{image_id}.jpg")
     lesion_csv = tmp_path / "lesions.csv"
     # Two views of lesion A, one of B, and an entry for an image not in the folder (ignored).
-    lesion_csv.write_text(f"lesion_id,image_id,dx\nA,{HAM_IDS[0]},nv\nB,{HAM_IDS[1]},mel\nA,{HAM_IDS[2]},nv\nC,ISIC_9,nv\n")
+    lesion_csv.write_text(
+        f"lesion_id,image_id,dx\nA,{HAM_IDS[0]},nv\nB,{HAM_IDS[1]},mel\nA,{HAM_IDS[2]},nv\nC,ISIC_9,nv\n"
+    )
     model_path = tiny_model(tmp_path / "model.keras")
     own = expected_probabilities(model_path, files)
     threshold = float(np.median(own))
 
-    predict_folder(str(model_path), str(folder), str(tmp_path / "out"), threshold=threshold, lesion_of=read_lesion_map(str(lesion_csv)))
+    predict_folder(
+        str(model_path),
+        str(folder),
+        str(tmp_path / "out"),
+        threshold=threshold,
+        lesion_of=read_lesion_map(str(lesion_csv)),
+    )
 
     rows = read_csv(tmp_path / "out" / "predictions.csv")
-    assert list(rows[0]) == ["image_id", "key", "lesion_id", "image_probability", "probability", "label", "threshold"]
+    assert list(rows[0]) == [
+        "image_id",
+        "key",
+        "lesion_id",
+        "image_probability",
+        "probability",
+        "label",
+        "threshold",
+    ]
     assert [r["lesion_id"] for r in rows] == ["A", "B", "A"]
     np.testing.assert_allclose([float(r["image_probability"]) for r in rows], own, rtol=1e-5, atol=1e-7)
     pooled = lesion_pooled_scores(own, ["A", "B", "A"])
@@ -207,8 +260,13 @@ def test_predict_pools_scores_per_lesion_with_a_lesion_map(tmp_path, ham10000_di
     # An image the map does not cover is an error, not a silent per-image score.
     lesion_csv.write_text(f"image_id,lesion_id\n{HAM_IDS[0]},A\n")
     with pytest.raises(ValueError, match=f"no lesion in the lesion map, e.g. {HAM_IDS[1]}"):
-        predict_folder(str(model_path), str(folder), str(tmp_path / "out2"), threshold=threshold,
-                       lesion_of=read_lesion_map(str(lesion_csv)))
+        predict_folder(
+            str(model_path),
+            str(folder),
+            str(tmp_path / "out2"),
+            threshold=threshold,
+            lesion_of=read_lesion_map(str(lesion_csv)),
+        )
 
 
 @pytest.mark.parametrize(

@@ -30,18 +30,20 @@ def prediction_rows(localization: str = "back", dx: str = "mel") -> list[dict]:
     for split in ("val", "test"):
         for i in range(40):
             label = i % 3 == 0
-            rows.append({
-                "image_id": f"{split}_{i}",
-                "lesion_id": f"{split}_L{i // 2}",
-                "split": split,
-                "label": int(label),
-                "dx": dx if label else "nv",
-                "probability": float(np.clip(0.35 * label + rng.uniform(0, 0.65), 0, 1)),
-                "age": 40.0 + i,
-                "sex": "female" if i % 2 else "male",
-                "localization": localization if i % 4 else "face",
-                "source": None,
-            })
+            rows.append(
+                {
+                    "image_id": f"{split}_{i}",
+                    "lesion_id": f"{split}_L{i // 2}",
+                    "split": split,
+                    "label": int(label),
+                    "dx": dx if label else "nv",
+                    "probability": float(np.clip(0.35 * label + rng.uniform(0, 0.65), 0, 1)),
+                    "age": 40.0 + i,
+                    "sex": "female" if i % 2 else "male",
+                    "localization": localization if i % 4 else "face",
+                    "source": None,
+                }
+            )
     return rows
 
 
@@ -68,8 +70,15 @@ def gallery_entry(image_id: str, **extra) -> dict:
 
 
 def gradcam_summary(threshold: float, gallery: list[dict]) -> dict:
-    group = {"n": 10, "n_without_mask": 2, "n_scored": 8, "energy_inside_mean": 0.6, "energy_inside_median": 0.62,
-             "lesion_area_share_mean": 0.2, "pointing_hit_rate": 0.75}
+    group = {
+        "n": 10,
+        "n_without_mask": 2,
+        "n_scored": 8,
+        "energy_inside_mean": 0.6,
+        "energy_inside_median": 0.62,
+        "lesion_area_share_mean": 0.2,
+        "pointing_hit_rate": 0.75,
+    }
     return {
         "method": "gradcam", "layer_name": "top_conv", "threshold": threshold, "strategy": "youden",
         "chosen_on": "val", "n_images": 10, "heatmaps_per_s": 12.5, "gallery": gallery,
@@ -96,7 +105,12 @@ def parse(document: str) -> list[tuple[str, dict]]:
 
 def payload_of(metrics: dict) -> dict:
     choice = metrics["threshold"]
-    return {"threshold": choice["value"], "strategy": choice["strategy"], "chosen_on": "val", "metrics_uri": "eval/metrics.json"}
+    return {
+        "threshold": choice["value"],
+        "strategy": choice["strategy"],
+        "chosen_on": "val",
+        "metrics_uri": "eval/metrics.json",
+    }
 
 
 def test_hostile_strings_are_escaped_everywhere():
@@ -111,7 +125,9 @@ def test_hostile_strings_are_escaped_everywhere():
     images = {g["overlay_key"]: png(200) for g in gallery}
     images['roc"><script>alert(2)</script>.png'] = png(50)
 
-    document = render_report(metrics, payload, gradcam_summary(payload["threshold"], gallery), gallery, images)
+    document = render_report(
+        metrics, payload, gradcam_summary(payload["threshold"], gallery), gallery, images
+    )
     tags = parse(document)
 
     assert {tag for tag, _ in tags}.isdisjoint({"script", "iframe", "object", "embed", "link", "base", "b"})
@@ -119,7 +135,9 @@ def test_hostile_strings_are_escaped_everywhere():
         assert not any(name.startswith("on") for name in attrs), (tag, attrs)
         if tag == "img":
             assert attrs["src"].startswith("data:image/png;base64,")
-        assert not any("http" in (value or "") for name, value in attrs.items() if name in ("src", "href", "action"))
+        assert not any(
+            "http" in (value or "") for name, value in attrs.items() if name in ("src", "href", "action")
+        )
     assert "<script" not in document
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in document
     assert "&quot; onload=&quot;x" in document
@@ -130,11 +148,21 @@ def test_hostile_strings_are_escaped_everywhere():
 def test_report_is_self_contained_and_complete():
     metrics = metrics_doc()
     payload = payload_of(metrics)
-    gallery = [gallery_entry("ISIC_0001"), gallery_entry("ISIC_02", outcome="FN", energy_inside=None, has_mask=False)]
+    gallery = [
+        gallery_entry("ISIC_0001"),
+        gallery_entry("ISIC_02", outcome="FN", energy_inside=None, has_mask=False),
+    ]
     overlay = png(120)
-    images = {gallery[0]["overlay_key"]: overlay, gallery[1]["overlay_key"]: png(90), "roc.png": png(10), "bad.svg": b"<svg/>"}
+    images = {
+        gallery[0]["overlay_key"]: overlay,
+        gallery[1]["overlay_key"]: png(90),
+        "roc.png": png(10),
+        "bad.svg": b"<svg/>",
+    }
 
-    document = render_report(metrics, payload, gradcam_summary(payload["threshold"], gallery), gallery, images)
+    document = render_report(
+        metrics, payload, gradcam_summary(payload["threshold"], gallery), gallery, images
+    )
 
     assert "http://" not in document and "https://" not in document and "url(" not in document
     img_sources = [attrs["src"] for tag, attrs in parse(document) if tag == "img"]
@@ -144,7 +172,10 @@ def test_report_is_self_contained_and_complete():
     assert "bad.svg missing or not a PNG" in document
     # The numbers a reader needs: intervals, the threshold and where it was chosen, focus.
     auroc = metrics["test"]["auroc"]
-    assert f"{auroc['value']:.3f}" in document and f"{auroc['ci_low']:.3f}&ndash;{auroc['ci_high']:.3f}" in document
+    assert (
+        f"{auroc['value']:.3f}" in document
+        and f"{auroc['ci_low']:.3f}&ndash;{auroc['ci_high']:.3f}" in document
+    )
     assert f"{metrics['threshold']['value']:.4f}" in document and "<strong>val</strong>" in document
     assert "71.0% energy on a lesion covering 20.0%" in document and "no mask" in document
     assert "ISIC_0001" in document and "0.930" in document
@@ -173,7 +204,9 @@ def test_build_report_from_run(tmp_path):
     storage.write_bytes("eval/metrics.json", json.dumps(metrics).encode())
     storage.write_bytes("eval/roc.png", png(30))
     storage.write_bytes("eval/predictions.csv", b"image_id\n")
-    storage.write_bytes("gradcam/gradcam_summary.json", json.dumps(gradcam_summary(payload["threshold"], gallery)).encode())
+    storage.write_bytes(
+        "gradcam/gradcam_summary.json", json.dumps(gradcam_summary(payload["threshold"], gallery)).encode()
+    )
     storage.write_bytes("gradcam/overlays/ISIC_7.png", png(140))
 
     document = build_report_from_run(storage, payload)
@@ -211,7 +244,9 @@ def write_run(storage) -> dict:
     payload = payload_of(metrics)
     gallery = [gallery_entry("ISIC_7", overlay_key="gradcam/overlays/ISIC_7.png")]
     storage.write_bytes("eval/metrics.json", json.dumps(metrics).encode())
-    storage.write_bytes("gradcam/gradcam_summary.json", json.dumps(gradcam_summary(payload["threshold"], gallery)).encode())
+    storage.write_bytes(
+        "gradcam/gradcam_summary.json", json.dumps(gradcam_summary(payload["threshold"], gallery)).encode()
+    )
     storage.write_bytes("gradcam/overlays/ISIC_7.png", png(140))
     return payload
 
@@ -253,7 +288,11 @@ def test_s3_report_link_is_signed_for_the_browsers_endpoint(s3_env, monkeypatch)
     monkeypatch.setenv("MELANOMA_S3_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("MELANOMA_S3_PUBLIC_ENDPOINT_URL", "http://127.0.0.1:9000")
     link = urlparse(plugin.report_href("s3://melanoma/data/runs/x/report.html", "s3://melanoma/data"))
-    assert (link.scheme, link.netloc, link.path) == ("http", "127.0.0.1:9000", "/melanoma/data/runs/x/report.html")
+    assert (link.scheme, link.netloc, link.path) == (
+        "http",
+        "127.0.0.1:9000",
+        "/melanoma/data/runs/x/report.html",
+    )
 
 
 def test_s3_report_without_endpoint_or_credentials_gets_no_link(s3_env, monkeypatch, tmp_path):
@@ -266,7 +305,9 @@ def test_s3_report_without_endpoint_or_credentials_gets_no_link(s3_env, monkeypa
     monkeypatch.setenv("MELANOMA_S3_PUBLIC_ENDPOINT_URL", "javascript:alert(1)//")
     assert plugin.report_href(uri) == ""
     monkeypatch.setenv("MELANOMA_S3_PUBLIC_ENDPOINT_URL", "https://s3.eu-west-1.amazonaws.com")
-    assert plugin.report_href(uri).startswith("https://s3.eu-west-1.amazonaws.com/melanoma/runs/x/report.html?")
+    assert plugin.report_href(uri).startswith(
+        "https://s3.eu-west-1.amazonaws.com/melanoma/runs/x/report.html?"
+    )
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -294,20 +335,44 @@ def test_report_says_how_an_ensembles_maps_were_combined():
     payload = payload_of(metrics)
     single = render_report(metrics, payload, gradcam_summary(payload["threshold"], []), [], {})
     assert "members" not in single
-    summary = dict(gradcam_summary(payload["threshold"], []), layer_name="m0_top_conv + m1_top_conv", combine_layers="each")
+    summary = dict(
+        gradcam_summary(payload["threshold"], []),
+        layer_name="m0_top_conv + m1_top_conv",
+        combine_layers="each",
+    )
     ensemble = render_report(metrics, payload, summary, [], {})
-    assert "<code>m0_top_conv + m1_top_conv</code> (an ensemble: the mean of its members' own maps)" in ensemble
+    assert (
+        "<code>m0_top_conv + m1_top_conv</code> (an ensemble: the mean of its members' own maps)" in ensemble
+    )
 
 
 def test_report_warns_when_the_melanoma_maps_are_off_the_lesion():
     metrics = metrics_doc()
     payload = payload_of(metrics)
-    check = {"group": "class: melanoma", "n_scored": 12, "energy_inside_mean": 0.11, "lesion_area_share_mean": 0.34, "on_lesion": False}
-    failed = render_report(metrics, payload, dict(gradcam_summary(payload["threshold"], []), lesion_focus_check=check), [], {})
+    check = {
+        "group": "class: melanoma",
+        "n_scored": 12,
+        "energy_inside_mean": 0.11,
+        "lesion_area_share_mean": 0.34,
+        "on_lesion": False,
+    }
+    failed = render_report(
+        metrics, payload, dict(gradcam_summary(payload["threshold"], []), lesion_focus_check=check), [], {}
+    )
     assert 'class="warning">Lesion focus check failed: the maps of the 12 melanoma images' in failed
     assert "11.0%" in failed and "34.0%" in failed
-    passed = render_report(metrics, payload, dict(gradcam_summary(payload["threshold"], []),
-                                                  lesion_focus_check=dict(check, energy_inside_mean=0.7, on_lesion=True)), [], {})
+    passed = render_report(
+        metrics,
+        payload,
+        dict(
+            gradcam_summary(payload["threshold"], []),
+            lesion_focus_check=dict(check, energy_inside_mean=0.7, on_lesion=True),
+        ),
+        [],
+        {},
+    )
     assert "Lesion focus check passed" in passed and "check failed" not in passed
-    older = render_report(metrics, payload, gradcam_summary(payload["threshold"], []), [], {})  # a summary from before the check
+    older = render_report(
+        metrics, payload, gradcam_summary(payload["threshold"], []), [], {}
+    )  # a summary from before the check
     assert "Lesion focus check" not in older

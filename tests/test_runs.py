@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 
-from airflow_server import api_server_env
 from melanoma.demo import airflow_env
 from melanoma.manifest import content_without_version
 from melanoma.synthetic import write_drop
@@ -75,8 +74,15 @@ class Home:
         self._migrated = False
 
     def airflow(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        result = subprocess.run([airflow_binary(), *args], env=self.env, cwd=ROOT, text=True, timeout=timeout,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            [airflow_binary(), *args],
+            env=self.env,
+            cwd=ROOT,
+            text=True,
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         with open(self.log, "a") as log:
             log.write(f"\n===== airflow {' '.join(args)} -> {result.returncode}\n{result.stdout}")
         return result
@@ -87,9 +93,13 @@ class Home:
             assert migrate.returncode == 0, migrate.stdout[-3000:]
             self._migrated = True
         started = time.monotonic()
-        result = self.airflow("dags", "test", DAG_ID, logical_date, "-c", json.dumps(conf), timeout=RUN_TIMEOUT_S)
+        result = self.airflow(
+            "dags", "test", DAG_ID, logical_date, "-c", json.dumps(conf), timeout=RUN_TIMEOUT_S
+        )
         run = self.last_run()
-        print(f"dags test {logical_date} {conf}: exit {result.returncode} in {time.monotonic() - started:.0f} s; {run['states']}")
+        print(
+            f"dags test {logical_date} {conf}: exit {result.returncode} in {time.monotonic() - started:.0f} s; {run['states']}"
+        )
         assert result.returncode == 0, f"see {self.log}\n{result.stdout[-6000:]}"
         return run
 
@@ -98,15 +108,28 @@ class Home:
 
     def run_info(self, run_id: str) -> dict:
         with self.db() as db:
-            states = dict(db.execute("select task_id, state from task_instance where dag_id=? and run_id=?", (DAG_ID, run_id)))
-            xcom = dict(db.execute("select task_id, value from xcom where dag_id=? and run_id=? and key='return_value'", (DAG_ID, run_id)))
-            run_type, state = db.execute("select run_type, state from dag_run where dag_id=? and run_id=?", (DAG_ID, run_id)).fetchone()
+            states = dict(
+                db.execute(
+                    "select task_id, state from task_instance where dag_id=? and run_id=?", (DAG_ID, run_id)
+                )
+            )
+            xcom = dict(
+                db.execute(
+                    "select task_id, value from xcom where dag_id=? and run_id=? and key='return_value'",
+                    (DAG_ID, run_id),
+                )
+            )
+            run_type, state = db.execute(
+                "select run_type, state from dag_run where dag_id=? and run_id=?", (DAG_ID, run_id)
+            ).fetchone()
         plan = json.loads(xcom["plan"]) if "plan" in xcom else None
         return {"run_id": run_id, "run_type": run_type, "state": state, "states": states, "plan": plan}
 
     def last_run(self) -> dict:
         with self.db() as db:
-            (run_id,) = db.execute("select run_id from dag_run where dag_id=? order by id desc limit 1", (DAG_ID,)).fetchone()
+            (run_id,) = db.execute(
+                "select run_id from dag_run where dag_id=? order by id desc limit 1", (DAG_ID,)
+            ).fetchone()
         return self.run_info(run_id)
 
 
@@ -135,15 +158,29 @@ def test_each_run_processes_its_drop_and_trains_on_the_data_as_of_its_date(histo
         assert run["state"] == "success" and set(run["states"].values()) == {"success"}, run["states"]
     assert run1["plan"]["new_drops"] == [D1] and run1["plan"]["as_of"] == "2026-01-01"
     # The manual rule: every drop is selected, only the one not processed yet is new.
-    assert run2["plan"]["drops"] == [D1, D2] and run2["plan"]["new_drops"] == [D2] and run2["plan"]["as_of"] == "2026-01-02"
-    assert run1["plan"]["run_key"] == "manual__20260101T000000Z" and run2["plan"]["run_key"] == "manual__20260102T000000Z"
+    assert (
+        run2["plan"]["drops"] == [D1, D2]
+        and run2["plan"]["new_drops"] == [D2]
+        and run2["plan"]["as_of"] == "2026-01-02"
+    )
+    assert (
+        run1["plan"]["run_key"] == "manual__20260101T000000Z"
+        and run2["plan"]["run_key"] == "manual__20260102T000000Z"
+    )
 
     # preprocess then augment per run, each manifest stamped with its run's date, in date order.
     history_ = manifests(home.data)
     assert [(m["version"], m["logical_date"], m["drops"]) for m in history_] == [
-        (1, "2026-01-01", [D1]), (2, "2026-01-01", [D1]), (3, "2026-01-02", [D1, D2]), (4, "2026-01-02", [D1, D2])]
+        (1, "2026-01-01", [D1]),
+        (2, "2026-01-01", [D1]),
+        (3, "2026-01-02", [D1, D2]),
+        (4, "2026-01-02", [D1, D2]),
+    ]
     assert history_[:2] == history["after_run1"], "run 2 rewrote run 1's manifests"
-    assert history_[1]["augmented_counts"]["train"]["1"] > 0 and history_[3]["augmented_counts"]["train"]["1"] > history_[1]["augmented_counts"]["train"]["1"]
+    assert (
+        history_[1]["augmented_counts"]["train"]["1"] > 0
+        and history_[3]["augmented_counts"]["train"]["1"] > history_[1]["augmented_counts"]["train"]["1"]
+    )
 
     # Each run's model and metrics come from the manifest as of its logical date.
     for run, version in ((run1, 2), (run2, 4)):
@@ -210,7 +247,11 @@ def test_an_earlier_run_rerun_after_later_data_trains_on_the_data_as_of_its_date
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     processed_before = snapshot(home.data / "processed")
     rerun = home.dags_test("2026-01-01T00:00:00+00:00", {**SHORT, "drops": [D1]})
-    assert rerun["plan"]["new_drops"] == [D1] and rerun["plan"]["pending_drops"] == [] and rerun["plan"]["proceed"]
+    assert (
+        rerun["plan"]["new_drops"] == [D1]
+        and rerun["plan"]["pending_drops"] == []
+        and rerun["plan"]["proceed"]
+    )
     assert set(rerun["states"].values()) == {"success"}, rerun["states"]
     assert snapshot(home.data / "processed") == processed_before, "the rerun changed processed data"
     provenance = json.loads((run_root / "model" / "provenance.json").read_text())
@@ -255,9 +296,14 @@ def task_log_tails(airflow_home: Path, failed: list[tuple], chars: int = 3000) -
     """The end of each failed task's newest log file (Airflow's default log layout)."""
     tails = []
     for run_id, task_id, *_ in failed:
-        logs = sorted((airflow_home / "logs").glob(f"dag_id={DAG_ID}/run_id={run_id}/task_id={task_id}/**/*.log"),
-                      key=lambda p: p.stat().st_mtime)
-        tails.append(f"--- {run_id} {task_id}: " + (logs[-1].read_text(errors="replace")[-chars:] if logs else "no log file"))
+        logs = sorted(
+            (airflow_home / "logs").glob(f"dag_id={DAG_ID}/run_id={run_id}/task_id={task_id}/**/*.log"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        tails.append(
+            f"--- {run_id} {task_id}: "
+            + (logs[-1].read_text(errors="replace")[-chars:] if logs else "no log file")
+        )
     return "\n".join(tails)
 
 

@@ -14,7 +14,15 @@ import cv2
 import numpy as np
 import pytest
 
-from training.shift import SHIFT_MIN_D, calibrate_site, held_out_folds, load_site, save_site, score_shift, site_key
+from training.shift import (
+    SHIFT_MIN_D,
+    calibrate_site,
+    held_out_folds,
+    load_site,
+    save_site,
+    score_shift,
+    site_key,
+)
 
 
 def _sigmoid(x):
@@ -58,7 +66,9 @@ def test_site_calibration_reaches_the_target_on_held_out_cases_of_the_site():
     assert collapsed < 0.5  # the home threshold misses most melanomas there
 
     lesions = [f"L{i}" for i in range(len(calib_labels))]
-    site = calibrate_site(calib_labels, calib_scores, lesions, strategy="sensitivity", target_sensitivity=0.85, n_boot=200)
+    site = calibrate_site(
+        calib_labels, calib_scores, lesions, strategy="sensitivity", target_sensitivity=0.85, n_boot=200
+    )
     assert site["threshold"] < home_threshold
     assert site["threshold_ci"][0] <= site["threshold"] <= site["threshold_ci"][1]
     reached = binary_metrics(new_labels, new_scores, site["threshold"])["sensitivity"]
@@ -104,7 +114,9 @@ def brightness_model(path: Path) -> None:
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
     model = keras.Model(images, outputs)
-    model.get_layer("probability").set_weights([np.full((3, 1), 20 / 3, np.float32), np.array([-11.0], np.float32)])
+    model.get_layer("probability").set_weights(
+        [np.full((3, 1), 20 / 3, np.float32), np.array([-11.0], np.float32)]
+    )
     model.save(path)
 
 
@@ -124,7 +136,9 @@ def _drop(folder: Path, ham10000_dir: Path, rows: list[dict], darken: float | No
             shutil.copy(source, folder / "images" / source.name)
         else:
             image = cv2.imread(str(source))
-            cv2.imwrite(str(folder / "images" / source.name), np.clip(image * darken, 0, 255).astype(np.uint8))
+            cv2.imwrite(
+                str(folder / "images" / source.name), np.clip(image * darken, 0, 255).astype(np.uint8)
+            )
     (folder / "HAM10000_metadata.csv").write_bytes(metadata_csv(rows))
     return folder
 
@@ -141,7 +155,9 @@ def evaluated_run(tmp_path_factory, ham10000_dir):
     run = root / "run"
     (run / "model").mkdir(parents=True)
     brightness_model(run / "model" / "model.keras")
-    (run / "model" / "provenance.json").write_text(json.dumps({"preprocessing": {"version": "2", "colour_constancy": "shades_of_gray"}}))
+    (run / "model" / "provenance.json").write_text(
+        json.dumps({"preprocessing": {"version": "2", "colour_constancy": "shades_of_gray"}})
+    )
     rows = _ham_rows(ham10000_dir, 80)
     val_drop = _drop(root / "raw" / "val", ham10000_dir, rows, darken=None)
     predict_folder(str(run / "model" / "model.keras"), str(val_drop), str(root / "val-scores"), threshold=0.5)
@@ -151,13 +167,25 @@ def evaluated_run(tmp_path_factory, ham10000_dir):
     with open(run / "eval" / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["image_id", "lesion_id", "split", "label", "probability"])
         writer.writeheader()
-        writer.writerows({"image_id": r["image_id"], "lesion_id": r["image_id"], "split": "val", "label": label[r["image_id"]],
-                          "probability": r["probability"]} for r in scored)
+        writer.writerows(
+            {
+                "image_id": r["image_id"],
+                "lesion_id": r["image_id"],
+                "split": "val",
+                "label": label[r["image_id"]],
+                "probability": r["probability"],
+            }
+            for r in scored
+        )
     median = float(np.median([float(r["probability"]) for r in scored]))
-    (run / "eval" / "metrics.json").write_text(json.dumps(
-        {"threshold": {"value": median, "strategy": "sensitivity"}, "scores": {"pooling": "none"}}))
+    (run / "eval" / "metrics.json").write_text(
+        json.dumps({"threshold": {"value": median, "strategy": "sensitivity"}, "scores": {"pooling": "none"}})
+    )
     processed = root / "processed"
-    commit_manifest(open_storage(str(processed)), {"preprocessing": {"version": "2", "colour_constancy": "shades_of_gray"}})
+    commit_manifest(
+        open_storage(str(processed)),
+        {"preprocessing": {"version": "2", "colour_constancy": "shades_of_gray"}},
+    )
     return {"root": root, "run": run, "rows": rows, "threshold": median, "processed": processed}
 
 
@@ -178,32 +206,84 @@ def test_predict_uses_the_runs_threshold_and_warns_on_a_darker_device(evaluated_
     assert "shift.json" in result["written"]
 
 
-def test_calibrate_site_cli_records_the_threshold_and_predict_site_uses_it(evaluated_run, ham10000_dir, capsys):
+def test_calibrate_site_cli_records_the_threshold_and_predict_site_uses_it(
+    evaluated_run, ham10000_dir, capsys
+):
     from training.cli import RESULT_PREFIX, main
 
     root, run = evaluated_run["root"], evaluated_run["run"]
     taken = {r["image_id"] for r in evaluated_run["rows"]}
     from ham_drop import metadata_rows, pick_images
 
-    site_rows = pick_images(metadata_rows(ham10000_dir), n_melanoma=20, n_other=60, skip_lesions={r["lesion_id"] for r in evaluated_run["rows"]})
+    site_rows = pick_images(
+        metadata_rows(ham10000_dir),
+        n_melanoma=20,
+        n_other=60,
+        skip_lesions={r["lesion_id"] for r in evaluated_run["rows"]},
+    )
     assert not taken & {r["image_id"] for r in site_rows}
     _drop(root / "site-raw" / "clinic-b", ham10000_dir, site_rows, darken=0.6)
-    code = main(["calibrate-site", "--processed-root", str(evaluated_run["processed"]), "--run-root", str(run), "--site", "clinic-b",
-                 "--labelled-drop", f"{root / 'site-raw'}::clinic-b", "--strategy", "sensitivity", "--target-sensitivity", "0.9",
-                 "--n-boot", "100"])
+    code = main(
+        [
+            "calibrate-site",
+            "--processed-root",
+            str(evaluated_run["processed"]),
+            "--run-root",
+            str(run),
+            "--site",
+            "clinic-b",
+            "--labelled-drop",
+            f"{root / 'site-raw'}::clinic-b",
+            "--strategy",
+            "sensitivity",
+            "--target-sensitivity",
+            "0.9",
+            "--n-boot",
+            "100",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     result = json.loads(out.split(RESULT_PREFIX, 1)[1])
     record = json.loads((run / "sites" / "clinic-b.json").read_text())
-    assert record["threshold"] == result["threshold"] < evaluated_run["threshold"]  # the darker site scores lower
-    assert record["score_shift"]["shifted"] is True and record["n_melanoma"] == sum(r["dx"] == "mel" for r in site_rows)
+    assert (
+        record["threshold"] == result["threshold"] < evaluated_run["threshold"]
+    )  # the darker site scores lower
+    assert record["score_shift"]["shifted"] is True and record["n_melanoma"] == sum(
+        r["dx"] == "mel" for r in site_rows
+    )
     assert record["in_sample"]["sensitivity"] >= 0.9
 
-    code = main(["predict", "--model", str(run / "model" / "model.keras"), "--input", str(root / "site-raw" / "clinic-b"),
-                 "--output", str(root / "site-scores"), "--site", "clinic-b"])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(run / "model" / "model.keras"),
+            "--input",
+            str(root / "site-raw" / "clinic-b"),
+            "--output",
+            str(root / "site-scores"),
+            "--site",
+            "clinic-b",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(io.StringIO((root / "site-scores" / "predictions.csv").read_text())))
     assert {float(r["threshold"]) for r in rows} == {record["threshold"]}
-    assert main(["predict", "--model", str(run / "model" / "model.keras"), "--input", str(root / "site-raw"),
-                 "--output", str(root / "x"), "--site", "nowhere"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run / "model" / "model.keras"),
+                "--input",
+                str(root / "site-raw"),
+                "--output",
+                str(root / "x"),
+                "--site",
+                "nowhere",
+            ]
+        )
+        == 2
+    )
     assert "no calibration for site 'nowhere'" in capsys.readouterr().err

@@ -39,15 +39,27 @@ SPARK_TIMEOUT_S = 600
 def spark_submit(job: str, *args: str, env: dict | None = None) -> dict:
     """Run ``spark_jobs/<job>.py`` through spark-submit on local[2]; returns the job's summary line."""
     venv_bin = Path(sys.executable).parent
-    full_env = {**os.environ, **(env or {}), "SPARK_LOCAL_IP": "127.0.0.1", "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    full_env = {
+        **os.environ,
+        **(env or {}),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     command = [
-        "spark-submit", "--master", "local[2]",
+        "spark-submit",
+        "--master",
+        "local[2]",
         # The DAG's spark-submit settings (Python, driver JVM options), so tests run what it runs.
         *[arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")],
-        str(PROJECT_ROOT / "spark_jobs" / f"{job}.py"), *args,
+        str(PROJECT_ROOT / "spark_jobs" / f"{job}.py"),
+        *args,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=PROJECT_ROOT, timeout=SPARK_TIMEOUT_S)
-    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=full_env, cwd=PROJECT_ROOT, timeout=SPARK_TIMEOUT_S
+    )
+    assert done.returncode == 0, (
+        f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith(f"{job}: summary ")]
     assert lines, done.stdout[-3000:]
     return json.loads(lines[-1].removeprefix(f"{job}: summary "))
@@ -64,12 +76,30 @@ def runs(tmp_path_factory) -> dict:
     write_ham_drop(raw, CLEAN, ["good_1", *(f"ISIC_{i:07d}" for i in range(30))])
     state: dict = {"raw": raw, "seq": seq, "all": together, "expected": expected}
 
-    state["seq_first"] = spark_submit("preprocess", "--raw-root", str(raw), "--processed-root", str(seq), "--drops", BAD, "--shard-size", "8")
-    state["seq_second"] = spark_submit("preprocess", "--raw-root", str(raw), "--processed-root", str(seq), "--shard-size", "8")
-    state["all_first"] = spark_submit("preprocess", "--raw-root", str(raw), "--processed-root", str(together), "--shard-size", "8")
+    state["seq_first"] = spark_submit(
+        "preprocess",
+        "--raw-root",
+        str(raw),
+        "--processed-root",
+        str(seq),
+        "--drops",
+        BAD,
+        "--shard-size",
+        "8",
+    )
+    state["seq_second"] = spark_submit(
+        "preprocess", "--raw-root", str(raw), "--processed-root", str(seq), "--shard-size", "8"
+    )
+    state["all_first"] = spark_submit(
+        "preprocess", "--raw-root", str(raw), "--processed-root", str(together), "--shard-size", "8"
+    )
     state["preprocessed_files"] = snapshot(together)
-    state["rerun"] = spark_submit("preprocess", "--raw-root", str(raw), "--processed-root", str(together), "--shard-size", "8")
-    state["rerun_drop"] = spark_submit("preprocess", "--raw-root", str(raw), "--processed-root", str(together), "--drops", BAD)
+    state["rerun"] = spark_submit(
+        "preprocess", "--raw-root", str(raw), "--processed-root", str(together), "--shard-size", "8"
+    )
+    state["rerun_drop"] = spark_submit(
+        "preprocess", "--raw-root", str(raw), "--processed-root", str(together), "--drops", BAD
+    )
     state["files_after_reruns"] = snapshot(together)
     state["augment"] = spark_submit("augment", "--processed-root", str(together))
     state["augmented_files"] = snapshot(together)
@@ -102,7 +132,14 @@ def test_every_convertible_input_is_written_with_its_note(runs):
     manifest = manifest_at(runs["all"], 1)
     written = {r["image_id"]: r for r in all_records(runs["all"], manifest)}
     noted = {image_id: note for image_id, note in runs["expected"].items() if note in NOTES}
-    assert set(noted.values()) == {"png-content", "alpha-dropped", "grayscale->rgb", "cmyk->rgb", "16bit->8bit", "exif-rotated"}
+    assert set(noted.values()) == {
+        "png-content",
+        "alpha-dropped",
+        "grayscale->rgb",
+        "cmyk->rgb",
+        "16bit->8bit",
+        "exif-rotated",
+    }
     for image_id, note in noted.items():
         assert note in written[image_id]["conversions"], (image_id, written[image_id]["conversions"])
         assert manifest["accounting"][BAD]["conversions"][note] >= 1
@@ -127,7 +164,9 @@ def test_a_duplicate_across_drops_keeps_the_first_drops_copy(runs):
     entries = quarantine_lines(runs["all"], CLEAN)
     assert [(e["item"], e["reason"]) for e in entries] == [("good_1", "duplicate-image-id")]
     manifest = manifest_at(runs["all"], 1)
-    assert [r["source_drop"] for r in all_records(runs["all"], manifest) if r["image_id"] == "good_1"] == [BAD]
+    assert [r["source_drop"] for r in all_records(runs["all"], manifest) if r["image_id"] == "good_1"] == [
+        BAD
+    ]
 
 
 def test_two_drops_one_after_another_equal_both_at_once(runs):
@@ -139,7 +178,12 @@ def test_two_drops_one_after_another_equal_both_at_once(runs):
     assert shard_bytes(seq, second) == shard_bytes(together, at_once)
     for shard in at_once["shards"]:
         assert (seq / shard["key"]).read_bytes() == (together / shard["key"]).read_bytes()
-    for name in (ingest.quarantine_key(BAD), ingest.quarantine_key(CLEAN), ingest.index_key(BAD), ingest.index_key(CLEAN)):
+    for name in (
+        ingest.quarantine_key(BAD),
+        ingest.quarantine_key(CLEAN),
+        ingest.index_key(BAD),
+        ingest.index_key(CLEAN),
+    ):
         assert (seq / name).read_bytes() == (together / name).read_bytes(), name
     # The second run of the sequence scanned and wrote only the new drop.
     assert runs["seq_second"]["drops"] == [CLEAN] and runs["seq_second"]["layouts"] == {CLEAN: "ham10000"}
@@ -177,9 +221,13 @@ def test_augment_adds_two_copies_per_training_melanoma_only(runs):
     originals = {s["key"]: s for s in before["shards"]}
     assert [s for s in after["shards"] if s["kind"] == "original"] == before["shards"]
     # Val/test (and every original shard) keep their bytes and mtimes.
-    assert {k: v for k, v in runs["augmented_files"].items() if k in originals} == {k: runs["preprocessed_files"][k] for k in originals}
+    assert {k: v for k, v in runs["augmented_files"].items() if k in originals} == {
+        k: runs["preprocessed_files"][k] for k in originals
+    }
     augmented = [s for s in after["shards"] if s["kind"] == "augmented"]
-    assert augmented and all(s["split"] == "train" and originals[s["augment_of"]]["split"] == "train" for s in augmented)
+    assert augmented and all(
+        s["split"] == "train" and originals[s["augment_of"]]["split"] == "train" for s in augmented
+    )
     storage = LocalStorage(runs["all"])
     for shard in augmented:
         source = read_verified_shard(storage, originals[shard["augment_of"]])
@@ -209,21 +257,37 @@ def test_s3_roots_and_an_isic_drop_from_executors(isic_sample_dir, s3_env, s3_bu
         if path.is_file():
             s3.upload_file(str(path), s3_bucket, f"raw/{ISIC}/{path.name}")
 
-    summary = spark_submit("preprocess", "--raw-root", f"s3://{s3_bucket}/raw", "--processed-root", f"s3://{s3_bucket}/data", env=s3_env)
+    summary = spark_submit(
+        "preprocess",
+        "--raw-root",
+        f"s3://{s3_bucket}/raw",
+        "--processed-root",
+        f"s3://{s3_bucket}/data",
+        env=s3_env,
+    )
     assert summary["layouts"] == {CLEAN: "ham10000", ISIC: "isic"}
     assert summary["manifest_uri"] == f"s3://{s3_bucket}/data/processed/manifest-000001.json"
 
     storage = S3Storage(s3_bucket, "data", s3_env["MELANOMA_S3_ENDPOINT_URL"])
     manifest = latest_manifest(storage)
     isic = manifest["accounting"][ISIC]
-    assert isic["layout"] == "isic" and isic["inputs"] == 40 and isic["written"] == 40 and isic["quarantined"] == 0
+    assert (
+        isic["layout"] == "isic"
+        and isic["inputs"] == 40
+        and isic["written"] == 40
+        and isic["quarantined"] == 0
+    )
     ham = manifest["accounting"][CLEAN]
     assert (ham["inputs"], ham["written"], ham["quarantined"]) == (12, 11, 1)
     quarantine = [json.loads(line) for line in storage.read_bytes(ham["quarantine_key"]).splitlines()]
     assert [(q["item"], q["reason"]) for q in quarantine] == [("ISIC_9000003", "truncated")]
-    records = [r for s in manifest["shards"] for r in read_verified_shard(storage, s).records]  # sha256 checked
+    records = [
+        r for s in manifest["shards"] for r in read_verified_shard(storage, s).records
+    ]  # sha256 checked
     isic_records = [r for r in records if r["source_drop"] == ISIC]
-    assert len(isic_records) == 40 and sum(r["label"] for r in isic_records) == 20  # 20 melanoma, 20 nevus in the sample
+    assert (
+        len(isic_records) == 40 and sum(r["label"] for r in isic_records) == 20
+    )  # 20 melanoma, 20 nevus in the sample
     assert {r["dx"] for r in isic_records} == {"mel", "nv"}
     keys = set(storage.list_keys("processed"))
     assert {s["key"] for s in manifest["shards"]} <= keys
@@ -247,17 +311,25 @@ def test_spark_engine_keeps_spark_submit_settings_and_preloads_workers(tmp_path)
         "    print('probe: summary ' + json.dumps({'workers': run(probe, [0]), 'ui': conf.get('spark.ui.enabled')}))\n"
     )
     venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     conf = [arg for key, value in submit_conf(sys.executable).items() for arg in ("--conf", f"{key}={value}")]
 
     def submit(*extra: str) -> dict:
         command = ["spark-submit", "--master", "local[1]", *conf, *extra, str(script)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=SPARK_TIMEOUT_S)
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=SPARK_TIMEOUT_S
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         line = [x for x in done.stdout.splitlines() if x.startswith("probe: summary ")][-1]
         return json.loads(line.removeprefix("probe: summary "))
 
     defaults = submit()
     assert defaults == {"workers": [{"daemon": "melanoma.spark_daemon", "preloaded": True}], "ui": "false"}
-    overridden = submit("--conf", "spark.python.daemon.module=pyspark.daemon", "--conf", "spark.ui.enabled=true")
+    overridden = submit(
+        "--conf", "spark.python.daemon.module=pyspark.daemon", "--conf", "spark.ui.enabled=true"
+    )
     assert overridden == {"workers": [{"daemon": "pyspark.daemon", "preloaded": False}], "ui": "true"}

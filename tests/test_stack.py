@@ -31,6 +31,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+
 from ham_drop import metadata_csv, metadata_rows, pick_images, upload_images
 
 pytestmark = pytest.mark.stack
@@ -53,7 +54,9 @@ QUICK = {"epochs": 40, "max_train_images": 300, "n_boot": 100}
 def sh(*args: str, timeout: float = 600, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(args[:6])} ... failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args[:6])} ... failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done
 
 
@@ -80,7 +83,9 @@ def write_env_file(path: Path) -> dict[str, str]:
         values[key] = values.get(key) or secrets.token_urlsafe(24)
     values["AIRFLOW_FERNET_KEY"] = base64.urlsafe_b64encode(os.urandom(32)).decode()
     values["DOCKER_GID"] = str(os.stat("/var/run/docker.sock").st_gid)
-    values.update(MELANOMA_TASK_RETRIES="1", MELANOMA_TASK_RETRY_DELAY_S="5", LOCAL_HOSTNAME=socket.gethostname())
+    values.update(
+        MELANOMA_TASK_RETRIES="1", MELANOMA_TASK_RETRY_DELAY_S="5", LOCAL_HOSTNAME=socket.gethostname()
+    )
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return values
 
@@ -90,8 +95,18 @@ class Stack:
 
     def __init__(self, env_file: Path, values: dict[str, str]):
         self.env_file, self.values = env_file, values
-        self.base = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yaml",
-                     "-f", "docker/local/compose.local.yaml", "--env-file", str(env_file)]
+        self.base = [
+            "docker",
+            "compose",
+            "-p",
+            PROJECT,
+            "-f",
+            "docker-compose.yaml",
+            "-f",
+            "docker/local/compose.local.yaml",
+            "--env-file",
+            str(env_file),
+        ]
         self.token: str | None = None
 
     def compose(self, *args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
@@ -115,8 +130,14 @@ class Stack:
             return error.code, error.read().decode(errors="replace")
 
     def login(self) -> None:
-        status, body = self.request("POST", "/auth/token", {"username": self.values["AIRFLOW_ADMIN_USERNAME"],
-                                                            "password": self.values["AIRFLOW_ADMIN_PASSWORD"]})
+        status, body = self.request(
+            "POST",
+            "/auth/token",
+            {
+                "username": self.values["AIRFLOW_ADMIN_USERNAME"],
+                "password": self.values["AIRFLOW_ADMIN_PASSWORD"],
+            },
+        )
         assert status == 201, f"login failed: {status} {body}"
         self.token = body["access_token"]
 
@@ -126,16 +147,24 @@ class Stack:
         return {ti["task_id"]: ti for ti in body["task_instances"]}
 
     def task_log(self, run_id: str, task_id: str, try_number: int) -> str:
-        status, body = self.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}?full_content=true")
+        status, body = self.request(
+            "GET",
+            f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}?full_content=true",
+        )
         if status != 200:
             return f"(no log: {status} {body})"
         content = body.get("content", body) if isinstance(body, dict) else body
         if isinstance(content, list):
-            return "\n".join(c.get("event", json.dumps(c)) if isinstance(c, dict) else str(c) for c in content)
+            return "\n".join(
+                c.get("event", json.dumps(c)) if isinstance(c, dict) else str(c) for c in content
+            )
         return str(content)
 
     def xcom(self, run_id: str, task_id: str, key: str = "return_value", missing_ok: bool = False):
-        status, body = self.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}?deserialize=true")
+        status, body = self.request(
+            "GET",
+            f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}?deserialize=true",
+        )
         if missing_ok and status == 404:
             return None
         assert status == 200, (status, body)
@@ -147,30 +176,43 @@ class Stack:
         return plan and plan["run_root"].removeprefix(f"s3://{BUCKET}/")
 
     def trigger(self, run_id: str, logical_date: str, conf: dict) -> None:
-        status, body = self.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
-                                    {"dag_run_id": run_id, "logical_date": logical_date, "conf": conf})
+        status, body = self.request(
+            "POST",
+            f"/api/v2/dags/{DAG_ID}/dagRuns",
+            {"dag_run_id": run_id, "logical_date": logical_date, "conf": conf},
+        )
         assert status == 200, f"trigger refused: {status} {body}"
 
-    def wait_for_run(self, run_id: str, timeout: float, *, allow_retry: set[str] = frozenset(), during=None) -> dict[str, dict]:
+    def wait_for_run(
+        self, run_id: str, timeout: float, *, allow_retry: set[str] = frozenset(), during=None
+    ) -> dict[str, dict]:
         """Poll until the run ends; a failed task (or a retry nobody expects) fails at once with its log."""
         deadline = time.monotonic() + timeout
         while True:
             tis = self.task_instances(run_id)
             for task_id, ti in tis.items():
-                bad = ti["state"] in ("failed", "upstream_failed") or (ti["state"] == "up_for_retry" and task_id not in allow_retry)
+                bad = ti["state"] in ("failed", "upstream_failed") or (
+                    ti["state"] == "up_for_retry" and task_id not in allow_retry
+                )
                 if bad:
-                    raise AssertionError(f"task {task_id} is {ti['state']} (try {ti['try_number']}):\n"
-                                         f"{self.task_log(run_id, task_id, max(ti['try_number'], 1))[-6000:]}")
+                    raise AssertionError(
+                        f"task {task_id} is {ti['state']} (try {ti['try_number']}):\n"
+                        f"{self.task_log(run_id, task_id, max(ti['try_number'], 1))[-6000:]}"
+                    )
             status, run = self.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
             assert status == 200, run
             if run["state"] in ("success", "failed"):
-                assert run["state"] == "success", f"run {run_id} failed: {json.dumps(tis, default=str)[:3000]}"
+                assert run["state"] == "success", (
+                    f"run {run_id} failed: {json.dumps(tis, default=str)[:3000]}"
+                )
                 return tis
             if during is not None:
                 during(tis)
             if time.monotonic() > deadline:
                 pending = {t: ti["state"] for t, ti in tis.items() if ti["state"] != "success"}
-                raise AssertionError(f"run {run_id} not finished after {timeout:.0f} s; unfinished tasks: {pending}")
+                raise AssertionError(
+                    f"run {run_id} not finished after {timeout:.0f} s; unfinished tasks: {pending}"
+                )
             time.sleep(2)
 
 
@@ -209,9 +251,21 @@ class ContainerStarts:
 
     def __enter__(self):
         self.process = subprocess.Popen(
-            ["docker", "events", "--filter", "type=container", "--filter", "event=start",
-             "--filter", "label=melanoma.step", "--format", "{{json .}}"],
-            stdout=subprocess.PIPE, text=True)
+            [
+                "docker",
+                "events",
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=start",
+                "--filter",
+                "label=melanoma.step",
+                "--format",
+                "{{json .}}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -224,8 +278,18 @@ class ContainerStarts:
 
 
 def leftover_containers() -> list[str]:
-    listed = sh("docker", "ps", "-a", "--filter", f"label=com.docker.compose.project={PROJECT}", "--format", "{{.Names}}").stdout.split()
-    listed += sh("docker", "ps", "-a", "--filter", "label=melanoma.step", "--format", "{{.Names}}").stdout.split()
+    listed = sh(
+        "docker",
+        "ps",
+        "-a",
+        "--filter",
+        f"label=com.docker.compose.project={PROJECT}",
+        "--format",
+        "{{.Names}}",
+    ).stdout.split()
+    listed += sh(
+        "docker", "ps", "-a", "--filter", "label=melanoma.step", "--format", "{{.Names}}"
+    ).stdout.split()
     return listed
 
 
@@ -247,13 +311,16 @@ def stack(tmp_path_factory, figures, ham10000_dir):
         pytest.skip(f"{reason}; `make test-stack` installs and starts the engine")
     env_file = tmp_path_factory.mktemp("stack") / "stack.env"
     stack = Stack(env_file, write_env_file(env_file))
-    stack.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)  # a previous run's leftovers
+    stack.compose(
+        "down", "-v", "--remove-orphans", "--timeout", "10", check=False
+    )  # a previous run's leftovers
     started = time.monotonic()
     stack.compose("--profile", "build", "build", timeout=3600)
     figures["build_seconds"] = round(time.monotonic() - started, 1)
     figures["image_sizes_mb"] = {
         image: round(int(sh("docker", "image", "inspect", "--format", "{{.Size}}", image).stdout) / 1e6)
-        for image in ("melanoma-airflow:0.1.0", "melanoma-spark:0.1.0", TRAINING_IMAGE)}
+        for image in ("melanoma-airflow:0.1.0", "melanoma-spark:0.1.0", TRAINING_IMAGE)
+    }
     try:
         started = time.monotonic()
         stack.compose("up", "-d", "--wait", "--wait-timeout", "600", timeout=900)
@@ -261,19 +328,26 @@ def stack(tmp_path_factory, figures, ham10000_dir):
         stack.login()
         yield stack
     finally:
-        (OUTPUT / "compose.log").write_text(stack.compose("logs", "--no-color", "--timestamps", check=False).stdout[-2_000_000:])
-        if os.environ.get("MELANOMA_STACK_KEEP") == "1":  # debugging only: leaves the stack up
-            return
-        stack.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
-        left = leftover_containers()
-        assert not left, f"containers left behind: {left}"
+        (OUTPUT / "compose.log").write_text(
+            stack.compose("logs", "--no-color", "--timestamps", check=False).stdout[-2_000_000:]
+        )
+        # MELANOMA_STACK_KEEP=1 (debugging only) leaves the stack up. Not a `return` in
+        # `finally`, which would swallow the exception that brought us here.
+        if os.environ.get("MELANOMA_STACK_KEEP") != "1":
+            stack.compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
+            left = leftover_containers()
+            assert not left, f"containers left behind: {left}"
 
 
 @pytest.fixture(scope="module")
 def s3(stack):
-    return boto3.client("s3", endpoint_url=S3_URL, region_name="us-east-1",
-                        aws_access_key_id=stack.values["MINIO_ROOT_USER"],
-                        aws_secret_access_key=stack.values["MINIO_ROOT_PASSWORD"])
+    return boto3.client(
+        "s3",
+        endpoint_url=S3_URL,
+        region_name="us-east-1",
+        aws_access_key_id=stack.values["MINIO_ROOT_USER"],
+        aws_secret_access_key=stack.values["MINIO_ROOT_PASSWORD"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +360,9 @@ def dag_ready(stack):
         return status == 200
 
     wait_until(served, 300, f"the dag-processor to serve {DAG_ID}", poll=3)
-    status, body = stack.request("PATCH", f"/api/v2/dags/{DAG_ID}?update_mask=is_paused", {"is_paused": False})
+    status, body = stack.request(
+        "PATCH", f"/api/v2/dags/{DAG_ID}?update_mask=is_paused", {"is_paused": False}
+    )
     assert status == 200 and body["is_paused"] is False, (status, body)
 
 
@@ -309,7 +385,9 @@ def test_the_dag_runs_end_to_end_in_the_stack(stack, s3, dag_ready, ham10000_dir
     master = get_json(f"{SPARK_MASTER_UI}/json/")
     apps = {app["name"]: app["id"] for app in master["completedapps"]}
     assert {"melanoma-preprocess", "melanoma-augment"} <= set(apps), master["completedapps"]
-    assert len(master["workers"]) == 2 and all(w["state"] == "ALIVE" for w in master["workers"]), master["workers"]
+    assert len(master["workers"]) == 2 and all(w["state"] == "ALIVE" for w in master["workers"]), master[
+        "workers"
+    ]
     for worker, url in SPARK_WORKER_UIS.items():
         ran = {e["appid"] for e in get_json(f"{url}/json/")["finishedexecutors"]}
         assert apps["melanoma-preprocess"] in ran, f"no preprocess executor on {worker}: {ran}"
@@ -329,7 +407,13 @@ def test_the_dag_runs_end_to_end_in_the_stack(stack, s3, dag_ready, ham10000_dir
     assert accounting["inputs"] == len(chosen) == accounting["written"] + accounting["quarantined"]
     assert all(f"data/{shard['key']}" in keys for shard in manifest["shards"])
     run_prefix = stack.run_prefix(run_id)
-    for key in ("model/model.keras", "eval/metrics.json", "eval/predictions.csv", "gradcam/gradcam_summary.json", "report.html"):
+    for key in (
+        "model/model.keras",
+        "eval/metrics.json",
+        "eval/predictions.csv",
+        "gradcam/gradcam_summary.json",
+        "report.html",
+    ):
         assert f"{run_prefix}/{key}" in keys, key
     # The threshold travelled by XCom from evaluate to gradcam.
     threshold = stack.xcom(run_id, "evaluate")
@@ -348,8 +432,11 @@ def test_the_dag_runs_end_to_end_in_the_stack(stack, s3, dag_ready, ham10000_dir
 
 def drop_shards(manifest: dict, drop_id: str) -> dict[str, tuple]:
     """The drop's preprocessed shards as the manifest records them (augment adds its own later)."""
-    return {s["key"]: (s["sha256"], s["count"], s["labels"]) for s in manifest["shards"]
-            if s["drop"] == drop_id and s["kind"] == "original"}
+    return {
+        s["key"]: (s["sha256"], s["count"], s["labels"])
+        for s in manifest["shards"]
+        if s["drop"] == drop_id and s["kind"] == "original"
+    }
 
 
 def undisturbed_preprocess(stack: Stack, drop_id: str, logical_date: str, processed: Path) -> dict:
@@ -359,14 +446,30 @@ def undisturbed_preprocess(stack: Stack, drop_id: str, logical_date: str, proces
     from melanoma.manifest import latest_manifest
     from melanoma.storage import open_storage
 
-    s3_env = {"MELANOMA_S3_ENDPOINT_URL": S3_URL, "AWS_DEFAULT_REGION": "us-east-1",
-              "AWS_ACCESS_KEY_ID": stack.values["MINIO_ROOT_USER"], "AWS_SECRET_ACCESS_KEY": stack.values["MINIO_ROOT_PASSWORD"]}
-    spark_submit("preprocess", "--raw-root", f"s3://{BUCKET}/raw", "--processed-root", str(processed),
-                 "--drops", json.dumps([drop_id]), "--logical-date", logical_date, env=s3_env)
+    s3_env = {
+        "MELANOMA_S3_ENDPOINT_URL": S3_URL,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": stack.values["MINIO_ROOT_USER"],
+        "AWS_SECRET_ACCESS_KEY": stack.values["MINIO_ROOT_PASSWORD"],
+    }
+    spark_submit(
+        "preprocess",
+        "--raw-root",
+        f"s3://{BUCKET}/raw",
+        "--processed-root",
+        str(processed),
+        "--drops",
+        json.dumps([drop_id]),
+        "--logical-date",
+        logical_date,
+        env=s3_env,
+    )
     return latest_manifest(open_storage(str(processed)))
 
 
-def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(stack, s3, dag_ready, ham10000_dir, figures, tmp_path):
+def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(
+    stack, s3, dag_ready, ham10000_dir, figures, tmp_path
+):
     rows = metadata_rows(ham10000_dir)
     first = {r["lesion_id"] for r in pick_images(rows, n_melanoma=90, n_other=210)}
     chosen = pick_images(rows, n_melanoma=150, n_other=450, skip_lesions=first)
@@ -379,8 +482,10 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
             # Kill one worker once the preprocess application has executors on both.
             master = get_json(f"{SPARK_MASTER_UI}/json/")
             app = next((a for a in master["activeapps"] if a["name"] == "melanoma-preprocess"), None)
-            running = app and all(any(e["appid"] == app["id"] for e in get_json(f"{url}/json/")["executors"])
-                                  for url in SPARK_WORKER_UIS.values())
+            running = app and all(
+                any(e["appid"] == app["id"] for e in get_json(f"{url}/json/")["executors"])
+                for url in SPARK_WORKER_UIS.values()
+            )
             if running:
                 sh("docker", "kill", stack.container("spark-worker-2"))
                 done["spark"] = time.monotonic()
@@ -391,7 +496,9 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
             except s3.exceptions.NoSuchKey:
                 return
             if state.get("epoch", -1) >= 0 and not state.get("done"):
-                (container,) = sh("docker", "ps", "-q", "--filter", "label=melanoma.step=train").stdout.split()
+                (container,) = sh(
+                    "docker", "ps", "-q", "--filter", "label=melanoma.step=train"
+                ).stdout.split()
                 sh("docker", "kill", container)
                 done["train"] = time.monotonic()
                 done["killed_after_epoch"] = state["epoch"] + 1
@@ -408,7 +515,9 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
     assert tis["preprocess"]["try_number"] == 1, "a lost executor is Spark's to recover, not a task retry"
     manifest = read_json(s3, sorted(k for k in bucket_keys(s3, "data/processed/manifest-"))[-1])
     accounting = manifest["accounting"][drop_id]
-    assert accounting["inputs"] == len(chosen) == accounting["written"] + accounting["quarantined"], accounting
+    assert accounting["inputs"] == len(chosen) == accounting["written"] + accounting["quarantined"], (
+        accounting
+    )
     # The same drop through the same job, undisturbed (spark-submit local[2] here, raw from the bucket):
     # the lost executor's tasks were recomputed into exactly the shards an undisturbed run writes.
     reference = undisturbed_preprocess(stack, drop_id, "2026-01-02", tmp_path / "reference")
@@ -424,7 +533,10 @@ def test_a_killed_spark_worker_and_a_killed_training_container_are_recovered(sta
     assert not epochs or epochs[0] > done["killed_after_epoch"], (epochs, done)
     history = read_json(s3, f"{run_prefix}/model/history.json")
     assert history, "no training history after the retry"
-    figures["faults"] = {"spark_worker_killed": True, "training_container_killed_after_epoch": done["killed_after_epoch"]}
+    figures["faults"] = {
+        "spark_worker_killed": True,
+        "training_container_killed_after_epoch": done["killed_after_epoch"],
+    }
 
 
 def browser():
@@ -434,13 +546,24 @@ def browser():
 
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (binary and driver):
-        pytest.fail("chromium and chromium-driver are needed (apt-get install chromium chromium-driver; make test-stack does)")
+        pytest.fail(
+            "chromium and chromium-driver are needed (apt-get install chromium chromium-driver; make test-stack does)"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--proxy-server=http://127.0.0.1:1",
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost, EXCLUDE 127.0.0.1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--proxy-server=http://127.0.0.1:1",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(arg)
     chrome = webdriver.Chrome(service=Service(driver), options=options)
     chrome.implicitly_wait(15)
@@ -456,8 +579,11 @@ class TriggerForm:
     def shown(self, xpath: str):
         from selenium.webdriver.common.by import By
 
-        return wait_until(lambda: next((e for e in self.chrome.find_elements(By.XPATH, xpath) if e.is_displayed()), None),
-                          30, f"an element {xpath} on the page")
+        return wait_until(
+            lambda: next((e for e in self.chrome.find_elements(By.XPATH, xpath) if e.is_displayed()), None),
+            30,
+            f"an element {xpath} on the page",
+        )
 
     def section(self, title: str) -> None:
         button = self.shown(f"//button[@data-part='item-trigger'][normalize-space(.)='{title}']")
@@ -465,7 +591,7 @@ class TriggerForm:
             button.click()
 
     def see(self, text: str):
-        return self.shown(f"//*[contains(normalize-space(text()), \"{text}\")]")
+        return self.shown(f'//*[contains(normalize-space(text()), "{text}")]')
 
     def field(self, param: str):
         return self.shown(f"//input[@name='element_{param}']")
@@ -488,7 +614,9 @@ def test_a_user_triggers_a_run_from_the_ui_and_opens_its_report(stack, s3, dag_r
     rows = metadata_rows(ham10000_dir)
     taken = {r["lesion_id"] for r in pick_images(rows, n_melanoma=90, n_other=210)}
     taken |= {r["lesion_id"] for r in pick_images(rows, n_melanoma=150, n_other=450, skip_lesions=taken)}
-    upload_drop(s3, ham10000_dir, "ham-2026-12-01", pick_images(rows, n_melanoma=40, n_other=80, skip_lesions=taken))
+    upload_drop(
+        s3, ham10000_dir, "ham-2026-12-01", pick_images(rows, n_melanoma=40, n_other=80, skip_lesions=taken)
+    )
     _, before = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")
     known = {r["dag_run_id"] for r in before["dag_runs"]}
 
@@ -524,18 +652,29 @@ def test_a_user_triggers_a_run_from_the_ui_and_opens_its_report(stack, s3, dag_r
 
         def new_run():
             _, runs = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")
-            fresh = [r for r in runs["dag_runs"] if r["dag_run_id"] not in known and r["run_type"] == "manual"]
+            fresh = [
+                r for r in runs["dag_runs"] if r["dag_run_id"] not in known and r["run_type"] == "manual"
+            ]
             return fresh[0] if fresh else None
 
         run = wait_until(new_run, 60, "the run the form triggered")
-        assert (run["conf"]["epochs"], run["conf"]["max_train_images"], run["conf"]["n_boot"]) == (40, 300, 100), run["conf"]
+        assert (run["conf"]["epochs"], run["conf"]["max_train_images"], run["conf"]["n_boot"]) == (
+            40,
+            300,
+            100,
+        ), run["conf"]
         stack.wait_for_run(run["dag_run_id"], timeout=1500)
 
         # The report task's "Melanoma report" extra link, as the UI shows it, opens the report.
         # (Airflow 3's UI lists a task's extra links on its Details tab.)
         chrome.get(f"{API}/dags/{DAG_ID}/runs/{run['dag_run_id']}/tasks/report/details")
-        link = wait_until(lambda: next((a for a in chrome.find_elements(By.TAG_NAME, "a") if "Melanoma report" in a.text), None),
-                          60, "the Melanoma report link on the report task's Details tab")
+        link = wait_until(
+            lambda: next(
+                (a for a in chrome.find_elements(By.TAG_NAME, "a") if "Melanoma report" in a.text), None
+            ),
+            60,
+            "the Melanoma report link on the report task's Details tab",
+        )
         chrome.get(link.get_attribute("href"))
         assert "melanoma" in chrome.page_source.lower() and "<html" in chrome.page_source.lower()
         chrome.save_screenshot(str(OUTPUT / "report.png"))

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from airflow_server import api_server_env
 from melanoma.demo import airflow_env
+
+from airflow_server import api_server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +50,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def request(method: str, url: str, body: dict | None = None, token: str | None = None, timeout: float = 30) -> tuple[int, object]:
+def request(
+    method: str, url: str, body: dict | None = None, token: str | None = None, timeout: float = 30
+) -> tuple[int, object]:
     """(status, parsed JSON or text) for one HTTP call; HTTP errors are returned, not raised."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Accept": "application/json"}
@@ -109,7 +112,9 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen, lo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"airflow standalone exited ({process.returncode}) while waiting for {what}:\n{log_tail(log_path)}")
+            pytest.fail(
+                f"airflow standalone exited ({process.returncode}) while waiting for {what}:\n{log_tail(log_path)}"
+            )
         result = predicate()
         if result:
             return result
@@ -134,8 +139,13 @@ def test_standalone_serves_the_dag_and_enforces_its_params(tmp_path):
     log_path = tmp_path / "standalone.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(airflow_binary()), "standalone"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            [str(airflow_binary()), "standalone"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     try:
         # 1. the API answers on the loopback port
@@ -152,7 +162,9 @@ def test_standalone_serves_the_dag_and_enforces_its_params(tmp_path):
         # 2. log in with the password standalone generated for admin
         password_file = home / "simple_auth_manager_passwords.json.generated"
         passwords = wait_for(lambda: _read_json(password_file), 60, f"{password_file}", process, log_path)
-        status, body = request("POST", f"{base}/auth/token", {"username": "admin", "password": passwords["admin"]})
+        status, body = request(
+            "POST", f"{base}/auth/token", {"username": "admin", "password": passwords["admin"]}
+        )
         assert status == 201 and body.get("access_token"), f"login failed: {status} {body}"
         token = body["access_token"]
         status, _ = request("GET", f"{base}/api/v2/dags/{DAG_ID}")
@@ -173,29 +185,51 @@ def test_standalone_serves_the_dag_and_enforces_its_params(tmp_path):
 
         # 4. it can be unpaused (and is paused again at once, so that no scheduled run executes)
         for paused in (False, True):
-            status, body = request("PATCH", f"{base}/api/v2/dags/{DAG_ID}?update_mask=is_paused", {"is_paused": paused}, token)
+            status, body = request(
+                "PATCH", f"{base}/api/v2/dags/{DAG_ID}?update_mask=is_paused", {"is_paused": paused}, token
+            )
             assert status == 200 and body["is_paused"] is paused, (status, body)
 
         # 5. a trigger with valid Params is accepted and its conf stored as given
-        conf = {"epochs": 2, "backbone": "efficientnet_lite0", "drops": ["ham-2026-01-01"], "n_boot": 200,
-                "threshold_strategy": "sensitivity", "target_sensitivity": 0.9}
-        status, run = request("POST", f"{base}/api/v2/dags/{DAG_ID}/dagRuns",
-                              {"dag_run_id": "standalone_check", "logical_date": None, "conf": conf}, token)
+        conf = {
+            "epochs": 2,
+            "backbone": "efficientnet_lite0",
+            "drops": ["ham-2026-01-01"],
+            "n_boot": 200,
+            "threshold_strategy": "sensitivity",
+            "target_sensitivity": 0.9,
+        }
+        status, run = request(
+            "POST",
+            f"{base}/api/v2/dags/{DAG_ID}/dagRuns",
+            {"dag_run_id": "standalone_check", "logical_date": None, "conf": conf},
+            token,
+        )
         assert status == 200, f"valid trigger refused: {status} {run}"
         assert run["dag_run_id"] == "standalone_check" and run["conf"] == conf and run["run_type"] == "manual"
         status, stored = request("GET", f"{base}/api/v2/dags/{DAG_ID}/dagRuns/standalone_check", token=token)
         assert status == 200 and stored["conf"] == conf
 
         # 6. invalid Params are refused with a 400 that names the field
-        for bad, field in (({"epochs": -1}, "epochs"), ({"backbone": "vgg"}, "backbone"),
-                           ({"drops": ["../etc"]}, "drops"), ({"n_boot": "many"}, "n_boot")):
-            status, body = request("POST", f"{base}/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": bad}, token)
+        for bad, field in (
+            ({"epochs": -1}, "epochs"),
+            ({"backbone": "vgg"}, "backbone"),
+            ({"drops": ["../etc"]}, "drops"),
+            ({"n_boot": "many"}, "n_boot"),
+        ):
+            status, body = request(
+                "POST", f"{base}/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": bad}, token
+            )
             detail = json.dumps(body)
             print(f"conf {bad} -> {status}: {detail[:300]}")
             assert status == 400, f"invalid conf {bad} got {status}: {detail}"
-            assert f"Invalid input for param {field}" in detail, f"the 400 for {bad} does not name {field!r}: {detail}"
+            assert f"Invalid input for param {field}" in detail, (
+                f"the 400 for {bad} does not name {field!r}: {detail}"
+            )
         status, runs = request("GET", f"{base}/api/v2/dags/{DAG_ID}/dagRuns", token=token)
-        assert status == 200 and [r["dag_run_id"] for r in runs["dag_runs"] if r["run_type"] == "manual"] == ["standalone_check"]
+        assert status == 200 and [r["dag_run_id"] for r in runs["dag_runs"] if r["run_type"] == "manual"] == [
+            "standalone_check"
+        ]
     finally:
         stop_process_tree(process)
     assert process.poll() is not None, "airflow standalone is still running"

@@ -44,13 +44,18 @@ def test_evaluate_run_reports_external_set_and_unscorable_images(tmp_path):
     (run / "model").mkdir(parents=True)
     model.save(run / "model" / "model.keras")
 
-    payload = evaluate_run(str(data), str(run), n_boot=100, external=[f"{tmp_path / 'external_raw'}::{external.name}"])
+    payload = evaluate_run(
+        str(data), str(run), n_boot=100, external=[f"{tmp_path / 'external_raw'}::{external.name}"]
+    )
 
     assert payload["chosen_on"] == "val" and 0.0 <= payload["threshold"] <= 1.0
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["external"][external.name]["n_images"] == 29
     assert metrics["external_unscored"][external.name] == {"count": 1, "reasons": ["truncated"]}
-    unscored = [json.loads(line) for line in (run / "eval" / f"external-{external.name}-unscored.jsonl").read_text().splitlines()]
+    unscored = [
+        json.loads(line)
+        for line in (run / "eval" / f"external-{external.name}-unscored.jsonl").read_text().splitlines()
+    ]
     assert [u["item"] for u in unscored] == [victim.stem]
     rows = list(csv.DictReader(io.StringIO((run / "eval" / "predictions.csv").read_text())))
     assert {r["split"] for r in rows} == {"val", "test", "external"}
@@ -76,10 +81,21 @@ def test_gradcam_outcomes_use_the_pooled_scores_evaluate_thresholded(tmp_path):
     assert payload["pooling"] == "lesion"
     gradcam_run(str(data), str(run), payload)
 
-    test = [r for r in csv.DictReader(io.StringIO((run / "eval" / "predictions.csv").read_text())) if r["split"] == "test"]
+    test = [
+        r
+        for r in csv.DictReader(io.StringIO((run / "eval" / "predictions.csv").read_text()))
+        if r["split"] == "test"
+    ]
     lesions = [r["lesion_id"] for r in test]
-    assert len(set(lesions)) < len(lesions), "the synthetic test split should hold a lesion with several images"
-    pooled = dict(zip((r["image_id"] for r in test), lesion_pooled_scores([float(r["probability"]) for r in test], lesions)))
+    assert len(set(lesions)) < len(lesions), (
+        "the synthetic test split should hold a lesion with several images"
+    )
+    pooled = dict(
+        zip(
+            (r["image_id"] for r in test),
+            lesion_pooled_scores([float(r["probability"]) for r in test], lesions),
+        )
+    )
     focus = list(csv.DictReader(io.StringIO((run / "gradcam" / "lesion_focus.csv").read_text())))
     assert {r["image_id"] for r in focus} == set(pooled)
     for row in focus:

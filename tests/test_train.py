@@ -50,7 +50,9 @@ def _pick_rows(ham10000_dir: Path) -> list[dict]:
         by_lesion.setdefault(row["lesion_id"], []).append(row)
     taken = {(split, mel): 0 for split in WANTED for mel in (1, 0)}
     chosen = []
-    for lesion_id, lesion_rows in sorted(by_lesion.items(), key=lambda item: hashlib.sha256(item[0].encode()).hexdigest()):
+    for lesion_id, lesion_rows in sorted(
+        by_lesion.items(), key=lambda item: hashlib.sha256(item[0].encode()).hexdigest()
+    ):
         key = (assign_split(lesion_id), int(lesion_rows[0]["dx"] == "mel"))
         if taken[key] < WANTED[key[0]][1 - key[1]]:
             taken[key] += 1
@@ -77,7 +79,12 @@ def build_processed(ham10000_dir: Path, root: Path) -> tuple[str, str]:
     commit_manifest(out, ingest.finish_drops(out, None, [plan], results, logical_date="2026-01-01"))
     previous = require_manifest(out)
     augmented = [ingest.augment_shard(task) for task in ingest.augment_tasks(processed, previous)]
-    commit_manifest(out, ingest.finish_augment(previous, augmented, logical_date="2026-01-01", copies=ingest.COPIES_PER_MELANOMA))
+    commit_manifest(
+        out,
+        ingest.finish_augment(
+            previous, augmented, logical_date="2026-01-01", copies=ingest.COPIES_PER_MELANOMA
+        ),
+    )
     return str(raw), processed
 
 
@@ -87,8 +94,12 @@ def processed_root(ham10000_dir, tmp_path_factory) -> str:
 
 
 def _weights_by_name(model, prefixes: tuple[str, ...]) -> dict[str, np.ndarray]:
-    return {f"{layer.name}/{i}": np.asarray(w) for layer in model.layers if layer.name.startswith(prefixes)
-            for i, w in enumerate(layer.get_weights())}
+    return {
+        f"{layer.name}/{i}": np.asarray(w)
+        for layer in model.layers
+        if layer.name.startswith(prefixes)
+        for i, w in enumerate(layer.get_weights())
+    }
 
 
 # --- fast checks (no training) ----------------------------------------------------------------
@@ -120,11 +131,15 @@ def test_train_variants_flip_or_draw_the_augment_transform_per_image_and_seed():
     images = np.random.default_rng(1).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     ids = ["ISIC_a", "ISIC_b", "ISIC_c"]
     np.testing.assert_array_equal(train_variant(images, ids, 1), images[:, :, ::-1])  # no seed: the flips
-    np.testing.assert_array_equal(train_variant(images, ids, 0, augment_seed=7), images)  # variant 0 is as stored
+    np.testing.assert_array_equal(
+        train_variant(images, ids, 0, augment_seed=7), images
+    )  # variant 0 is as stored
     drawn = train_variant(images, ids, 2, augment_seed=7)
     assert drawn.shape == images.shape and drawn.dtype == np.uint8
     np.testing.assert_array_equal(drawn[1], augment_image(images[1], draw_params("ISIC_b:train-variant:7:2")))
-    np.testing.assert_array_equal(drawn, train_variant(images, ids, 2, augment_seed=7))  # a rerun draws the same
+    np.testing.assert_array_equal(
+        drawn, train_variant(images, ids, 2, augment_seed=7)
+    )  # a rerun draws the same
     assert not np.array_equal(drawn, train_variant(images, ids, 2, augment_seed=8))
     assert not np.array_equal(drawn, train_variant(images, ids, 3, augment_seed=7))
     with pytest.raises(ValueError, match="ids"):
@@ -135,7 +150,11 @@ def test_train_variants_flip_or_draw_the_augment_transform_per_image_and_seed():
 
 def test_resuming_checks_settings_added_since_as_their_defaults(tmp_path):
     run = open_storage(str(tmp_path / "run"))
-    older = {name: value for name, value in json.loads(json.dumps(TrainConfig("p", "r").__dict__)).items() if name != "train_augment"}
+    older = {
+        name: value
+        for name, value in json.loads(json.dumps(TrainConfig("p", "r").__dict__)).items()
+        if name != "train_augment"
+    }
     run.write_bytes(f"{CHECKPOINTS}/run-config.json", json.dumps(older).encode())
     check_resumable(run, TrainConfig("p", "r"))  # the setting did not exist then: it was off
     with pytest.raises(ValueError, match="train_augment"):
@@ -154,7 +173,12 @@ def test_fine_tune_cut_is_the_input_of_the_first_unfrozen_block():
     images = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     cut = fine_tune_cut(model, 5)
     trunk, tail = keras.Model(model.input, cut), keras.Model(cut, model.output)
-    np.testing.assert_allclose(tail.predict(trunk.predict(images, verbose=0), verbose=0), model.predict(images, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tail.predict(trunk.predict(images, verbose=0), verbose=0),
+        model.predict(images, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_dx_classifier_ends_in_the_melanoma_probability():
@@ -169,7 +193,9 @@ def test_dx_classifier_ends_in_the_melanoma_probability():
     images = np.random.default_rng(1).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
     logits = keras.Model(model.input, model.get_layer("dx_logits").output).predict(images, verbose=0)
     softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(model.predict(images, verbose=0)[:, 0], softmax[:, DX_CLASSES.index("mel")], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(images, verbose=0)[:, 0], softmax[:, DX_CLASSES.index("mel")], rtol=1e-4, atol=1e-6
+    )
     # The extra head layers are head, not backbone: trainable when the backbone is frozen.
     freeze_backbone(model)
     assert model.get_layer("dx_logits").trainable and not model.get_layer("top_conv").trainable
@@ -179,7 +205,9 @@ def test_dx_classifier_ends_in_the_melanoma_probability():
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dx-{os.getpid()}.keras"
     model.save(path)
     try:
-        np.testing.assert_allclose(load_classifier(path).predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-5)
+        np.testing.assert_allclose(
+            load_classifier(path).predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-5
+        )
     finally:
         path.unlink()
 
@@ -191,17 +219,31 @@ def test_shard_dataset_streams_every_training_image(processed_root):
     storage = open_storage(processed_root)
     manifest = latest_manifest(storage)
     arrays = load_arrays(storage, manifest, "train", augmented=True)
-    by_bytes = {hash(image.tobytes()): (image, record) for image, record in zip(arrays.images, arrays.records)}
+    by_bytes = {
+        hash(image.tobytes()): (image, record) for image, record in zip(arrays.images, arrays.records)
+    }
     seen = 0
-    for images, labels in shard_dataset(storage, manifest, ["train"], augmented=True, batch_size=32, shuffle=True, target="dx"):
-        assert images.dtype.name == "uint8" and images.shape[1:] == (224, 224, 3) and labels.dtype.name == "int32"
+    for images, labels in shard_dataset(
+        storage, manifest, ["train"], augmented=True, batch_size=32, shuffle=True, target="dx"
+    ):
+        assert (
+            images.dtype.name == "uint8"
+            and images.shape[1:] == (224, 224, 3)
+            and labels.dtype.name == "int32"
+        )
         for image, label in zip(images.numpy(), labels.numpy()):
             _, record = by_bytes[hash(image.tobytes())]
             assert DX_CLASSES[label] == record["dx"]
             seen += 1
     assert seen == len(arrays)
-    first = next(iter(shard_dataset(storage, manifest, ["train"], augmented=False, batch_size=4, shuffle=False, flip=1)))[0].numpy()
-    plain = next(iter(shard_dataset(storage, manifest, ["train"], augmented=False, batch_size=4, shuffle=False)))[0].numpy()
+    first = next(
+        iter(
+            shard_dataset(storage, manifest, ["train"], augmented=False, batch_size=4, shuffle=False, flip=1)
+        )
+    )[0].numpy()
+    plain = next(
+        iter(shard_dataset(storage, manifest, ["train"], augmented=False, batch_size=4, shuffle=False))
+    )[0].numpy()
     np.testing.assert_array_equal(first, plain[:, :, ::-1])
 
 
@@ -214,11 +256,25 @@ def test_training_end_to_end_writes_artifacts(processed_root, tmp_path):
     from training.model_io import load_model
 
     run_root = str(tmp_path / "run")
-    cfg = TrainConfig(processed_root, run_root, epochs=4, fine_tune_epochs=2, fine_tune_blocks=2, target="dx",
-                      fine_tune_learning_rate=1e-4, cache_dtype="float32")
+    cfg = TrainConfig(
+        processed_root,
+        run_root,
+        epochs=4,
+        fine_tune_epochs=2,
+        fine_tune_blocks=2,
+        target="dx",
+        fine_tune_learning_rate=1e-4,
+        cache_dtype="float32",
+    )
     result = run_training(cfg)
     run = open_storage(run_root)
-    for key in ("model/model.keras", "model/history.json", "model/config.json", "model/provenance.json", "model/checkpoints/state.json"):
+    for key in (
+        "model/model.keras",
+        "model/history.json",
+        "model/config.json",
+        "model/provenance.json",
+        "model/checkpoints/state.json",
+    ):
         assert run.exists(key), key
     history = json.loads(run.read_bytes("model/history.json"))
     assert len(history["phase1"]["val_auroc"]) == 4 and len(history["phase2"]["val_auroc"]) == 2
@@ -249,15 +305,31 @@ def test_cached_training_equals_running_the_frozen_network_every_epoch(processed
     activations == phase 2 on images with the same blocks unfrozen (BatchNorm in inference)."""
     from training.model_io import load_model
 
-    common = dict(epochs=2, fine_tune_epochs=2, fine_tune_blocks=1, limit_train=150, fine_tune_learning_rate=1e-4, cache_dtype="float32",
-                  train_flips=2)  # odd epochs train on left-right flipped images: cached per variant vs flipped on the fly
+    common = dict(
+        epochs=2,
+        fine_tune_epochs=2,
+        fine_tune_blocks=1,
+        limit_train=150,
+        fine_tune_learning_rate=1e-4,
+        cache_dtype="float32",
+        train_flips=2,
+    )  # odd epochs train on left-right flipped images: cached per variant vs flipped on the fly
     runs = {}
     for cached in (True, False):
         root = str(tmp_path / f"cached-{cached}")
-        runs[cached] = (run_training(TrainConfig(processed_root, root, feature_cache=cached, fine_tune_cache=cached, **common)), root)
-    histories = {c: json.loads(open_storage(root).read_bytes("model/history.json")) for c, (_, root) in runs.items()}
+        runs[cached] = (
+            run_training(
+                TrainConfig(processed_root, root, feature_cache=cached, fine_tune_cache=cached, **common)
+            ),
+            root,
+        )
+    histories = {
+        c: json.loads(open_storage(root).read_bytes("model/history.json")) for c, (_, root) in runs.items()
+    }
     for phase in ("phase1", "phase2"):
-        np.testing.assert_allclose(histories[True][phase]["val_auroc"], histories[False][phase]["val_auroc"], atol=2e-3)
+        np.testing.assert_allclose(
+            histories[True][phase]["val_auroc"], histories[False][phase]["val_auroc"], atol=2e-3
+        )
         np.testing.assert_allclose(histories[True][phase]["loss"], histories[False][phase]["loss"], rtol=1e-3)
     models = {c: load_model(open_storage(root).uri("model/model.keras")) for c, (_, root) in runs.items()}
     trained = ("head_", "melanoma_probability", "block7a_", "top_")
@@ -266,15 +338,32 @@ def test_cached_training_equals_running_the_frozen_network_every_epoch(processed
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=2e-4, err_msg=key)
     # Frozen layers stayed at their ImageNet values in both.
-    np.testing.assert_array_equal(models[True].get_layer("block6d_expand_conv").kernel.numpy(),
-                                  models[False].get_layer("block6d_expand_conv").kernel.numpy())
+    np.testing.assert_array_equal(
+        models[True].get_layer("block6d_expand_conv").kernel.numpy(),
+        models[False].get_layer("block6d_expand_conv").kernel.numpy(),
+    )
 
 
 def _train_cli(processed_root: str, run_root: str, config: dict) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "training", "train", "--processed-root", processed_root, "--run-root", run_root, "--config", json.dumps(config)],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "train",
+            "--processed-root",
+            processed_root,
+            "--run-root",
+            run_root,
+            "--config",
+            json.dumps(config),
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -333,20 +422,37 @@ def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_ro
     assert len(phase2_epochs) == 2 and not any("; epoch 1/3:" in line for line in phase2_epochs)
     assert longer["epochs_run"] == {"phase1": 1, "phase2": 3}
     history = json.loads(open_storage(run_root).read_bytes("model/history.json"))
-    assert history["phase2"]["val_auroc"][:1] == stopped["history"]["val_auroc"]  # the first epoch kept, not retrained
+    assert (
+        history["phase2"]["val_auroc"][:1] == stopped["history"]["val_auroc"]
+    )  # the first epoch kept, not retrained
     assert read_state(open_storage(run_root))["stop_reason"] == "epochs done"
 
 
 def test_augmented_training_variants_are_cached_once_per_variant(processed_root, tmp_path):
     run_root = str(tmp_path / "run")
-    config = TrainConfig(processed_root, run_root, epochs=2, fine_tune_epochs=1, fine_tune_blocks=1, limit_train=60, train_flips=2,
-                         train_augment=True, seed=3)
+    config = TrainConfig(
+        processed_root,
+        run_root,
+        epochs=2,
+        fine_tune_epochs=1,
+        fine_tune_blocks=1,
+        limit_train=60,
+        train_flips=2,
+        train_augment=True,
+        seed=3,
+    )
     result = run_training(config)
     assert result["epochs_run"] == {"phase1": 2, "phase2": 1}
     run = open_storage(run_root)
-    metas = {key: json.loads(run.read_bytes(key)) for key in run.list_keys(CHECKPOINTS) if "/features-train" in key and key.endswith(".json")}
+    metas = {
+        key: json.loads(run.read_bytes(key))
+        for key in run.list_keys(CHECKPOINTS)
+        if "/features-train" in key and key.endswith(".json")
+    }
     drawn = {key: meta for key, meta in metas.items() if "/features-train-aug1-" in key}
-    assert len(drawn) == 2 and all(meta["augment"]["seed"] == 3 and meta["flip_variant"] == 1 for meta in drawn.values())
+    assert len(drawn) == 2 and all(
+        meta["augment"]["seed"] == 3 and meta["flip_variant"] == 1 for meta in drawn.values()
+    )
     assert not any("-flip" in key for key in metas)
     stored = [meta for key, meta in metas.items() if "/features-train-" in key and "-aug" not in key]
     assert len(stored) == 2 and not any("augment" in meta for meta in stored)
@@ -360,9 +466,17 @@ def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, 
     first = run_training(TrainConfig(processed_root, run_root, **config))
     run = open_storage(run_root)
     keys = set(run.list_keys("model"))
-    for key in ("model/model.keras", "model/history.json", "model/config.json", "model/provenance.json",
-                "model/checkpoints/state.json", "model/checkpoints/phase1-last.weights.h5", "model/checkpoints/phase1-optimizer.npz",
-                "model/checkpoints/phase2-best.weights.h5", "model/checkpoints/phase2-final.weights.h5"):
+    for key in (
+        "model/model.keras",
+        "model/history.json",
+        "model/config.json",
+        "model/provenance.json",
+        "model/checkpoints/state.json",
+        "model/checkpoints/phase1-last.weights.h5",
+        "model/checkpoints/phase1-optimizer.npz",
+        "model/checkpoints/phase2-best.weights.h5",
+        "model/checkpoints/phase2-final.weights.h5",
+    ):
         assert key in keys, key
     assert any(k.startswith("model/checkpoints/features-train-") and k.endswith(".npy") for k in keys)
     caplog.clear()
@@ -370,7 +484,9 @@ def test_checkpoints_and_artifacts_on_object_storage(processed_root, s3_bucket, 
         again = run_training(TrainConfig(processed_root, run_root, **config))
     out = caplog.text
     assert "manifest v" in out  # the run's log lines were captured
-    assert "; epoch 1/" not in out and "caching" not in out and "cached" not in out  # nothing retrained, nothing recomputed
+    assert (
+        "; epoch 1/" not in out and "caching" not in out and "cached" not in out
+    )  # nothing retrained, nothing recomputed
     assert again["best_val_auroc"] == first["best_val_auroc"] and again["epochs_run"] == first["epochs_run"]
 
 
@@ -399,7 +515,9 @@ def test_ensemble_training_trains_each_seed_and_exports_their_average(processed_
     assert sorted(provenance["ensemble_of"]) == ["seed-5", "seed-6"]
     # A second call resumes: both members are finished, nothing is retrained.
     again = run_training(cfg)
-    assert {name: m["epochs_run"] for name, m in again["members"].items()} == {name: m["epochs_run"] for name, m in result["members"].items()}
+    assert {name: m["epochs_run"] for name, m in again["members"].items()} == {
+        name: m["epochs_run"] for name, m in result["members"].items()
+    }
 
 
 def test_ensemble_size_is_checked():
@@ -429,4 +547,6 @@ def test_smoothed_sparse_crossentropy_is_the_cross_entropy_against_smoothed_targ
         np.testing.assert_allclose(got, expected, rtol=1e-5)
     # Without smoothing it is Keras' own sparse cross-entropy.
     plain = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    np.testing.assert_allclose(np.asarray(smoothed_sparse_crossentropy(0.0, 7)(labels, logits)), np.asarray(plain), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(smoothed_sparse_crossentropy(0.0, 7)(labels, logits)), np.asarray(plain), rtol=1e-5
+    )

@@ -44,9 +44,7 @@ def _reference_images() -> np.ndarray:
 def test_package_weights_file_is_the_pinned_one() -> None:
     path = lite.package_weights_path()
     assert sha256_file(path) == lite.PACKAGE_WEIGHTS_SHA256
-    assert lite.PACKAGE_WEIGHTS_SHA256 == (
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-    )
+    assert lite.PACKAGE_WEIGHTS_SHA256 == ("579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
 
 
 def test_keras_lite0_reproduces_pytorch_imagenet_logits() -> None:
@@ -101,7 +99,9 @@ def test_every_lite_variant_names_known_photos(variant: str) -> None:
         ("efficientnet_lite2", 21, (16, 24, 48, 88, 120, 208, 352)),
     ],
 )
-def test_lite_variant_uses_every_tensor_of_its_package_file(variant: str, blocks: int, stage_widths: tuple[int, ...]) -> None:
+def test_lite_variant_uses_every_tensor_of_its_package_file(
+    variant: str, blocks: int, stage_widths: tuple[int, ...]
+) -> None:
     assert len(lite.block_specs(variant)) == blocks
     assert tuple(stage.filters_out for stage in lite.scaled_stages(variant)) == stage_widths
     weights = lite.load_efficientnet_lite_weights(variant=variant)
@@ -119,7 +119,9 @@ def test_another_variants_file_is_refused() -> None:
 
     with pytest.raises(WeightsUnavailableError, match="does not fit EfficientNet-Lite2"):
         lite.efficientnet_lite_backbone(
-            keras.Input((224, 224, 3)), lite.package_weights_path("efficientnet_lite1"), variant="efficientnet_lite2"
+            keras.Input((224, 224, 3)),
+            lite.package_weights_path("efficientnet_lite1"),
+            variant="efficientnet_lite2",
         )
 
 

@@ -40,18 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--strategy", default="youden", choices=["youden", "sensitivity", "f1"])
     evaluate.add_argument("--target-sensitivity", type=float, default=0.95)
     evaluate.add_argument("--n-boot", type=int, default=1000)
-    evaluate.add_argument("--pooling", default="lesion", choices=["lesion", "none"],
-                          help="lesion: score each image by its lesion's pooled score (mean logit of its images)")
+    evaluate.add_argument(
+        "--pooling",
+        default="lesion",
+        choices=["lesion", "none"],
+        help="lesion: score each image by its lesion's pooled score (mean logit of its images)",
+    )
     evaluate.add_argument("--as-of", default=None)
-    evaluate.add_argument("--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)")
+    evaluate.add_argument(
+        "--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)"
+    )
     evaluate.add_argument("--external", action="append", default=[], help="RAW_ROOT::DROP_ID, repeatable")
 
     gradcam = commands.add_parser("gradcam", help="Grad-CAM heatmaps and lesion focus on the test split")
     gradcam.add_argument("--processed-root", required=True)
     gradcam.add_argument("--run-root", required=True)
-    gradcam.add_argument("--threshold", type=_json_arg, required=True, help="the evaluate step's XCom payload")
+    gradcam.add_argument(
+        "--threshold", type=_json_arg, required=True, help="the evaluate step's XCom payload"
+    )
     gradcam.add_argument("--as-of", default=None)
-    gradcam.add_argument("--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)")
+    gradcam.add_argument(
+        "--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)"
+    )
     gradcam.add_argument("--layer", default=None)
     gradcam.add_argument("--plusplus", action="store_true")
 
@@ -59,27 +69,53 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-root", required=True)
     report.add_argument("--threshold", type=_json_arg, required=True)
 
-    ensemble = commands.add_parser("ensemble", help="one model averaging the melanoma logits of trained models")
-    ensemble.add_argument("--member", action="append", required=True, help="path or URI of a member's model.keras, repeatable (2 or more)")
+    ensemble = commands.add_parser(
+        "ensemble", help="one model averaging the melanoma logits of trained models"
+    )
+    ensemble.add_argument(
+        "--member",
+        action="append",
+        required=True,
+        help="path or URI of a member's model.keras, repeatable (2 or more)",
+    )
     ensemble.add_argument("--output", required=True, help="path or URI of the ensemble's model.keras")
 
     predict = commands.add_parser("predict", help="score a folder of images with a trained model")
     predict.add_argument("--model", required=True, help="path or URI of model.keras")
-    predict.add_argument("--input", required=True, help="folder or URI of images (bare, or a drop in either layout)")
+    predict.add_argument(
+        "--input", required=True, help="folder or URI of images (bare, or a drop in either layout)"
+    )
     predict.add_argument("--output", required=True, help="folder or URI for predictions.csv")
-    predict.add_argument("--threshold", type=float, default=None,
-                         help="decision threshold; default: the run's own (chosen on validation), or --site's")
-    predict.add_argument("--site", default=None, help="use the threshold calibrated for this site (calibrate-site)")
+    predict.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="decision threshold; default: the run's own (chosen on validation), or --site's",
+    )
+    predict.add_argument(
+        "--site", default=None, help="use the threshold calibrated for this site (calibrate-site)"
+    )
     predict.add_argument("--overlays", action="store_true", help="also write a Grad-CAM overlay per image")
-    predict.add_argument("--lesions", default=None,
-                         help="CSV with image_id,lesion_id (e.g. HAM10000_metadata.csv): pool the scores per lesion, as evaluate does")
+    predict.add_argument(
+        "--lesions",
+        default=None,
+        help="CSV with image_id,lesion_id (e.g. HAM10000_metadata.csv): pool the scores per lesion, as evaluate does",
+    )
 
-    site = commands.add_parser("calibrate-site", help="re-choose the run's threshold on a labelled drop of a new site")
+    site = commands.add_parser(
+        "calibrate-site", help="re-choose the run's threshold on a labelled drop of a new site"
+    )
     site.add_argument("--processed-root", required=True)
     site.add_argument("--run-root", required=True)
     site.add_argument("--site", required=True, help="a name for the site (letters, digits, _ . -)")
-    site.add_argument("--labelled-drop", required=True, help="RAW_ROOT::DROP_ID of labelled images from that site (either layout)")
-    site.add_argument("--strategy", default=None, choices=["youden", "sensitivity", "f1"], help="default: the run's own")
+    site.add_argument(
+        "--labelled-drop",
+        required=True,
+        help="RAW_ROOT::DROP_ID of labelled images from that site (either layout)",
+    )
+    site.add_argument(
+        "--strategy", default=None, choices=["youden", "sensitivity", "f1"], help="default: the run's own"
+    )
     site.add_argument("--target-sensitivity", type=float, default=0.85)
     site.add_argument("--n-boot", type=int, default=1000)
     site.add_argument("--as-of", default=None)
@@ -92,19 +128,36 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "train":
         from training.train import TrainConfig, run_training
 
-        config = TrainConfig.from_dict({"processed_root": args.processed_root, "run_root": args.run_root, **args.config})
+        config = TrainConfig.from_dict(
+            {"processed_root": args.processed_root, "run_root": args.run_root, **args.config}
+        )
         return run_training(config)
     if args.command == "evaluate":
         from training.tasks import evaluate_run
 
-        return evaluate_run(args.processed_root, args.run_root, strategy=args.strategy, target_sensitivity=args.target_sensitivity,
-                            n_boot=args.n_boot, as_of=args.as_of, external=args.external, pooling=args.pooling,
-                            manifest_version=args.manifest_version)
+        return evaluate_run(
+            args.processed_root,
+            args.run_root,
+            strategy=args.strategy,
+            target_sensitivity=args.target_sensitivity,
+            n_boot=args.n_boot,
+            as_of=args.as_of,
+            external=args.external,
+            pooling=args.pooling,
+            manifest_version=args.manifest_version,
+        )
     if args.command == "gradcam":
         from training.tasks import gradcam_run
 
-        return gradcam_run(args.processed_root, args.run_root, args.threshold, as_of=args.as_of, layer_name=args.layer, plusplus=args.plusplus,
-                           manifest_version=args.manifest_version)
+        return gradcam_run(
+            args.processed_root,
+            args.run_root,
+            args.threshold,
+            as_of=args.as_of,
+            layer_name=args.layer,
+            plusplus=args.plusplus,
+            manifest_version=args.manifest_version,
+        )
     if args.command == "report":
         from training.tasks import report_run
 
@@ -118,20 +171,38 @@ def run(args: argparse.Namespace) -> dict:
 
         lesion_of = read_lesion_map(args.lesions) if args.lesions else None
         # The interactive command: progress bars on a terminal (log lines elsewhere).
-        return predict_folder(args.model, args.input, args.output, threshold=args.threshold, overlays=args.overlays,
-                              lesion_of=lesion_of, site=args.site, bar=True)
+        return predict_folder(
+            args.model,
+            args.input,
+            args.output,
+            threshold=args.threshold,
+            overlays=args.overlays,
+            lesion_of=lesion_of,
+            site=args.site,
+            bar=True,
+        )
     if args.command == "calibrate-site":
         from training.tasks import calibrate_site_run
 
-        return calibrate_site_run(args.processed_root, args.run_root, args.site, args.labelled_drop, strategy=args.strategy,
-                                  target_sensitivity=args.target_sensitivity, n_boot=args.n_boot, as_of=args.as_of)
+        return calibrate_site_run(
+            args.processed_root,
+            args.run_root,
+            args.site,
+            args.labelled_drop,
+            strategy=args.strategy,
+            target_sensitivity=args.target_sensitivity,
+            n_boot=args.n_boot,
+            as_of=args.as_of,
+        )
     raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Log lines (progress, warnings such as a score shift) go to stderr; stdout keeps the RESULT line.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         result = run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

@@ -55,7 +55,9 @@ class SplitArrays:
         return [r["image_id"] for r in self.records]
 
 
-def load_arrays(storage: Storage, manifest: dict, split: str, *, augmented: bool = False, limit: int | None = None) -> SplitArrays:
+def load_arrays(
+    storage: Storage, manifest: dict, split: str, *, augmented: bool = False, limit: int | None = None
+) -> SplitArrays:
     """One split in memory (about 150 KB an image); ``augmented`` adds the augmented copies.
 
     ``limit`` keeps the first ``limit`` lesions' images in manifest order (demo/test runs).
@@ -97,7 +99,9 @@ def class_weights(labels: np.ndarray, mode: str | dict = "balanced") -> dict[int
     if mode == "balanced":
         counts = np.bincount(labels.astype(np.int64), minlength=2)
         if counts.min() == 0:
-            raise ValueError(f"training labels hold one class only ({counts.tolist()}): cannot weight classes")
+            raise ValueError(
+                f"training labels hold one class only ({counts.tolist()}): cannot weight classes"
+            )
         return {k: float(len(labels) / (2 * counts[k])) for k in (0, 1)}
     if mode == "none":
         return {0: 1.0, 1: 1.0}
@@ -115,8 +119,18 @@ def target_class_weights(binary: dict[int, float], target: str) -> dict[int, flo
     raise ValueError(f"unknown training target {target!r}; expected one of {TARGETS}")
 
 
-def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmented: bool, batch_size: int, shuffle: bool, seed: int = 0,
-                  target: str = "melanoma", flip: int = 0):
+def shard_dataset(
+    storage: Storage,
+    manifest: dict,
+    splits: list[str],
+    *,
+    augmented: bool,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    target: str = "melanoma",
+    flip: int = 0,
+):
     """A tf.data pipeline over shards: parallel shard reads, shuffle, batch, prefetch.
 
     Yields (images uint8 (B,224,224,3), labels (B,)): float32 0/1 for ``target="melanoma"``,
@@ -153,5 +167,7 @@ def shard_dataset(storage: Storage, manifest: dict, splits: list[str], *, augmen
         dataset = dataset.shuffle(2048, seed=seed, reshuffle_each_iteration=True)
     axes = {0: [], 1: [1], 2: [0], 3: [0, 1]}[flip]
     if axes:
-        dataset = dataset.map(lambda image, label: (tf.reverse(image, axes), label), num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(
+            lambda image, label: (tf.reverse(image, axes), label), num_parallel_calls=tf.data.AUTOTUNE
+        )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

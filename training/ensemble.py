@@ -51,7 +51,9 @@ def _logit_clone(member: keras.Model, index: int, images: keras.KerasTensor) -> 
         config["name"] = prefix + layer.name
         if layer.name == OUTPUT_LAYER:
             config["activation"] = "linear"
-            config["name"] = prefix + "melanoma_logit" + ("_dense" if isinstance(layer, layers.Dense) else "_out")
+            config["name"] = (
+                prefix + "melanoma_logit" + ("_dense" if isinstance(layer, layers.Dense) else "_out")
+            )
         return layer.__class__.from_config(config)
 
     copy = keras.models.clone_model(member, input_tensors=images, clone_function=clone)

@@ -75,7 +75,18 @@ POOLING_RULES = {
     "none": "each image scored on its own",
     "lesion": "each image scored by its lesion: sigmoid of the mean logit of the lesion's images in the same set",
 }
-COLUMNS = ("image_id", "lesion_id", "split", "label", "dx", "probability", "age", "sex", "localization", "source")
+COLUMNS = (
+    "image_id",
+    "lesion_id",
+    "split",
+    "label",
+    "dx",
+    "probability",
+    "age",
+    "sex",
+    "localization",
+    "source",
+)
 INTERNAL_SPLITS = ("train", "val", "test")
 EXTERNAL_SPLIT = "external"
 ALPHA = 0.05
@@ -154,7 +165,9 @@ def _arrays(rows: Sequence[dict], name: str) -> tuple[np.ndarray, np.ndarray, np
     missing = [r["image_id"] for r in rows if r.get("lesion_id") in (None, "")]
     if missing:
         # Lumping them into one pseudo-lesion would distort the lesion bootstrap.
-        raise ValueError(f"{name}: {len(missing)} row(s) lack a lesion_id, e.g. {', '.join(map(str, missing[:5]))}")
+        raise ValueError(
+            f"{name}: {len(missing)} row(s) lack a lesion_id, e.g. {', '.join(map(str, missing[:5]))}"
+        )
     lesions = np.array([str(r["lesion_id"]) for r in rows], dtype=object)
     return labels, scores, lesions
 
@@ -182,7 +195,9 @@ def _partition(
         else:
             unknown.add(split)
     if unknown:
-        raise ValueError(f"unknown split value(s) {sorted(map(str, unknown))}; expected {INTERNAL_SPLITS + (EXTERNAL_SPLIT,)}")
+        raise ValueError(
+            f"unknown split value(s) {sorted(map(str, unknown))}; expected {INTERNAL_SPLITS + (EXTERNAL_SPLIT,)}"
+        )
     externals = dict(from_rows)
     for name, set_rows in (external or {}).items():
         if name in externals:
@@ -191,7 +206,9 @@ def _partition(
     return internal, externals
 
 
-def decision_scores(image_ids: Sequence[str], probabilities: Sequence[float], lesion_ids: Sequence[str], pooling: str) -> dict[str, float]:
+def decision_scores(
+    image_ids: Sequence[str], probabilities: Sequence[float], lesion_ids: Sequence[str], pooling: str
+) -> dict[str, float]:
     """image_id -> the score the threshold applies to under ``pooling`` (one set's images)."""
     if pooling not in POOLING:
         raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
@@ -209,7 +226,10 @@ def pool_rows_by_lesion(rows: Sequence[dict], name: str) -> list[dict]:
         return []
     _, scores, lesions = _arrays(rows, name)
     pooled = m.lesion_pooled_scores(scores, lesions)
-    return [{**row, "image_probability": row["probability"], "probability": float(p)} for row, p in zip(rows, pooled)]
+    return [
+        {**row, "image_probability": row["probability"], "probability": float(p)}
+        for row, p in zip(rows, pooled)
+    ]
 
 
 def _ranking(rows: Sequence[dict], name: str) -> dict:
@@ -226,7 +246,10 @@ def _ranking_with_ci(rows: Sequence[dict], name: str, *, n_boot: int, seed: int)
     point = _ranking(rows, name)
     fns = {"auroc": roc_auc_score, "auprc": average_precision_score}
     return {
-        key: (point[key], m.lesion_bootstrap_ci(labels, scores, lesions, fn, n_boot=n_boot, alpha=ALPHA, seed=seed))
+        key: (
+            point[key],
+            m.lesion_bootstrap_ci(labels, scores, lesions, fn, n_boot=n_boot, alpha=ALPHA, seed=seed),
+        )
         for key, fn in fns.items()
     }
 
@@ -264,7 +287,12 @@ def _evaluate_set(
     }
 
     point = {"sensitivity": at_threshold["sensitivity"], "specificity": at_threshold["specificity"]}
-    cis: dict[str, m.BootstrapCI | None] = {"auroc": None, "auprc": None, "sensitivity": None, "specificity": None}
+    cis: dict[str, m.BootstrapCI | None] = {
+        "auroc": None,
+        "auprc": None,
+        "sensitivity": None,
+        "specificity": None,
+    }
     if both_classes:
         point.update(m.ranking_metrics(labels, scores))
         metric_fns = {
@@ -317,16 +345,22 @@ def _evaluate_set(
     return block
 
 
-def _pool_by_lesion(internal: dict[str, list[dict]], externals: dict[str, list[dict]], *, n_boot: int, seed: int
-                    ) -> tuple[dict, dict[str, list[dict]], dict[str, list[dict]]]:
+def _pool_by_lesion(
+    internal: dict[str, list[dict]], externals: dict[str, list[dict]], *, n_boot: int, seed: int
+) -> tuple[dict, dict[str, list[dict]], dict[str, list[dict]]]:
     """(per-image val/test ranking for comparison, internal and external rows with lesion-pooled scores)."""
     val_rows, test_rows = internal["val"], internal["test"]
     per_image = {
         "val": {key: value for key, value in _ranking(val_rows, "val").items() if key in ("auroc", "auprc")},
-        "test": {key: _estimate(*value) for key, value in _ranking_with_ci(test_rows, "test", n_boot=n_boot, seed=seed).items()},
+        "test": {
+            key: _estimate(*value)
+            for key, value in _ranking_with_ci(test_rows, "test", n_boot=n_boot, seed=seed).items()
+        },
     }
     internal = {split: pool_rows_by_lesion(split_rows, split) for split, split_rows in internal.items()}
-    externals = {name: pool_rows_by_lesion(set_rows, f"external set {name!r}") for name, set_rows in externals.items()}
+    externals = {
+        name: pool_rows_by_lesion(set_rows, f"external set {name!r}") for name, set_rows in externals.items()
+    }
     return per_image, internal, externals
 
 
@@ -394,7 +428,9 @@ def evaluate_predictions(
         raise ValueError(f"need val and test rows, got {len(val_rows)} val and {len(test_rows)} test")
     scores_block: dict = {"pooling": pooling, "rule": POOLING_RULES[pooling]}
     if pooling == "lesion":
-        scores_block["per_image"], internal, externals = _pool_by_lesion(internal, externals, n_boot=n_boot, seed=seed)
+        scores_block["per_image"], internal, externals = _pool_by_lesion(
+            internal, externals, n_boot=n_boot, seed=seed
+        )
         val_rows, test_rows = internal["val"], internal["test"]
     warnings = []
     leaked = _leaked_lesions(internal)
@@ -433,15 +469,32 @@ def evaluate_predictions(
             "at_threshold": m.binary_metrics(test_labels, test_scores, optimistic),
         },
         "external": {
-            name: _external_block(set_rows, name, threshold, val_scores, warnings, strategy=strategy,
-                                  target_sensitivity=target_sensitivity, **common)
+            name: _external_block(
+                set_rows,
+                name,
+                threshold,
+                val_scores,
+                warnings,
+                strategy=strategy,
+                target_sensitivity=target_sensitivity,
+                **common,
+            )
             for name, set_rows in externals.items()
         },
     }
 
 
-def _external_block(rows: Sequence[dict], name: str, threshold: float, val_scores: np.ndarray, warnings: list[str], *,
-                    strategy: str, target_sensitivity: float, **common) -> dict:
+def _external_block(
+    rows: Sequence[dict],
+    name: str,
+    threshold: float,
+    val_scores: np.ndarray,
+    warnings: list[str],
+    *,
+    strategy: str,
+    target_sensitivity: float,
+    **common,
+) -> dict:
     """An external set at the validation threshold, plus what tells whether that threshold holds there:
     its score distribution against validation's (:func:`training.shift.score_shift`) and, since an
     external set has labels, what re-choosing the threshold on that site would give on its unseen
@@ -451,13 +504,23 @@ def _external_block(rows: Sequence[dict], name: str, threshold: float, val_score
     labels, scores, lesions = _arrays(rows, f"external set {name!r}")
     block["score_shift"] = score_shift(val_scores, scores, threshold)
     quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
-    block["score_quantiles"] = {"q": list(quantiles), "val": np.quantile(val_scores, quantiles).tolist(),
-                                name: np.quantile(scores, quantiles).tolist()}
+    block["score_quantiles"] = {
+        "q": list(quantiles),
+        "val": np.quantile(val_scores, quantiles).tolist(),
+        name: np.quantile(scores, quantiles).tolist(),
+    }
     if block["score_shift"]["shifted"]:
         warnings.append(f"external set {name!r}: {block['score_shift']['message']}")
     try:
-        block["site_calibration"] = calibrate_site(labels, scores, lesions, strategy=strategy, target_sensitivity=target_sensitivity,
-                                                   n_boot=common["n_boot"], seed=common["seed"])
+        block["site_calibration"] = calibrate_site(
+            labels,
+            scores,
+            lesions,
+            strategy=strategy,
+            target_sensitivity=target_sensitivity,
+            n_boot=common["n_boot"],
+            seed=common["seed"],
+        )
     except ValueError as error:
         block["site_calibration"] = {"skipped": str(error)}
     return block

@@ -23,8 +23,17 @@ import tensorflow as tf
 
 from melanoma.progress import Progress
 
-__all__ = ["COMBINE_LAYERS", "cam_step", "channel_weights", "gradcam_heatmaps", "layer_list", "normalise_maps",
-           "overlay_heatmap", "score_model", "upsample_heatmap"]
+__all__ = [
+    "COMBINE_LAYERS",
+    "cam_step",
+    "channel_weights",
+    "gradcam_heatmaps",
+    "layer_list",
+    "normalise_maps",
+    "overlay_heatmap",
+    "score_model",
+    "upsample_heatmap",
+]
 
 
 def layer_list(layer_name: str | Sequence[str]) -> list[str]:
@@ -45,7 +54,9 @@ def score_model(model, layer_names: str | Sequence[str]) -> tuple[Any, Callable]
     layer_names = layer_list(layer_names)
     conv_outputs = [model.get_layer(name).output for name in layer_names]
     if len({tuple(output.shape[1:3]) for output in conv_outputs}) != 1:
-        raise ValueError(f"layers {list(layer_names)} give maps of different sizes: {[tuple(o.shape[1:3]) for o in conv_outputs]}")
+        raise ValueError(
+            f"layers {list(layer_names)} give maps of different sizes: {[tuple(o.shape[1:3]) for o in conv_outputs]}"
+        )
     head = model.layers[-1]
     sigmoid_head = getattr(head, "activation", None) is keras.activations.sigmoid
     if sigmoid_head and isinstance(head, keras.layers.Dense):
@@ -98,7 +109,9 @@ def normalise_maps(cams: np.ndarray) -> np.ndarray:
 COMBINE_LAYERS = ("each", "joint")
 
 
-def cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool, combine_layers: str = "each") -> Callable:
+def cam_step(
+    model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusplus: bool, combine_layers: str = "each"
+) -> Callable:
     """One compiled graph: a fixed-shape batch of images -> its un-normalised maps (N,h,w) float64.
 
     Built once per :func:`gradcam_heatmaps` call and traced once (the batch shape is fixed;
@@ -141,8 +154,14 @@ def cam_step(model, layer_names: Sequence[str], batch_shape: tuple, dtype, plusp
 
 
 def gradcam_heatmaps(
-    model, images: np.ndarray, layer_name: str | Sequence[str], *, batch_size: int = 32, plusplus: bool = False,
-    combine_layers: str = "each", progress: Progress | None = None,
+    model,
+    images: np.ndarray,
+    layer_name: str | Sequence[str],
+    *,
+    batch_size: int = 32,
+    plusplus: bool = False,
+    combine_layers: str = "each",
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """Grad-CAM (or Grad-CAM++) maps of the melanoma score for a batch of images.
 
@@ -168,7 +187,9 @@ def gradcam_heatmaps(
     if images.dtype != np.uint8:
         images = images.astype(np.float32, copy=False)
     batch = min(int(batch_size), len(images))
-    step = cam_step(model, layer_names, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus, combine_layers)
+    step = cam_step(
+        model, layer_names, (batch, *images.shape[1:]), tf.as_dtype(images.dtype), plusplus, combine_layers
+    )
     heatmaps = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]

@@ -83,9 +83,7 @@ def _check_inputs(
         n_pos = int(y.sum())
         if n_pos == 0 or n_pos == y.size:
             only = 1 if n_pos else 0
-            raise ValueError(
-                f"{what} needs both classes, but all {y.size} labels are {only}"
-            )
+            raise ValueError(f"{what} needs both classes, but all {y.size} labels are {only}")
     return y, s
 
 
@@ -246,7 +244,9 @@ def lesion_pooled_scores(scores: ArrayLike, lesion_ids: ArrayLike) -> np.ndarray
     s = np.asarray(scores, dtype=np.float64)
     ids = np.asarray(lesion_ids, dtype=object)
     if s.ndim != 1 or ids.ndim != 1 or s.shape != ids.shape:
-        raise ValueError(f"scores and lesion_ids must be 1-D of one length, got shapes {s.shape} and {ids.shape}")
+        raise ValueError(
+            f"scores and lesion_ids must be 1-D of one length, got shapes {s.shape} and {ids.shape}"
+        )
     if not np.isfinite(s).all() or (s.size and (s.min() < 0.0 or s.max() > 1.0)):
         raise ValueError("scores must be finite probabilities in [0, 1]")
     logits = clipped_logits(s)
@@ -377,7 +377,9 @@ def reliability_curve(labels: ArrayLike, scores: ArrayLike, n_bins: int = 10) ->
     y, s = _check_inputs(labels, scores, probabilities=True)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    fraction_positive, mean_predicted = calibration_curve(y, s, n_bins=n_bins, strategy="uniform", pos_label=1)
+    fraction_positive, mean_predicted = calibration_curve(
+        y, s, n_bins=n_bins, strategy="uniform", pos_label=1
+    )
     # calibration_curve does not return bin counts (needed to weight the ECE); recount
     # with its own bin assignment so the two stay aligned.
     edges = np.linspace(0.0, 1.0, n_bins + 1)

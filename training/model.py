@@ -139,7 +139,9 @@ class MelanomaLogOdds(layers.Layer):
     and Grad-CAM expect. ``class_names`` is kept in the config (the label order of the logits).
     """
 
-    def __init__(self, melanoma_index: int, class_names: list[str] | tuple[str, ...] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, melanoma_index: int, class_names: list[str] | tuple[str, ...] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.melanoma_index = int(melanoma_index)
         self.class_names = list(class_names) if class_names is not None else None
@@ -157,7 +159,11 @@ class MelanomaLogOdds(layers.Layer):
         return (input_shape[0], 1)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "melanoma_index": self.melanoma_index, "class_names": self.class_names}
+        return {
+            **super().get_config(),
+            "melanoma_index": self.melanoma_index,
+            "class_names": self.class_names,
+        }
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,9 @@ def _resnet50_imagenet_file() -> str:
     """Local copy of Keras' ResNet50 no-top ImageNet weights (cached, else downloaded)."""
     try:
         return keras.utils.get_file(
-            _RESNET50_NOTOP_FILE, _RESNET50_NOTOP_URL, cache_subdir="models",
+            _RESNET50_NOTOP_FILE,
+            _RESNET50_NOTOP_URL,
+            cache_subdir="models",
             file_hash=_RESNET50_NOTOP_MD5,
         )
     except Exception as exc:  # get_file raises a bare Exception on network failures
@@ -216,9 +224,7 @@ def _resnet50_features(x: keras.KerasTensor, weights_file: str | None) -> keras.
     try:
         trunk = keras.applications.ResNet50(include_top=False, weights=weights_file, input_tensor=x)
     except ValueError as exc:  # Keras raises ValueError for a file that does not fit
-        raise WeightsUnavailableError(
-            f"could not load ResNet50 weights from {weights_file}: {exc}"
-        ) from exc
+        raise WeightsUnavailableError(f"could not load ResNet50 weights from {weights_file}: {exc}") from exc
     return trunk.output
 
 
@@ -226,7 +232,9 @@ def _lite_features(x: keras.KerasTensor, weights_file: str | None, variant: str)
     """Preprocessed (N, H, W, 3) -> top_activation (N, H/32, W/32, 1280), layers in x's graph."""
     # No stochastic depth: Dropout ignores `trainable`, so it would keep perturbing a frozen
     # backbone in training mode and make cached features differ from the live graph's.
-    return efficientnet_lite.efficientnet_lite_backbone(x, weights_file, variant=variant, drop_connect_rate=0.0)
+    return efficientnet_lite.efficientnet_lite_backbone(
+        x, weights_file, variant=variant, drop_connect_rate=0.0
+    )
 
 
 def _backbone_features(backbone: str, x: keras.KerasTensor, weights_file: str | None) -> keras.KerasTensor:
@@ -247,7 +255,9 @@ def _head(
         if "mel" not in classes:
             raise ValueError(f"classes must include 'mel', got {classes}")
         logits = layers.Dense(len(classes), dtype="float32", name="dx_logits")(x)
-        logit = MelanomaLogOdds(list(classes).index("mel"), list(classes), dtype="float32", name="melanoma_logit")(logits)
+        logit = MelanomaLogOdds(
+            list(classes).index("mel"), list(classes), dtype="float32", name="melanoma_logit"
+        )(logits)
         return layers.Activation("sigmoid", dtype="float32", name="melanoma_probability")(logit)
     # float32 output keeps the sigmoid and the loss stable under mixed precision.
     return layers.Dense(1, activation="sigmoid", dtype="float32", name="melanoma_probability")(x)
@@ -275,8 +285,11 @@ def build_classifier(
     resolved = _resolve_weights(backbone, weights)
     images = keras.Input((image_size, image_size, 3), name=INPUT_LAYER)
     x = BackbonePreprocessing(
-        backbone, weights=resolved.source, weights_file=resolved.file,
-        weights_sha256=resolved.sha256, name=PREPROCESS_LAYER,
+        backbone,
+        weights=resolved.source,
+        weights_file=resolved.file,
+        weights_sha256=resolved.sha256,
+        name=PREPROCESS_LAYER,
     )(images)
     features = _backbone_features(backbone, x, resolved.file)
     probability = _head(features, dropout, dense_units, tuple(classes) if classes is not None else None)
@@ -299,7 +312,7 @@ def _preprocess_layer(model: keras.Model) -> BackbonePreprocessing:
 
 
 def backbone_name(model: keras.Model) -> str:
-    """"resnet50" or "efficientnet_liteN", read from the model itself (survives save/load)."""
+    """ "resnet50" or "efficientnet_liteN", read from the model itself (survives save/load)."""
     return _preprocess_layer(model).backbone
 
 
@@ -389,15 +402,15 @@ def fine_tune_cut(model: keras.Model, n_blocks: int) -> keras.KerasTensor:
             if id(tensor) not in produced:
                 external[id(tensor)] = tensor
     if len(external) != 1:
-        raise ValueError(f"the last {n_blocks} blocks take {len(external)} inputs from the frozen part; expected exactly one")
+        raise ValueError(
+            f"the last {n_blocks} blocks take {len(external)} inputs from the frozen part; expected exactly one"
+        )
     return next(iter(external.values()))
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
     """Images (N, H, W, 3) in [0, 255] -> pooled backbone features (N, C), sharing layers."""
-    return keras.Model(
-        model.input, model.get_layer("head_pool").output, name=f"{model.name}_features"
-    )
+    return keras.Model(model.input, model.get_layer("head_pool").output, name=f"{model.name}_features")
 
 
 def head_model(model: keras.Model) -> keras.Model:

@@ -77,26 +77,48 @@ def plot_roc(metrics: dict, curves: dict, path: Path) -> Path:
     test = metrics["test"]
     figure = _figure(6.4, 6.0)
     ax = figure.add_subplot()
-    ax.plot(curves["roc"]["fpr"], curves["roc"]["tpr"], color=MODEL_COLOR, lw=2,
-            label=f"model, AUROC {_with_ci(test['auroc'])}")
+    ax.plot(
+        curves["roc"]["fpr"],
+        curves["roc"]["tpr"],
+        color=MODEL_COLOR,
+        lw=2,
+        label=f"model, AUROC {_with_ci(test['auroc'])}",
+    )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUROC 0.5)")
     for label, point, color, marker in _operating_points(metrics):
         if point["sensitivity"] is None or point["specificity"] is None:
             continue
         x, y = 1 - point["specificity"], point["sensitivity"]
-        ax.plot(x, y, marker=marker, ms=9, color=color, ls="none",
-                label=f"{label}: sens {y:.2f}, spec {point['specificity']:.2f}")
+        ax.plot(
+            x,
+            y,
+            marker=marker,
+            ms=9,
+            color=color,
+            ls="none",
+            label=f"{label}: sens {y:.2f}, spec {point['specificity']:.2f}",
+        )
     sens, spec = test["sensitivity"], test["specificity"]
     if sens["ci_low"] is not None and spec["ci_low"] is not None:
         x, y = 1 - spec["value"], sens["value"]
         # Clamped at 0: on tiny sets a percentile interval can miss its point estimate,
         # and matplotlib refuses negative error lengths.
-        ax.errorbar(x, y, color=CHOSEN_COLOR, capsize=4, lw=1,
-                    xerr=[[max(0.0, x - (1 - spec["ci_high"]))], [max(0.0, (1 - spec["ci_low"]) - x)]],
-                    yerr=[[max(0.0, y - sens["ci_low"])], [max(0.0, sens["ci_high"] - y)]])
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01),
-           xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
-           title=f"ROC curve, {_set_title(test)}")
+        ax.errorbar(
+            x,
+            y,
+            color=CHOSEN_COLOR,
+            capsize=4,
+            lw=1,
+            xerr=[[max(0.0, x - (1 - spec["ci_high"]))], [max(0.0, (1 - spec["ci_low"]) - x)]],
+            yerr=[[max(0.0, y - sens["ci_low"])], [max(0.0, sens["ci_high"] - y)]],
+        )
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+        title=f"ROC curve, {_set_title(test)}",
+    )
     ax.title.set_fontsize(10)
     ax.set_box_aspect(1)
     ax.grid(alpha=0.3)
@@ -110,18 +132,40 @@ def plot_pr(metrics: dict, curves: dict, path: Path) -> Path:
     test = metrics["test"]
     figure = _figure(6.4, 7.8)
     ax = figure.add_subplot()
-    ax.plot(curves["pr"]["recall"], curves["pr"]["precision"], color=MODEL_COLOR, lw=2,
-            drawstyle="steps-post", label=f"model, AUPRC {_with_ci(test['auprc'])}")
-    ax.axhline(test["prevalence"], ls="--", color="grey", lw=1,
-               label=f"no skill: prevalence {test['prevalence']:.3f}")
+    ax.plot(
+        curves["pr"]["recall"],
+        curves["pr"]["precision"],
+        color=MODEL_COLOR,
+        lw=2,
+        drawstyle="steps-post",
+        label=f"model, AUPRC {_with_ci(test['auprc'])}",
+    )
+    ax.axhline(
+        test["prevalence"],
+        ls="--",
+        color="grey",
+        lw=1,
+        label=f"no skill: prevalence {test['prevalence']:.3f}",
+    )
     for label, point, color, marker in _operating_points(metrics):
         if point["sensitivity"] is None or point["ppv"] is None:
             continue
-        ax.plot(point["sensitivity"], point["ppv"], marker=marker, ms=9, color=color, ls="none",
-                label=f"{label}: recall {point['sensitivity']:.2f}, precision {point['ppv']:.2f}")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01),
-           xlabel="recall (sensitivity)", ylabel="precision (PPV)",
-           title=f"Precision-recall curve, {_set_title(test)}")
+        ax.plot(
+            point["sensitivity"],
+            point["ppv"],
+            marker=marker,
+            ms=9,
+            color=color,
+            ls="none",
+            label=f"{label}: recall {point['sensitivity']:.2f}, precision {point['ppv']:.2f}",
+        )
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        xlabel="recall (sensitivity)",
+        ylabel="precision (PPV)",
+        title=f"Precision-recall curve, {_set_title(test)}",
+    )
     ax.title.set_fontsize(10)
     ax.set_box_aspect(1)
     ax.grid(alpha=0.3)
@@ -145,8 +189,15 @@ def plot_confusion(binary: dict, title: str, path: Path) -> Path:
         total = sum(row)
         for j, count in enumerate(row):
             share = f"{100 * count / total:.1f}%" if total else "-"
-            ax.text(j, i, f"{count}\n{share}", ha="center", va="center", fontsize=13,
-                    color="white" if shares[i][j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{count}\n{share}",
+                ha="center",
+                va="center",
+                fontsize=13,
+                color="white" if shares[i][j] > 0.5 else "black",
+            )
     ax.set_xticks([0, 1], ["other", "melanoma"])
     ax.set_yticks([0, 1], ["other", "melanoma"])
     ax.set(xlabel="predicted", ylabel="true", title=title)
@@ -164,11 +215,22 @@ def plot_reliability(metrics: dict, curves: dict, path: Path) -> Path:
     figure = _figure(6.4, 7.0)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    top.plot(curve["mean_predicted"], curve["fraction_positive"], marker="o", color=MODEL_COLOR,
-             lw=2, label=f"model ({calibration['n_bins']} equal-width bins)")
-    top.set(xlim=(0, 1), ylim=(-0.01, 1.01), ylabel="observed fraction of melanoma",
-            title=(f"Reliability, {_set_title(test)}\n"
-                   f"Brier {calibration['brier']:.4f}, ECE {calibration['ece']:.4f}"))
+    top.plot(
+        curve["mean_predicted"],
+        curve["fraction_positive"],
+        marker="o",
+        color=MODEL_COLOR,
+        lw=2,
+        label=f"model ({calibration['n_bins']} equal-width bins)",
+    )
+    top.set(
+        xlim=(0, 1),
+        ylim=(-0.01, 1.01),
+        ylabel="observed fraction of melanoma",
+        title=(
+            f"Reliability, {_set_title(test)}\nBrier {calibration['brier']:.4f}, ECE {calibration['ece']:.4f}"
+        ),
+    )
     top.title.set_fontsize(10)
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=8)
@@ -176,10 +238,25 @@ def plot_reliability(metrics: dict, curves: dict, path: Path) -> Path:
     histogram = curves["score_histogram"]
     edges = histogram["edges"]
     widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    bottom.bar(edges[:-1], histogram["other"], width=widths, align="edge", color=OTHER_COLOR,
-               edgecolor="white", label="other")
-    bottom.bar(edges[:-1], histogram["melanoma"], width=widths, align="edge", color=MELANOMA_COLOR,
-               edgecolor="white", bottom=histogram["other"], label="melanoma")
+    bottom.bar(
+        edges[:-1],
+        histogram["other"],
+        width=widths,
+        align="edge",
+        color=OTHER_COLOR,
+        edgecolor="white",
+        label="other",
+    )
+    bottom.bar(
+        edges[:-1],
+        histogram["melanoma"],
+        width=widths,
+        align="edge",
+        color=MELANOMA_COLOR,
+        edgecolor="white",
+        bottom=histogram["other"],
+        label="melanoma",
+    )
     bottom.set(xlabel="predicted probability of melanoma", ylabel="images")
     bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
     bottom.legend(loc="upper right", fontsize=8)
@@ -212,8 +289,11 @@ def plot_all(metrics: dict, rows: Sequence[dict] | None, out_dir: Path) -> list[
             plot_pr(metrics, curves, out_dir / FILENAMES["pr"]),
         ]
     paths += [
-        plot_confusion(test["at_0.5"], f"Confusion matrix at threshold 0.5\n{_set_title(test)}",
-                       out_dir / FILENAMES["confusion_0.5"]),
+        plot_confusion(
+            test["at_0.5"],
+            f"Confusion matrix at threshold 0.5\n{_set_title(test)}",
+            out_dir / FILENAMES["confusion_0.5"],
+        ),
         plot_confusion(
             test["at_threshold"],
             f"Confusion matrix at threshold {choice['value']:.3f} "

@@ -37,7 +37,18 @@ from training.shift import load_site, score_shift
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("image_id", "lesion_id", "split", "label", "dx", "probability", "age", "sex", "localization", "source")
+PREDICTION_COLUMNS = (
+    "image_id",
+    "lesion_id",
+    "split",
+    "label",
+    "dx",
+    "probability",
+    "age",
+    "sex",
+    "localization",
+    "source",
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -46,8 +57,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PREDICT_BATCHES_PER_STEP = 16
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size: int = 64, *, what: str = "scoring",
-                          bar: bool = False) -> np.ndarray:
+def predict_probabilities(
+    model, images: np.ndarray, batch_size: int = 64, *, what: str = "scoring", bar: bool = False
+) -> np.ndarray:
     """images uint8 (N,224,224,3) -> melanoma probabilities float (N,); progress is logged as ``what``."""
     if len(images) == 0:
         return np.zeros((0,), np.float64)
@@ -55,13 +67,17 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int = 64, *, wh
     progress = Progress(len(images), what, log.info, bar=bar)
     parts = []
     for start in range(0, len(images), step):
-        parts.append(model.predict(images[start : start + step], batch_size=batch_size, verbose=0).reshape(-1))
+        parts.append(
+            model.predict(images[start : start + step], batch_size=batch_size, verbose=0).reshape(-1)
+        )
         progress.advance(len(parts[-1]))
     progress.close()
     return np.concatenate(parts).astype(np.float64)
 
 
-def prediction_rows(records: list[dict], probabilities: np.ndarray, split: str | None = None, source: str | None = None) -> list[dict]:
+def prediction_rows(
+    records: list[dict], probabilities: np.ndarray, split: str | None = None, source: str | None = None
+) -> list[dict]:
     """One CSV row per record (the columns of :data:`PREDICTION_COLUMNS`)."""
     return [
         {
@@ -92,10 +108,14 @@ def images_in_folder(folder_uri: str) -> list[tuple[str, str]]:
     and ``b/x.jpg``) each gets its key without the suffix instead, so ids stay unique.
     """
     storage = open_storage(folder_uri)
-    keys = [k for k in storage.list_keys("") if k.lower().endswith(IMAGE_SUFFIXES) and "_segmentation." not in k]
+    keys = [
+        k for k in storage.list_keys("") if k.lower().endswith(IMAGE_SUFFIXES) and "_segmentation." not in k
+    ]
     stems = [os.path.splitext(posixpath.basename(key))[0] for key in keys]
     shared = {stem for stem in stems if stems.count(stem) > 1}
-    return sorted((os.path.splitext(key)[0] if stem in shared else stem, key) for stem, key in zip(stems, keys))
+    return sorted(
+        (os.path.splitext(key)[0] if stem in shared else stem, key) for stem, key in zip(stems, keys)
+    )
 
 
 # decode_rgb's target size bounds how far a large JPEG is shrunk while decoding; one larger
@@ -109,14 +129,18 @@ def read_lesion_map(source: str) -> dict[str, str]:
     storage, name = split_uri(source)
     reader = csv.DictReader(io.StringIO(storage.read_bytes(name).decode("utf-8-sig"), newline=""))
     if not {"image_id", "lesion_id"} <= set(reader.fieldnames or ()):
-        raise ValueError(f"{source}: a lesion map needs the columns image_id and lesion_id, found {reader.fieldnames}")
+        raise ValueError(
+            f"{source}: a lesion map needs the columns image_id and lesion_id, found {reader.fieldnames}"
+        )
     lesion_of: dict[str, str] = {}
     for row in reader:
         image_id, lesion_id = (row["image_id"] or "").strip(), (row["lesion_id"] or "").strip()
         if not image_id or not lesion_id:
             raise ValueError(f"{source} line {reader.line_num}: empty image_id or lesion_id")
         if lesion_of.setdefault(image_id, lesion_id) != lesion_id:
-            raise ValueError(f"{source}: image {image_id} is given two lesions, {lesion_of[image_id]} and {lesion_id}")
+            raise ValueError(
+                f"{source}: image {image_id} is given two lesions, {lesion_of[image_id]} and {lesion_id}"
+            )
     return lesion_of
 
 
@@ -132,7 +156,9 @@ class RunContext:
 
     def __init__(self, model_uri: str):
         text = str(model_uri).rstrip("/")
-        self.run = open_storage(text[: -len(MODEL_KEY)].rstrip("/") or ".") if text.endswith(MODEL_KEY) else None
+        self.run = (
+            open_storage(text[: -len(MODEL_KEY)].rstrip("/") or ".") if text.endswith(MODEL_KEY) else None
+        )
 
     def _json(self, key: str) -> dict | None:
         if self.run is None or not self.run.exists(key):
@@ -144,12 +170,18 @@ class RunContext:
         metrics = self._json("eval/metrics.json")
         if metrics is None:
             return None
-        return {"value": float(metrics["threshold"]["value"]), "strategy": metrics["threshold"]["strategy"],
-                "pooling": metrics["scores"]["pooling"], "source": "run (chosen on validation)"}
+        return {
+            "value": float(metrics["threshold"]["value"]),
+            "strategy": metrics["threshold"]["strategy"],
+            "pooling": metrics["scores"]["pooling"],
+            "source": "run (chosen on validation)",
+        }
 
     def site(self, name: str) -> dict:
         if self.run is None:
-            raise ValueError(f"--site {name}: site thresholds live in a run folder; {MODEL_KEY} of a run is needed, not a bare model file")
+            raise ValueError(
+                f"--site {name}: site thresholds live in a run folder; {MODEL_KEY} of a run is needed, not a bare model file"
+            )
         return load_site(self.run, name)
 
     def validation_scores(self) -> np.ndarray | None:
@@ -164,8 +196,10 @@ class RunContext:
         provenance = self._json("model/provenance.json") or {}
         if provenance.get("preprocessing"):
             return colour_constancy_of(provenance["preprocessing"])
-        log.warning("no recorded preprocessing for this model: assuming the current default colour constancy (%s)",
-                    COLOUR_CONSTANCY[0])
+        log.warning(
+            "no recorded preprocessing for this model: assuming the current default colour constancy (%s)",
+            COLOUR_CONSTANCY[0],
+        )
         return COLOUR_CONSTANCY[0]
 
 
@@ -177,17 +211,31 @@ def resolve_threshold(context: RunContext, threshold: float | None, site: str | 
         return {"value": float(threshold), "source": "given"}
     if site is not None:
         record = context.site(site)
-        return {"value": float(record["threshold"]), "source": f"site {site} (calibrated on {record['n_images']} labelled images)"}
+        return {
+            "value": float(record["threshold"]),
+            "source": f"site {site} (calibrated on {record['n_images']} labelled images)",
+        }
     chosen = context.threshold()
     if chosen is None:
-        raise ValueError("this model has no validated threshold (a bare model file, or a run not evaluated yet): "
-                         "pass --threshold, or score with a run's model/model.keras after its evaluate step")
+        raise ValueError(
+            "this model has no validated threshold (a bare model file, or a run not evaluated yet): "
+            "pass --threshold, or score with a run's model/model.keras after its evaluate step"
+        )
     return chosen
 
 
-def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: float | None = None, overlays: bool = False,
-                   layer_name: str | None = None, lesion_of: dict[str, str] | None = None, site: str | None = None,
-                   bar: bool = False) -> dict:
+def predict_folder(
+    model_uri: str,
+    folder_uri: str,
+    out_uri: str,
+    *,
+    threshold: float | None = None,
+    overlays: bool = False,
+    layer_name: str | None = None,
+    lesion_of: dict[str, str] | None = None,
+    site: str | None = None,
+    bar: bool = False,
+) -> dict:
     """Score every image under ``folder_uri``; write ``predictions.csv`` (and overlays) under ``out_uri``.
 
     Each image goes through :func:`melanoma.imaging.preprocess_image_bytes`, the Spark job's
@@ -213,14 +261,21 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
     threshold = operating_point["value"]
     model = load_model(model_uri)
     source, out = open_storage(folder_uri), open_storage(out_uri)
-    batch, scored, rejected = _read_folder(source, images_in_folder(folder_uri), context.colour_constancy(), bar)
+    batch, scored, rejected = _read_folder(
+        source, images_in_folder(folder_uri), context.colour_constancy(), bar
+    )
     if lesion_of is not None:
         unmapped = [image_id for image_id, _key in scored if image_id not in lesion_of]
         if unmapped:
-            raise ValueError(f"{len(unmapped)} scored image(s) have no lesion in the lesion map, e.g. {', '.join(unmapped[:5])}")
+            raise ValueError(
+                f"{len(unmapped)} scored image(s) have no lesion in the lesion map, e.g. {', '.join(unmapped[:5])}"
+            )
     probabilities = predict_probabilities(model, batch, what="predict: scoring", bar=bar)
     columns: tuple[str, ...] = ("image_id", "key", "probability", "label", "threshold")
-    rows = [{"image_id": image_id, "key": key, "probability": float(p)} for (image_id, key), p in zip(scored, probabilities)]
+    rows = [
+        {"image_id": image_id, "key": key, "probability": float(p)}
+        for (image_id, key), p in zip(scored, probabilities)
+    ]
     if lesion_of is not None:
         lesions = [lesion_of[row["image_id"]] for row in rows]
         for row, lesion_id, pooled in zip(rows, lesions, lesion_pooled_scores(probabilities, lesions)):
@@ -233,16 +288,28 @@ def predict_folder(model_uri: str, folder_uri: str, out_uri: str, *, threshold: 
     out.write_bytes("rejected.csv", rows_to_csv(rejected, ("image_id", "key", "reason", "detail")))
     written = ["predictions.csv", "rejected.csv"] + (["shift.json"] if shift else [])
     if overlays and scored:
-        heatmaps = gradcam_heatmaps(model, batch, layer_name or gradcam_layer_names(model),
-                                    progress=Progress(len(batch), "predict: heatmaps", log.info, bar=bar))
+        heatmaps = gradcam_heatmaps(
+            model,
+            batch,
+            layer_name or gradcam_layer_names(model),
+            progress=Progress(len(batch), "predict: heatmaps", log.info, bar=bar),
+        )
         del batch
         written += _write_overlays(source, out, scored, heatmaps)
-    return {"scored": len(rows), "rejected": len(rejected), "predictions_uri": out.uri("predictions.csv"), "written": written,
-            "threshold": threshold, "threshold_source": operating_point["source"], "score_shift": shift}
+    return {
+        "scored": len(rows),
+        "rejected": len(rejected),
+        "predictions_uri": out.uri("predictions.csv"),
+        "written": written,
+        "threshold": threshold,
+        "threshold_source": operating_point["source"],
+        "score_shift": shift,
+    }
 
 
-def _read_folder(source: Storage, listed: list[tuple[str, str]], colour: str, bar: bool
-                 ) -> tuple[np.ndarray, list[tuple[str, str]], list[dict]]:
+def _read_folder(
+    source: Storage, listed: list[tuple[str, str]], colour: str, bar: bool
+) -> tuple[np.ndarray, list[tuple[str, str]], list[dict]]:
     """(images (N,224,224,3), their (image_id, key), rejected inputs with reasons) of the listed files."""
     images, scored, rejected = [], [], []
     progress = Progress(len(listed), "predict: reading and preprocessing", log.info, bar=bar)
@@ -250,7 +317,9 @@ def _read_folder(source: Storage, listed: list[tuple[str, str]], colour: str, ba
         try:
             array, _notes = preprocess_image_bytes(source.read_bytes(key), colour_constancy=colour)
         except RejectedImage as error:
-            rejected.append({"image_id": image_id, "key": key, "reason": error.reason, "detail": error.message})
+            rejected.append(
+                {"image_id": image_id, "key": key, "reason": error.reason, "detail": error.message}
+            )
             continue
         finally:
             progress.advance()
@@ -261,7 +330,9 @@ def _read_folder(source: Storage, listed: list[tuple[str, str]], colour: str, ba
     return batch, scored, rejected
 
 
-def _write_overlays(source: Storage, out: Storage, scored: list[tuple[str, str]], heatmaps: np.ndarray) -> list[str]:
+def _write_overlays(
+    source: Storage, out: Storage, scored: list[tuple[str, str]], heatmaps: np.ndarray
+) -> list[str]:
     """``overlays/<image_id>.png``: each heatmap over its image at the original size; returns the keys."""
     written = []
     # One image at a time at full size: the originals are never all held in memory.

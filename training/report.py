@@ -118,12 +118,18 @@ def _set_table(blocks: dict[str, dict]) -> str:
         rows.append([_e(label)] + [_estimate(blocks[n].get(key)) for n in names])
     for label, key in _BINARY_ROWS:
         rows.append([_e(label)] + [_num((blocks[n].get("at_threshold") or {}).get(key)) for n in names])
-    rows.append(["TP / FP / FN / TN"] + [
-        " / ".join(_num((blocks[n].get("at_threshold") or {}).get(k)) for k in ("tp", "fp", "fn", "tn")) for n in names
-    ])
+    rows.append(
+        ["TP / FP / FN / TN"]
+        + [
+            " / ".join(_num((blocks[n].get("at_threshold") or {}).get(k)) for k in ("tp", "fp", "fn", "tn"))
+            for n in names
+        ]
+    )
     rows.append(["Brier score"] + [_num((blocks[n].get("calibration") or {}).get("brier")) for n in names])
     rows.append(["ECE"] + [_num((blocks[n].get("calibration") or {}).get("ece")) for n in names])
-    notes = "".join(f'<p class="note">{_e(n)}: {_e(blocks[n]["note"])}</p>' for n in names if blocks[n].get("note"))
+    notes = "".join(
+        f'<p class="note">{_e(n)}: {_e(blocks[n]["note"])}</p>' for n in names if blocks[n].get("note")
+    )
     return _table(["Metric"] + names, rows) + notes
 
 
@@ -137,8 +143,14 @@ def _metrics_section(metrics: dict) -> str:
         "resamples of lesions (all images of a lesion together). Counts and ratios below the "
         "interval rows are at the threshold chosen on validation.</p>"
     )
-    return ("<h2>Metrics</h2>" + _scores_note(metrics) + ci_note + _set_table(blocks) + _external_section(metrics)
-            + _subgroups((metrics.get("test") or {}).get("subgroups") or {}))
+    return (
+        "<h2>Metrics</h2>"
+        + _scores_note(metrics)
+        + ci_note
+        + _set_table(blocks)
+        + _external_section(metrics)
+        + _subgroups((metrics.get("test") or {}).get("subgroups") or {})
+    )
 
 
 def _external_section(metrics: dict) -> str:
@@ -152,22 +164,40 @@ def _external_section(metrics: dict) -> str:
         site = block.get("site_calibration") or {}
         held = site.get("held_out") or {}
         ci = site.get("threshold_ci") or [None, None]
-        rows.append([
-            _e(name),
-            _e("SHIFTED" if shift.get("shifted") else ("no" if shift.get("shifted") is False else "untested")),
-            _num(shift.get("ks_statistic")),
-            _num(shift.get("median_logit_shift")),
-            f"{_pct(shift.get('positive_rate'))} vs {_pct(shift.get('reference_positive_rate'))}",
-            (f"{_num(site.get('threshold'), 4)} [{_num(ci[0], 4)}, {_num(ci[1], 4)}]" if "threshold" in site
-             else _e(site.get("skipped", ""))),
-            f"{_num(held.get('sensitivity'))} / {_num(held.get('specificity'))}" if held else "",
-        ])
-    header = ["External set", "Score shift", "KS D", "Median logit shift", "Called melanoma (vs val)",
-              "Site threshold [95% CI]", "Site-calibrated sens / spec on held-out cases"]
-    note = ('<p class="note">Score shift: two-sample Kolmogorov-Smirnov test of the set\'s scores against validation\'s '
-            "(warns at D &ge; 0.2 and p &lt; 0.01). A shifted set scores unlike the validation images: the validation "
-            "threshold's sensitivity and specificity do not carry over. Site threshold: re-chosen on that set by the "
-            "same strategy; its sensitivity/specificity are out-of-fold (chosen on the other folds of the set).</p>")
+        rows.append(
+            [
+                _e(name),
+                _e(
+                    "SHIFTED"
+                    if shift.get("shifted")
+                    else ("no" if shift.get("shifted") is False else "untested")
+                ),
+                _num(shift.get("ks_statistic")),
+                _num(shift.get("median_logit_shift")),
+                f"{_pct(shift.get('positive_rate'))} vs {_pct(shift.get('reference_positive_rate'))}",
+                (
+                    f"{_num(site.get('threshold'), 4)} [{_num(ci[0], 4)}, {_num(ci[1], 4)}]"
+                    if "threshold" in site
+                    else _e(site.get("skipped", ""))
+                ),
+                f"{_num(held.get('sensitivity'))} / {_num(held.get('specificity'))}" if held else "",
+            ]
+        )
+    header = [
+        "External set",
+        "Score shift",
+        "KS D",
+        "Median logit shift",
+        "Called melanoma (vs val)",
+        "Site threshold [95% CI]",
+        "Site-calibrated sens / spec on held-out cases",
+    ]
+    note = (
+        "<p class=\"note\">Score shift: two-sample Kolmogorov-Smirnov test of the set's scores against validation's "
+        "(warns at D &ge; 0.2 and p &lt; 0.01). A shifted set scores unlike the validation images: the validation "
+        "threshold's sensitivity and specificity do not carry over. Site threshold: re-chosen on that set by the "
+        "same strategy; its sensitivity/specificity are out-of-fold (chosen on the other folds of the set).</p>"
+    )
     return "<h3>Other sites: does the operating point hold?</h3>" + _table(header, rows) + note
 
 
@@ -190,15 +220,17 @@ def _subgroups(subgroups: dict) -> str:
     rows = []
     for grouping, values in subgroups.items():
         for value, stats in values.items():
-            rows.append([
-                _e(f"{grouping} = {value}"),
-                _num(stats.get("n")),
-                _num(stats.get("n_melanoma")),
-                _num(stats.get("auroc")),
-                _num(stats.get("sensitivity")),
-                _num(stats.get("specificity")),
-                "small" if stats.get("small") else "",
-            ])
+            rows.append(
+                [
+                    _e(f"{grouping} = {value}"),
+                    _num(stats.get("n")),
+                    _num(stats.get("n_melanoma")),
+                    _num(stats.get("auroc")),
+                    _num(stats.get("sensitivity")),
+                    _num(stats.get("specificity")),
+                    "small" if stats.get("small") else "",
+                ]
+            )
     header = ["Test subgroup", "Images", "Melanoma", "AUROC", "Sensitivity", "Specificity", ""]
     return "<h3>Test subgroups</h3>" + _table(header, rows)
 
@@ -213,7 +245,7 @@ def _threshold_section(metrics: dict, payload: dict, gradcam_summary: dict | Non
         "<h2>Decision threshold</h2>",
         f"<p>Melanoma is called when the {'lesion-pooled ' if pooling == 'lesion' else ''}probability is "
         f"&ge; <strong>{_num(threshold, 4)}</strong>, "
-        f"chosen by <strong>{_e(strategy)}</strong> on the <strong>{_e(chosen_on)}</strong> split"
+        f"chosen by <strong>{_e(strategy)}</strong> on the <strong>{_e(chosen_on)}</strong> split",
     ]
     target = payload.get("target_sensitivity", chosen.get("target_sensitivity"))
     if target is not None:
@@ -221,7 +253,11 @@ def _threshold_section(metrics: dict, payload: dict, gradcam_summary: dict | Non
     parts.append(". Every test number in this report uses this threshold.</p>")
     val = chosen.get("val") or {}
     if val:
-        rows = [[_e(k), _num(val.get(k))] for k in ("sensitivity", "specificity", "auroc", "auprc", "n_images", "n_lesions") if k in val]
+        rows = [
+            [_e(k), _num(val.get(k))]
+            for k in ("sensitivity", "specificity", "auroc", "auprc", "n_images", "n_lesions")
+            if k in val
+        ]
         parts.append(f"<h3>On {_e(chosen_on)}, where it was chosen</h3>" + _table(["Metric", "Value"], rows))
     used = (gradcam_summary or {}).get("threshold")
     if used is not None and threshold is not None and float(used) != float(threshold):
@@ -237,12 +273,16 @@ def _optimistic_section(metrics: dict) -> str:
     if not optimistic:
         return ""
     binary = optimistic.get("at_threshold") or {}
-    rows = [[_e(k), _num(binary.get(k))] for k in ("sensitivity", "specificity", "accuracy", "ppv", "npv", "f1")]
+    rows = [
+        [_e(k), _num(binary.get(k))] for k in ("sensitivity", "specificity", "accuracy", "ppv", "npv", "f1")
+    ]
     return (
         '<div class="optimistic"><h3>Optimistic, not the result: threshold picked on the test set</h3>'
         f"<p>{_e(optimistic.get('warning', 'Chosen on the test set itself; biased upward.'))}</p>"
         f"<p>Threshold {_num(optimistic.get('threshold'), 4)} ({_e(optimistic.get('strategy', ''))} on "
-        f"{_e(optimistic.get('chosen_on', 'test'))}).</p>" + _table(["Metric (optimistic)", "Value"], rows) + "</div>"
+        f"{_e(optimistic.get('chosen_on', 'test'))}).</p>"
+        + _table(["Metric (optimistic)", "Value"], rows)
+        + "</div>"
     )
 
 
@@ -250,7 +290,8 @@ def _plots_section(plots: dict[str, bytes]) -> str:
     if not plots:
         return ""
     figures = "".join(
-        f"<figure>{_img(png, name)}<figcaption>{_e(name)}</figcaption></figure>" for name, png in sorted(plots.items())
+        f"<figure>{_img(png, name)}<figcaption>{_e(name)}</figcaption></figure>"
+        for name, png in sorted(plots.items())
     )
     return f'<h2>Plots</h2><div class="plots">{figures}</div>'
 
@@ -300,12 +341,23 @@ def _gradcam_section(summary: dict | None) -> str:
         f"{_num(focus.get('n_without_mask'))} images have no mask and are counted, not scored; "
         f"{_num(focus.get('n_empty_heatmap'))} maps were empty.</p>",
     ]
-    header = ["Group", "Images", "Scored", "No mask", "Energy inside (mean)", "(median)", "Lesion area (mean)", "Pointing hit rate"]
+    header = [
+        "Group",
+        "Images",
+        "Scored",
+        "No mask",
+        "Energy inside (mean)",
+        "(median)",
+        "Lesion area (mean)",
+        "Pointing hit rate",
+    ]
     groups = {"all": focus.get("overall") or {}}
     groups.update({f"class: {k}": v for k, v in (focus.get("by_class") or {}).items()})
     by_outcome = focus.get("by_outcome") or {}
     # The JSON file stores keys sorted; a reader expects the confusion-matrix order.
-    ordered = [k for k in _OUTCOME_ORDER if k in by_outcome] + [k for k in by_outcome if k not in _OUTCOME_ORDER]
+    ordered = [k for k in _OUTCOME_ORDER if k in by_outcome] + [
+        k for k in by_outcome if k not in _OUTCOME_ORDER
+    ]
     groups.update({f"outcome: {k}": by_outcome[k] for k in ordered})
     parts.append(_table(header, _focus_rows(groups)))
     parts.append(_focus_check_text(summary.get("lesion_focus_check")))
@@ -316,13 +368,17 @@ def _focus_check_text(check: dict | None) -> str:
     """The verdict of :func:`training.gradcam.lesion_focus_check`, a warning when it fails."""
     if not check or check.get("on_lesion") is None:
         return ""
-    figures = (f"the maps of the {_num(check.get('n_scored'))} melanoma images with a mask put {_pct(check.get('energy_inside_mean'))} "
-               f"of their energy on the lesion, which covers {_pct(check.get('lesion_area_share_mean'))} of the image")
+    figures = (
+        f"the maps of the {_num(check.get('n_scored'))} melanoma images with a mask put {_pct(check.get('energy_inside_mean'))} "
+        f"of their energy on the lesion, which covers {_pct(check.get('lesion_area_share_mean'))} of the image"
+    )
     if check["on_lesion"]:
         return f"<p>Lesion focus check passed: {figures}.</p>"
-    return (f'<p class="warning">Lesion focus check failed: {figures}, no more than a uniform map would. '
-            "The model draws its evidence from elsewhere in the image (borders, framing, markers); "
-            "its scores may not carry over to images taken another way.</p>")
+    return (
+        f'<p class="warning">Lesion focus check failed: {figures}, no more than a uniform map would. '
+        "The model draws its evidence from elsewhere in the image (borders, framing, markers); "
+        "its scores may not carry over to images taken another way.</p>"
+    )
 
 
 def _gallery_section(gallery: list[dict], images: dict[str, bytes]) -> str:
@@ -343,15 +399,20 @@ def _gallery_section(gallery: list[dict], images: dict[str, bytes]) -> str:
             ("image", _e(entry.get("image_id"))),
             ("probability", _num(entry.get("probability"))),
             ("label", _e(label) + (f" ({_e(entry['dx'])})" if entry.get("dx") else "")),
-            ("outcome", f'<span class="{_e(out) if out in ("TP", "FP", "FN", "TN") else ""}">{_e(out)}</span> '
-                        f"&middot; {_e(entry.get('selection', ''))}"),
+            (
+                "outcome",
+                f'<span class="{_e(out) if out in ("TP", "FP", "FN", "TN") else ""}">{_e(out)}</span> '
+                f"&middot; {_e(entry.get('selection', ''))}",
+            ),
             ("focus", focus_text),
         ]
         caption = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in fields)
         key = entry.get("overlay_key", entry.get("image_id"))
-        figures.append(f"<figure>{_img(images.get(key), str(entry.get('image_id')))}<figcaption><dl>{caption}</dl></figcaption></figure>")
+        figures.append(
+            f"<figure>{_img(images.get(key), str(entry.get('image_id')))}<figcaption><dl>{caption}</dl></figcaption></figure>"
+        )
     return (
-        "<h3>Gallery</h3><p class=\"note\">Per outcome, the most confident and the borderline "
+        '<h3>Gallery</h3><p class="note">Per outcome, the most confident and the borderline '
         "(closest to the threshold) test images; left the input, right the Grad-CAM overlay.</p>"
         f'<div class="gallery">{"".join(figures)}</div>'
     )
@@ -383,19 +444,21 @@ def render_report(
         c = counts.get(split) or {}
         if c.get("images"):  # evaluation may see only val and test: no "train: 0 images"
             subtitle.append(f"{_e(split)}: {_num(c['images'])} images, {_num(c.get('melanoma'))} melanoma")
-    body = "".join([
-        "<h1>Melanoma classifier report</h1>",
-        f'<p class="note">{" &middot; ".join(subtitle)}</p>' if subtitle else "",
-        warnings,
-        _threshold_section(metrics, threshold_payload, gradcam_summary),
-        _metrics_section(metrics),
-        _optimistic_section(metrics),
-        _plots_section(plots),
-        _gradcam_section(gradcam_summary),
-        _gallery_section(gallery, images),
-    ])
+    body = "".join(
+        [
+            "<h1>Melanoma classifier report</h1>",
+            f'<p class="note">{" &middot; ".join(subtitle)}</p>' if subtitle else "",
+            warnings,
+            _threshold_section(metrics, threshold_payload, gradcam_summary),
+            _metrics_section(metrics),
+            _optimistic_section(metrics),
+            _plots_section(plots),
+            _gradcam_section(gradcam_summary),
+            _gallery_section(gallery, images),
+        ]
+    )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         "<title>Melanoma classifier report</title>"
         f"<style>{_CSS}</style></head><body>{body}</body></html>\n"

@@ -35,8 +35,17 @@ import numpy as np
 
 from training import metrics as m
 
-__all__ = ["SHIFT_MIN_D", "SHIFT_MAX_P", "score_shift", "shift_message", "calibrate_site", "held_out_folds", "site_key",
-           "save_site", "load_site"]
+__all__ = [
+    "SHIFT_MIN_D",
+    "SHIFT_MAX_P",
+    "score_shift",
+    "shift_message",
+    "calibrate_site",
+    "held_out_folds",
+    "site_key",
+    "save_site",
+    "load_site",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +70,34 @@ def score_shift(reference: Sequence[float], scores: Sequence[float], threshold: 
     new = m.clipped_logits(np.asarray(scores, dtype=np.float64))
     if not (np.isfinite(ref).all() and np.isfinite(new).all()):
         raise ValueError("scores must be finite probabilities")
-    result: dict = {"n": int(new.size), "n_reference": int(ref.size), "min_d": SHIFT_MIN_D, "max_p": SHIFT_MAX_P}
+    result: dict = {
+        "n": int(new.size),
+        "n_reference": int(ref.size),
+        "min_d": SHIFT_MIN_D,
+        "max_p": SHIFT_MAX_P,
+    }
     if new.size < SHIFT_MIN_N or ref.size < SHIFT_MIN_N:
-        result.update(shifted=None, ks_statistic=None, p_value=None, median_logit_shift=None,
-                      message=f"too few scores to test for a shift ({new.size} new, {ref.size} reference; need {SHIFT_MIN_N})")
+        result.update(
+            shifted=None,
+            ks_statistic=None,
+            p_value=None,
+            median_logit_shift=None,
+            message=f"too few scores to test for a shift ({new.size} new, {ref.size} reference; need {SHIFT_MIN_N})",
+        )
         return result
     test = ks_2samp(new, ref)
-    result.update(ks_statistic=float(test.statistic), p_value=float(test.pvalue),
-                  median_logit_shift=float(np.median(new) - np.median(ref)))
+    result.update(
+        ks_statistic=float(test.statistic),
+        p_value=float(test.pvalue),
+        median_logit_shift=float(np.median(new) - np.median(ref)),
+    )
     if threshold is not None:
         logit_t = float(m.clipped_logits(np.array([threshold]))[0])
-        result.update(threshold=float(threshold), positive_rate=float(np.mean(new >= logit_t)),
-                      reference_positive_rate=float(np.mean(ref >= logit_t)))
+        result.update(
+            threshold=float(threshold),
+            positive_rate=float(np.mean(new >= logit_t)),
+            reference_positive_rate=float(np.mean(ref >= logit_t)),
+        )
     result["shifted"] = bool(result["ks_statistic"] >= SHIFT_MIN_D and result["p_value"] < SHIFT_MAX_P)
     result["message"] = shift_message(result)
     return result
@@ -82,14 +107,21 @@ def shift_message(shift: dict) -> str:
     """One line a user reads: what moved and what it means for the operating point."""
     if shift.get("shifted") is None:
         return shift["message"]
-    detail = (f"KS D={shift['ks_statistic']:.2f} (p={shift['p_value']:.1g}), median logit {shift['median_logit_shift']:+.2f}"
-              + (f", {shift['positive_rate']:.0%} of images called melanoma vs {shift['reference_positive_rate']:.0%} on validation"
-                 if "positive_rate" in shift else ""))
+    detail = (
+        f"KS D={shift['ks_statistic']:.2f} (p={shift['p_value']:.1g}), median logit {shift['median_logit_shift']:+.2f}"
+        + (
+            f", {shift['positive_rate']:.0%} of images called melanoma vs {shift['reference_positive_rate']:.0%} on validation"
+            if "positive_rate" in shift
+            else ""
+        )
+    )
     if not shift["shifted"]:
         return f"no score shift against validation ({detail})"
-    return ("SCORE SHIFT: these images do not score like the validation images "
-            f"({detail}); the validated sensitivity/specificity do not hold here. "
-            "Calibrate the threshold on labelled cases of this site (python -m training calibrate-site) before relying on it.")
+    return (
+        "SCORE SHIFT: these images do not score like the validation images "
+        f"({detail}); the validated sensitivity/specificity do not hold here. "
+        "Calibrate the threshold on labelled cases of this site (python -m training calibrate-site) before relying on it."
+    )
 
 
 def held_out_folds(lesion_ids: Sequence[str], labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -106,8 +138,17 @@ def held_out_folds(lesion_ids: Sequence[str], labels: np.ndarray, k: int, seed: 
     return np.array([fold_of[str(lesion)] for lesion in lesions])
 
 
-def calibrate_site(labels: Sequence[int], scores: Sequence[float], lesion_ids: Sequence[str], *, strategy: str = "sensitivity",
-                   target_sensitivity: float = 0.85, n_boot: int = 1000, folds: int = 5, seed: int = 0) -> dict:
+def calibrate_site(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    lesion_ids: Sequence[str],
+    *,
+    strategy: str = "sensitivity",
+    target_sensitivity: float = 0.85,
+    n_boot: int = 1000,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict:
     """Re-choose the operating threshold on a labelled drop of one site.
 
     ``threshold`` is chosen on all of the drop (what ``predict --site`` then uses), by the same
@@ -120,10 +161,18 @@ def calibrate_site(labels: Sequence[int], scores: Sequence[float], lesion_ids: S
     s = np.asarray(scores, dtype=np.float64)
     n_pos = int(y.sum())
     if n_pos < folds or (y.size - n_pos) < folds:
-        raise ValueError(f"site calibration needs at least {folds} melanoma and {folds} other images, got {n_pos} and {y.size - n_pos}")
+        raise ValueError(
+            f"site calibration needs at least {folds} melanoma and {folds} other images, got {n_pos} and {y.size - n_pos}"
+        )
     threshold = m.choose_threshold(y, s, strategy, target_sensitivity)
-    ci = m.lesion_bootstrap_ci(y, s, np.asarray(lesion_ids), lambda yy, ss: m.choose_threshold(yy, ss, strategy, target_sensitivity),
-                               n_boot=n_boot, seed=seed)
+    ci = m.lesion_bootstrap_ci(
+        y,
+        s,
+        np.asarray(lesion_ids),
+        lambda yy, ss: m.choose_threshold(yy, ss, strategy, target_sensitivity),
+        n_boot=n_boot,
+        seed=seed,
+    )
     fold = held_out_folds(lesion_ids, y, folds, seed)
     called = np.zeros_like(y)
     for k in range(folds):
@@ -142,8 +191,15 @@ def calibrate_site(labels: Sequence[int], scores: Sequence[float], lesion_ids: S
         "n_melanoma": n_pos,
         "n_lesions": len(set(map(str, lesion_ids))),
         "in_sample": {"sensitivity": at["sensitivity"], "specificity": at["specificity"]},
-        "held_out": {"folds": folds, "sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
-                     "tp": tp, "fn": fn, "tn": tn, "fp": fp},
+        "held_out": {
+            "folds": folds,
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "tp": tp,
+            "fn": fn,
+            "tn": tn,
+            "fp": fp,
+        },
         "n_boot": n_boot,
         "seed": seed,
     }
@@ -155,7 +211,9 @@ _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def site_key(name: str) -> str:
     """The run-folder key of a site's calibration; the name is checked, never used as a path as is."""
     if not _SITE_NAME.match(name or "") or ".." in name:
-        raise ValueError(f"site name must be 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit), got {name!r}")
+        raise ValueError(
+            f"site name must be 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit), got {name!r}"
+        )
     return f"sites/{name}.json"
 
 
@@ -169,7 +227,11 @@ def save_site(run, name: str, record: dict) -> str:
 def load_site(run, name: str) -> dict:
     key = site_key(name)
     if not run.exists(key):
-        known = sorted(k[len("sites/"):-len(".json")] for k in run.list_keys("sites/") if k.endswith(".json"))
-        raise ValueError(f"no calibration for site {name!r} in this run (calibrated sites: {known or 'none'}); "
-                         "run python -m training calibrate-site first")
+        known = sorted(
+            k[len("sites/") : -len(".json")] for k in run.list_keys("sites/") if k.endswith(".json")
+        )
+        raise ValueError(
+            f"no calibration for site {name!r} in this run (calibrated sites: {known or 'none'}); "
+            "run python -m training calibrate-site first"
+        )
     return json.loads(run.read_bytes(key))

@@ -47,9 +47,18 @@ def _load_external(spec: str, colour_constancy: str, *, with_masks: bool = False
     unscored = [q.to_json() for q in scan.quarantined]
     for item in scan.inputs:
         try:
-            images.append(preprocess_image_bytes(raw.read_bytes(item.image_key), colour_constancy=colour_constancy)[0])
+            images.append(
+                preprocess_image_bytes(raw.read_bytes(item.image_key), colour_constancy=colour_constancy)[0]
+            )
         except RejectedImage as rejected:
-            unscored.append({"drop_id": drop_id, "item": item.image_id, "reason": rejected.reason, "detail": str(rejected)})
+            unscored.append(
+                {
+                    "drop_id": drop_id,
+                    "item": item.image_id,
+                    "reason": rejected.reason,
+                    "detail": str(rejected),
+                }
+            )
             continue
         mask = np.zeros((224, 224), np.uint8)
         if with_masks and item.mask_key:
@@ -58,8 +67,18 @@ def _load_external(spec: str, colour_constancy: str, *, with_masks: bool = False
             except (RejectedImage, ValueError):
                 pass  # counted as "without mask" by the focus summary, like ingestion's unusable masks
         masks.append(mask)
-        records.append({"image_id": item.image_id, "lesion_id": item.lesion_id, "label": item.label, "dx": item.dx,
-                        "age": item.age, "sex": item.sex, "localization": item.localization, "has_mask": bool(mask.any())})
+        records.append(
+            {
+                "image_id": item.image_id,
+                "lesion_id": item.lesion_id,
+                "label": item.label,
+                "dx": item.dx,
+                "age": item.age,
+                "sex": item.sex,
+                "localization": item.localization,
+                "has_mask": bool(mask.any()),
+            }
+        )
     batch = np.stack(images) if images else np.zeros((0, 224, 224, 3), np.uint8)
     stacked_masks = np.stack(masks) if masks else np.zeros((0, 224, 224), np.uint8)
     return Shard(batch, stacked_masks, records), unscored
@@ -83,22 +102,47 @@ def external_focus_run(processed_root: str, run_root: str, spec: str, *, as_of: 
     manifest = require_manifest(storage, as_of=as_of)
     metrics = json.loads(run.read_bytes("eval/metrics.json"))
     model = load_model(run.uri(MODEL_KEY))
-    shard, unscored = _load_external(spec, colour_constancy_of(manifest.get("preprocessing")), with_masks=True)
+    shard, unscored = _load_external(
+        spec, colour_constancy_of(manifest.get("preprocessing")), with_masks=True
+    )
     probabilities = predict_probabilities(model, shard.images)
     ids = [r["image_id"] for r in shard.records]
-    scores = decision_scores(ids, probabilities.tolist(), [str(r["lesion_id"]) for r in shard.records], metrics["scores"]["pooling"])
+    scores = decision_scores(
+        ids,
+        probabilities.tolist(),
+        [str(r["lesion_id"]) for r in shard.records],
+        metrics["scores"]["pooling"],
+    )
     threshold = metrics["threshold"]["value"]
-    rows = focus_rows(shard, gradcam_heatmaps(model, shard.images, gradcam_layer_names(model)), scores, threshold)
+    rows = focus_rows(
+        shard, gradcam_heatmaps(model, shard.images, gradcam_layer_names(model)), scores, threshold
+    )
     focus = summarise_focus(rows)
-    summary = {"drop": spec.rpartition("::")[2], "threshold": threshold, "unscored": len(unscored), "focus": focus,
-               "check": lesion_focus_check(focus)}
-    run.write_bytes(f"eval/external-{summary['drop']}-focus.json", json.dumps(summary, indent=2, allow_nan=False).encode())
+    summary = {
+        "drop": spec.rpartition("::")[2],
+        "threshold": threshold,
+        "unscored": len(unscored),
+        "focus": focus,
+        "check": lesion_focus_check(focus),
+    }
+    run.write_bytes(
+        f"eval/external-{summary['drop']}-focus.json", json.dumps(summary, indent=2, allow_nan=False).encode()
+    )
     return summary
 
 
-def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden", target_sensitivity: float = 0.95,
-                 n_boot: int = 1000, as_of: str | None = None, external: list[str] | None = None,
-                 pooling: str = "lesion", manifest_version: int | None = None) -> dict:
+def evaluate_run(
+    processed_root: str,
+    run_root: str,
+    *,
+    strategy: str = "youden",
+    target_sensitivity: float = 0.95,
+    n_boot: int = 1000,
+    as_of: str | None = None,
+    external: list[str] | None = None,
+    pooling: str = "lesion",
+    manifest_version: int | None = None,
+) -> dict:
     """Score val and test, choose the threshold on val, write eval/ and return the XCom payload.
 
     ``eval/predictions.csv`` keeps the model's per-image probabilities; with ``pooling="lesion"``
@@ -122,21 +166,42 @@ def evaluate_run(processed_root: str, run_root: str, *, strategy: str = "youden"
         rows += external_sets[name]
     run.write_bytes("eval/predictions.csv", rows_to_csv(rows))
     internal = [r for r in rows if r["split"] in ("val", "test")]
-    metrics = evaluate_predictions(internal, strategy=strategy, target_sensitivity=target_sensitivity, n_boot=n_boot,
-                                   external=external_sets or None, pooling=pooling)
+    metrics = evaluate_predictions(
+        internal,
+        strategy=strategy,
+        target_sensitivity=target_sensitivity,
+        n_boot=n_boot,
+        external=external_sets or None,
+        pooling=pooling,
+    )
     metrics["manifest_version"] = manifest["version"]
     if unscored:
-        metrics["external_unscored"] = {name: {"count": len(items), "reasons": sorted({i["reason"] for i in items})} for name, items in unscored.items()}
+        metrics["external_unscored"] = {
+            name: {"count": len(items), "reasons": sorted({i["reason"] for i in items})}
+            for name, items in unscored.items()
+        }
         for name, items in unscored.items():
-            run.write_bytes(f"eval/external-{name}-unscored.jsonl", "".join(json.dumps(i, sort_keys=True) + "\n" for i in items).encode())
+            run.write_bytes(
+                f"eval/external-{name}-unscored.jsonl",
+                "".join(json.dumps(i, sort_keys=True) + "\n" for i in items).encode(),
+            )
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_evaluation(metrics, Path(tmp), rows=internal):
             run.write_bytes(f"eval/{path.name}", path.read_bytes())
     return xcom_payload(metrics, run.uri("eval/metrics.json"))
 
 
-def calibrate_site_run(processed_root: str, run_root: str, site: str, labelled_drop: str, *, strategy: str | None = None,
-                       target_sensitivity: float = 0.85, n_boot: int = 1000, as_of: str | None = None) -> dict:
+def calibrate_site_run(
+    processed_root: str,
+    run_root: str,
+    site: str,
+    labelled_drop: str,
+    *,
+    strategy: str | None = None,
+    target_sensitivity: float = 0.85,
+    n_boot: int = 1000,
+    as_of: str | None = None,
+) -> dict:
     """Re-choose the run's threshold for one site on a labelled drop of it (``RAW_ROOT::DROP_ID``).
 
     The drop goes through the same scan and preprocessing as an external set; scores are pooled
@@ -157,29 +222,66 @@ def calibrate_site_run(processed_root: str, run_root: str, site: str, labelled_d
     ids, lesions = [r["image_id"] for r in rows], [str(r["lesion_id"]) for r in rows]
     pooled = decision_scores(ids, [r["probability"] for r in rows], lesions, pooling)
     scores = [pooled[i] for i in ids]
-    record = calibrate_site([int(r["label"]) for r in rows], scores, lesions, strategy=strategy,
-                            target_sensitivity=target_sensitivity, n_boot=n_boot)
-    validation = [float(r["probability"]) for r in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
-                  if r["split"] == "val"]
-    record.update(drop=labelled_drop.rpartition("::")[2], pooling=pooling, unscored=len(unscored),
-                  run_threshold=metrics["threshold"]["value"],
-                  score_shift=score_shift(validation, [r["probability"] for r in rows], metrics["threshold"]["value"]))
-    return {"site": site, "site_uri": save_site(run, site, record), "threshold": record["threshold"],
-            "threshold_ci": record["threshold_ci"], "held_out": record["held_out"], "run_threshold": record["run_threshold"]}
+    record = calibrate_site(
+        [int(r["label"]) for r in rows],
+        scores,
+        lesions,
+        strategy=strategy,
+        target_sensitivity=target_sensitivity,
+        n_boot=n_boot,
+    )
+    validation = [
+        float(r["probability"])
+        for r in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
+        if r["split"] == "val"
+    ]
+    record.update(
+        drop=labelled_drop.rpartition("::")[2],
+        pooling=pooling,
+        unscored=len(unscored),
+        run_threshold=metrics["threshold"]["value"],
+        score_shift=score_shift(validation, [r["probability"] for r in rows], metrics["threshold"]["value"]),
+    )
+    return {
+        "site": site,
+        "site_uri": save_site(run, site, record),
+        "threshold": record["threshold"],
+        "threshold_ci": record["threshold_ci"],
+        "held_out": record["held_out"],
+        "run_threshold": record["run_threshold"],
+    }
 
 
-def gradcam_run(processed_root: str, run_root: str, threshold_payload: dict, *, as_of: str | None = None,
-                layer_name: str | None = None, plusplus: bool = False, manifest_version: int | None = None) -> dict:
+def gradcam_run(
+    processed_root: str,
+    run_root: str,
+    threshold_payload: dict,
+    *,
+    as_of: str | None = None,
+    layer_name: str | None = None,
+    plusplus: bool = False,
+    manifest_version: int | None = None,
+) -> dict:
     """Grad-CAM over the test split with the threshold ``evaluate`` chose (passed via XCom)."""
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of, version=manifest_version)
     model = load_model(run.uri(MODEL_KEY))
     test = load_split(storage, manifest, ["test"])
-    test_rows = [row for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode())) if row["split"] == "test"]
+    test_rows = [
+        row
+        for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
+        if row["split"] == "test"
+    ]
     # The threshold was chosen on the scores evaluate pooled (or not): compare like with like.
-    predictions = decision_scores([row["image_id"] for row in test_rows], [float(row["probability"]) for row in test_rows],
-                                  [row["lesion_id"] for row in test_rows], threshold_payload.get("pooling", "none"))
-    return run_gradcam(model, test, predictions, threshold_payload, run, "gradcam", layer_name=layer_name, plusplus=plusplus)
+    predictions = decision_scores(
+        [row["image_id"] for row in test_rows],
+        [float(row["probability"]) for row in test_rows],
+        [row["lesion_id"] for row in test_rows],
+        threshold_payload.get("pooling", "none"),
+    )
+    return run_gradcam(
+        model, test, predictions, threshold_payload, run, "gradcam", layer_name=layer_name, plusplus=plusplus
+    )
 
 
 def report_run(run_root: str, threshold_payload: dict) -> dict:

@@ -65,9 +65,13 @@ def _load_data(cfg: TrainConfig) -> tuple[Storage, dict, SplitArrays, SplitArray
     train = load_arrays(storage, manifest, "train", augmented=True, limit=cfg.limit_train)
     val = load_arrays(storage, manifest, "val", limit=cfg.limit_val)
     if len(train) == 0 or len(val) == 0:
-        raise ValueError(f"manifest v{manifest['version']} has {len(train)} training and {len(val)} validation images: need both")
+        raise ValueError(
+            f"manifest v{manifest['version']} has {len(train)} training and {len(val)} validation images: need both"
+        )
     if val.labels.min() == val.labels.max():
-        raise ValueError("the validation split holds one class only: AUROC (the early-stopping signal) is undefined")
+        raise ValueError(
+            "the validation split holds one class only: AUROC (the early-stopping signal) is undefined"
+        )
     train.targets(cfg.target)  # a diagnosis outside DX_CLASSES fails here, before any training
     return storage, manifest, train, val
 
@@ -75,20 +79,41 @@ def _load_data(cfg: TrainConfig) -> tuple[Storage, dict, SplitArrays, SplitArray
 def _resume_state(cfg: TrainConfig, run: Storage) -> dict | None:
     """The checkpoint state to go on from; a run stopped on its time budget is reopened on request."""
     state = read_state(run)
-    if cfg.continue_after_budget and state and state["done"] and str(state.get("stop_reason") or "").startswith("time budget"):
-        log.info("phase %d stopped on its time budget after epoch %d (%s); continuing it", state["phase"], state["epoch"] + 1,
-                 state["stop_reason"])
+    if (
+        cfg.continue_after_budget
+        and state
+        and state["done"]
+        and str(state.get("stop_reason") or "").startswith("time budget")
+    ):
+        log.info(
+            "phase %d stopped on its time budget after epoch %d (%s); continuing it",
+            state["phase"],
+            state["epoch"] + 1,
+            state["stop_reason"],
+        )
         state = {**state, "done": False}
     return state
 
 
-def _train_phases(model, cfg: TrainConfig, run: Storage, storage: Storage, manifest: dict, train: SplitArrays,
-                  val: SplitArrays, weights: dict, state: dict | None, deadline: float | None) -> tuple[dict, dict, float]:
+def _train_phases(
+    model,
+    cfg: TrainConfig,
+    run: Storage,
+    storage: Storage,
+    manifest: dict,
+    train: SplitArrays,
+    val: SplitArrays,
+    weights: dict,
+    state: dict | None,
+    deadline: float | None,
+) -> tuple[dict, dict, float]:
     """Both phases, each resumed or skipped as the state says; returns (history, stop reasons, cache seconds)."""
     phase1_done = bool(state) and (state["phase"] == 2 or state["done"])
     phase2_done = bool(state) and state["phase"] == 2 and state["done"]
     cache_started, waited_before_cache = time.perf_counter(), CpuTurns.waited
-    cache = training_caches(model, cfg, run, train, val, need_pooled=not phase1_done, need_cut=not phase2_done)
+    cache = training_caches(
+        model, cfg, run, train, val, need_pooled=not phase1_done, need_cut=not phase2_done
+    )
     cache_seconds = time.perf_counter() - cache_started - (CpuTurns.waited - waited_before_cache)
     stream_phase2 = cfg.fine_tune_epochs > 0 and not cfg.fine_tune_cache and cfg.limit_train is None
     if stream_phase2 and (cfg.feature_cache or phase1_done):
@@ -110,12 +135,16 @@ def _train_phases(model, cfg: TrainConfig, run: Storage, storage: Storage, manif
             history["phase2"], stop_reason["phase2"] = state["history"], state.get("stop_reason")
         else:
             resume = state if state and state["phase"] == 2 else None
-            final = train_phase2(model, cfg, run, storage, manifest, train, val, weights, resume, cache, deadline)
+            final = train_phase2(
+                model, cfg, run, storage, manifest, train, val, weights, resume, cache, deadline
+            )
             history["phase2"], stop_reason["phase2"] = final["history"], final.get("stop_reason")
     return history, stop_reason, cache_seconds
 
 
-def _export(model, cfg: TrainConfig, run: Storage, manifest: dict, train: SplitArrays, val: SplitArrays, history: dict) -> dict:
+def _export(
+    model, cfg: TrainConfig, run: Storage, manifest: dict, train: SplitArrays, val: SplitArrays, history: dict
+) -> dict:
     """model.keras, history.json, config.json and provenance.json of a finished run; returns the provenance."""
     save_model(model, run, "model/model.keras")
     provenance = weights_provenance(model)
@@ -123,10 +152,18 @@ def _export(model, cfg: TrainConfig, run: Storage, manifest: dict, train: SplitA
     run.write_bytes("model/config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str).encode())
     run.write_bytes(
         "model/provenance.json",
-        json.dumps({**provenance, "manifest_version": manifest["version"], "preprocessing": manifest.get("preprocessing"),
-                    "train_images": len(train), "val_images": len(val),
-                    "target": cfg.target, "classes": list(DX_CLASSES) if cfg.target == "dx" else ["other", "melanoma"]},
-                   indent=2).encode(),
+        json.dumps(
+            {
+                **provenance,
+                "manifest_version": manifest["version"],
+                "preprocessing": manifest.get("preprocessing"),
+                "train_images": len(train),
+                "val_images": len(val),
+                "target": cfg.target,
+                "classes": list(DX_CLASSES) if cfg.target == "dx" else ["other", "melanoma"],
+            },
+            indent=2,
+        ).encode(),
     )
     return provenance
 
@@ -143,13 +180,23 @@ def run_training(cfg: TrainConfig) -> dict:
     weights = target_class_weights(binary_weights, cfg.target)
     model = build_classifier(cfg.backbone, cfg.weights, classes=DX_CLASSES if cfg.target == "dx" else None)
     check_resumable(run, cfg)
-    log.info("manifest v%s, %d train (%d melanoma incl. augmented), %d val; target %s; class weights %s; backbone %s weights %s",
-             manifest["version"], len(train), int(train.labels.sum()), len(val), cfg.target, binary_weights, cfg.backbone, cfg.weights)
+    log.info(
+        "manifest v%s, %d train (%d melanoma incl. augmented), %d val; target %s; class weights %s; backbone %s weights %s",
+        manifest["version"],
+        len(train),
+        int(train.labels.sum()),
+        len(val),
+        cfg.target,
+        binary_weights,
+        cfg.backbone,
+        cfg.weights,
+    )
     waited_before = CpuTurns.waited
     # Seconds spent waiting for the CPU lock do not count against the budget (see CpuTurns).
     deadline = started + cfg.max_train_seconds + waited_before if cfg.max_train_seconds else None
-    history, stop_reason, cache_seconds = _train_phases(model, cfg, run, storage, manifest, train, val, weights,
-                                                        _resume_state(cfg, run), deadline)
+    history, stop_reason, cache_seconds = _train_phases(
+        model, cfg, run, storage, manifest, train, val, weights, _resume_state(cfg, run), deadline
+    )
     provenance = _export(model, cfg, run, manifest, train, val, history)
     best = {phase: max(h.get("val_auroc", [float("nan")]) or [float("nan")]) for phase, h in history.items()}
     return {
@@ -181,27 +228,57 @@ def run_ensemble_training(cfg: TrainConfig) -> dict:
     for index in range(cfg.ensemble_size):
         budget = None
         if cfg.max_train_seconds:
-            budget = max(0.0, cfg.max_train_seconds - (time.perf_counter() - started)) / (cfg.ensemble_size - index)
+            budget = max(0.0, cfg.max_train_seconds - (time.perf_counter() - started)) / (
+                cfg.ensemble_size - index
+            )
         seed = cfg.seed + index
-        member_cfg = dataclasses.replace(cfg, run_root=run.uri(f"members/seed-{seed}"), seed=seed,
-                                         ensemble_size=1, max_train_seconds=budget)
-        log.info("ensemble member %d/%d (seed %d) under %s", index + 1, cfg.ensemble_size, seed, member_cfg.run_root)
+        member_cfg = dataclasses.replace(
+            cfg,
+            run_root=run.uri(f"members/seed-{seed}"),
+            seed=seed,
+            ensemble_size=1,
+            max_train_seconds=budget,
+        )
+        log.info(
+            "ensemble member %d/%d (seed %d) under %s",
+            index + 1,
+            cfg.ensemble_size,
+            seed,
+            member_cfg.run_root,
+        )
         members.append(run_training(member_cfg))
-    save_model(build_ensemble([load_model(member["model_uri"]) for member in members]), run, "model/model.keras")
+    save_model(
+        build_ensemble([load_model(member["model_uri"]) for member in members]), run, "model/model.keras"
+    )
     by_member = {f"seed-{cfg.seed + index}": member for index, member in enumerate(members)}
     run.write_bytes("model/config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str).encode())
-    run.write_bytes("model/history.json", json.dumps({name: member["best_val_auroc"] for name, member in by_member.items()}, indent=2).encode())
-    run.write_bytes("model/provenance.json", json.dumps({"ensemble_of": {name: member["model_uri"] for name, member in by_member.items()},
-                                                         "members": {name: member["weights"] for name, member in by_member.items()}},
-                                                        indent=2).encode())
+    run.write_bytes(
+        "model/history.json",
+        json.dumps({name: member["best_val_auroc"] for name, member in by_member.items()}, indent=2).encode(),
+    )
+    run.write_bytes(
+        "model/provenance.json",
+        json.dumps(
+            {
+                "ensemble_of": {name: member["model_uri"] for name, member in by_member.items()},
+                "members": {name: member["weights"] for name, member in by_member.items()},
+            },
+            indent=2,
+        ).encode(),
+    )
     return {
         "model_uri": run.uri("model/model.keras"),
         "manifest_version": members[0]["manifest_version"],
         "backbone": cfg.backbone,
         "target": cfg.target,
         "ensemble_size": cfg.ensemble_size,
-        "members": {name: {key: member[key] for key in ("model_uri", "best_val_auroc", "epochs_run", "stop_reason", "train_seconds")}
-                    for name, member in by_member.items()},
+        "members": {
+            name: {
+                key: member[key]
+                for key in ("model_uri", "best_val_auroc", "epochs_run", "stop_reason", "train_seconds")
+            }
+            for name, member in by_member.items()
+        },
         "train_seconds": round(time.perf_counter() - started, 1),
         "cpu_lock_wait_seconds": round(sum(member["cpu_lock_wait_seconds"] for member in members), 1),
     }

@@ -134,9 +134,7 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
     """For the legacy header pickles, which hold only numbers, strings and dicts."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise UnsafePickleError(
-            f"refusing to load global {module}.{name!s} from a checkpoint header"
-        )
+        raise UnsafePickleError(f"refusing to load global {module}.{name!s} from a checkpoint header")
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError("unexpected persistent id in a checkpoint header")
