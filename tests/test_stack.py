@@ -570,6 +570,20 @@ def browser():
     return chrome
 
 
+def first_element(chrome, by: str, value: str, keep, result=lambda element: element):
+    """``result`` of the first element found by (by, value) that ``keep`` accepts, else None.
+
+    The UI re-renders while it loads: an element found a moment ago can be gone (stale) by the
+    time it is read. That is a "not yet", not a failure: None, so ``wait_until`` polls again.
+    """
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        return next((result(e) for e in chrome.find_elements(by, value) if keep(e)), None)
+    except StaleElementReferenceException:
+        return None
+
+
 class TriggerForm:
     """The trigger dialog of Airflow 3's UI: Params in collapsible sections, one input per Param."""
 
@@ -580,7 +594,7 @@ class TriggerForm:
         from selenium.webdriver.common.by import By
 
         return wait_until(
-            lambda: next((e for e in self.chrome.find_elements(By.XPATH, xpath) if e.is_displayed()), None),
+            lambda: first_element(self.chrome, By.XPATH, xpath, lambda e: e.is_displayed()),
             30,
             f"an element {xpath} on the page",
         )
@@ -668,14 +682,19 @@ def test_a_user_triggers_a_run_from_the_ui_and_opens_its_report(stack, s3, dag_r
         # The report task's "Melanoma report" extra link, as the UI shows it, opens the report.
         # (Airflow 3's UI lists a task's extra links on its Details tab.)
         chrome.get(f"{API}/dags/{DAG_ID}/runs/{run['dag_run_id']}/tasks/report/details")
-        link = wait_until(
-            lambda: next(
-                (a for a in chrome.find_elements(By.TAG_NAME, "a") if "Melanoma report" in a.text), None
+        # The href is read in the same poll as the text: the element itself may go stale after.
+        href = wait_until(
+            lambda: first_element(
+                chrome,
+                By.TAG_NAME,
+                "a",
+                lambda a: "Melanoma report" in a.text,
+                lambda a: a.get_attribute("href"),
             ),
             60,
             "the Melanoma report link on the report task's Details tab",
         )
-        chrome.get(link.get_attribute("href"))
+        chrome.get(href)
         assert "melanoma" in chrome.page_source.lower() and "<html" in chrome.page_source.lower()
         chrome.save_screenshot(str(OUTPUT / "report.png"))
     finally:
