@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 
 from melanoma.demo import airflow_env
-from melanoma.manifest import content_without_version
 from melanoma.synthetic import write_drop
 
 pytestmark = pytest.mark.e2e
@@ -189,25 +188,6 @@ def test_each_run_processes_its_drop_and_trains_on_the_data_as_of_its_date(histo
         assert json.loads((run_root / "eval" / "metrics.json").read_text())["manifest_version"] == version
         assert json.loads((run_root / "plan.json").read_text())["new_drops"] == run["plan"]["new_drops"]
         assert (run_root / "report.html").stat().st_size > 1000
-
-
-def test_two_runs_over_two_drops_equal_one_run_over_both(history, raw_root, tmp_path):
-    home = Home(tmp_path, raw_root)
-    once = home.dags_test("2026-01-02T00:00:00+00:00", {**SHORT, "drops": [D1, D2]})
-    assert once["state"] == "success" and once["plan"]["new_drops"] == [D1, D2]
-
-    sequential, combined = manifests(history["home"].data), manifests(home.data)
-    assert len(sequential) == 4 and len(combined) == 2
-    assert content_without_version(combined[-1]) == content_without_version(sequential[-1])
-    # The shards themselves, byte for byte, and every file the manifests point at.
-    seq_files, one_files = snapshot(history["home"].data / "processed"), snapshot(home.data / "processed")
-    shard_keys = [s["key"] for s in combined[-1]["shards"]]
-    assert len(shard_keys) >= 6
-    for shard in combined[-1]["shards"]:
-        relative = shard["key"].removeprefix("processed/")
-        assert one_files[relative] == seq_files[relative] == shard["sha256"], shard["key"]
-    data_files = lambda files: {k: v for k, v in files.items() if not k.startswith("manifest-")}  # noqa: E731
-    assert data_files(one_files) == data_files(seq_files)  # shards, indexes, quarantine files
 
 
 def test_a_rerun_of_a_finished_run_changes_no_output(history):
