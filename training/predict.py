@@ -29,6 +29,7 @@ from melanoma.imaging import (
 from melanoma.progress import Progress
 from melanoma.storage import Storage, open_storage, split_uri
 from training.ensemble import gradcam_layer_names
+from training.evaluation import COLUMNS
 from training.gradcam import gradcam_heatmaps, overlay_heatmap, upsample_heatmap
 from training.lesion_focus import safe_name
 from training.metrics import lesion_pooled_scores
@@ -37,18 +38,8 @@ from training.shift import load_site, score_shift
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = (
-    "image_id",
-    "lesion_id",
-    "split",
-    "label",
-    "dx",
-    "probability",
-    "age",
-    "sex",
-    "localization",
-    "source",
-)
+# The prediction rows are what evaluate reads back: one definition of their columns.
+PREDICTION_COLUMNS = COLUMNS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
