@@ -635,54 +635,60 @@ def write_markdown(result: dict, path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+#: The recipe flags: declared in melanoma.settings, defaults from the best recipe (what a default
+#: scheduled run trains). Lite0-2 only: the benchmark reads package weights, offline.
+RECIPE_FLAGS = (
+    "target",
+    "backbone",
+    "epochs",
+    "fine_tune_epochs",
+    "fine_tune_blocks",
+    "learning_rate",
+    "fine_tune_learning_rate",
+    "patience",
+    "lr_decay_patience",
+    "train_flips",
+    "train_augment",
+    "label_smoothing",
+    "class_weight",
+)
+BENCH_BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+def flag_help(setting) -> str:
+    """A setting's description as argparse help (which formats it with %: "95%" must be escaped)."""
+    return setting.description.replace(" Empty: the recipe's.", "").replace("%", "%%")
+
+
+def add_setting_flag(parser: argparse.ArgumentParser, name: str, default, choices=None) -> None:
+    """``--name`` for a run setting of melanoma.settings: its type, choices and description."""
+    from melanoma.settings import SETTINGS
+
+    setting = SETTINGS[name]
+    flag = "--" + name.replace("_", "-")
+    if setting.schema.get("type") == "boolean":
+        parser.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=default, help=flag_help(setting)
+        )
+        return
+    enum = choices or setting.schema.get("enum")
+    kind = {"integer": int, "number": float}.get(setting.schema.get("type"), type(default))
+    parser.add_argument(flag, type=kind, default=default, choices=enum, help=flag_help(setting))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from melanoma.settings import RECIPES, SETTINGS
+
+    best = {**{n: s.default for n, s in SETTINGS.items()}, **RECIPES["best"]}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--budget-minutes", type=float, default=75.0, help="whole run, preprocessing included"
+        "--budget-minutes",
+        type=float,
+        default=float(best["max_train_minutes"]),
+        help="whole run, preprocessing included (default: the best recipe's max_train_minutes)",
     )
-    parser.add_argument("--target", default="dx", choices=["dx", "melanoma"])
-    parser.add_argument(
-        "--backbone",
-        default="efficientnet_lite0",
-        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
-        help="ImageNet backbone (package weights, offline); Lite0 is the benchmark's, Lite2 measured once (BENCHMARKS.md)",
-    )
-    parser.add_argument("--epochs", type=int, default=30, help="phase 1 (head) epochs at most")
-    parser.add_argument(
-        "--fine-tune-epochs",
-        type=int,
-        default=40,
-        help="phase 2 epochs at most (the budget may stop it first)",
-    )
-    parser.add_argument(
-        "--fine-tune-blocks",
-        type=int,
-        default=11,
-        help="backbone blocks phase 2 unfreezes (5, 8, 11 and 13 measured, see BENCHMARKS.md)",
-    )
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--fine-tune-learning-rate", type=float, default=3e-4)
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument(
-        "--lr-decay-patience",
-        type=int,
-        default=2,
-        help="x0.3 learning rate after this many epochs without a better val AUROC",
-    )
-    parser.add_argument(
-        "--train-flips", type=int, default=4, choices=[1, 2, 4], help="flip variants of the training images"
-    )
-    parser.add_argument(
-        "--train-augment",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="variants 1.. of every training image are random draws of the augment job's transform, not flips "
-        "(the default since aug0/aug4: their maps stay on the lesion; --no-train-augment: pure flips)",
-    )
-    parser.add_argument(
-        "--label-smoothing", type=float, default=0.0, help="label smoothing of the loss's targets (0: none)"
-    )
-    parser.add_argument("--class-weight", default="balanced", choices=["balanced", "seed", "none"])
+    for name in RECIPE_FLAGS:
+        add_setting_flag(parser, name, best[name], BENCH_BACKBONES if name == "backbone" else None)
     parser.add_argument(
         "--seed",
         type=int,
@@ -692,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--speedup-images", type=int, default=512, help="subset for the cached vs uncached timing; 0 skips it"
     )
-    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--n-boot", type=int, default=best["n_boot"], help=flag_help(SETTINGS["n_boot"]))
     parser.add_argument(
         "--external",
         default=EXTERNAL_DROPS,
@@ -700,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--pooling",
-        default="lesion",
-        choices=["lesion", "none"],
+        default=best["score_pooling"],
+        choices=SETTINGS["score_pooling"].schema["enum"],
         help="decision scores: pooled per lesion or per image",
     )
     parser.add_argument(
@@ -725,7 +731,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", default="bench", help="run folder name under benchmarks/work/quality/runs")
     parser.add_argument("--notes", default="", help="free text added to quality.md (what else was tried)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def train_config(args: argparse.Namespace, processed_root: str, run_root: str, *, train_budget: float):
+    """The TrainConfig of a fresh bench run: the recipe flags mapped as the DAG maps its Params."""
+    from melanoma.settings import config_fields
+    from training.config import TrainConfig
+
+    fields = config_fields({name: getattr(args, name) for name in RECIPE_FLAGS})
+    return TrainConfig(
+        processed_root,
+        run_root,
+        **fields,
+        weights="imagenet",
+        feature_cache=True,
+        fine_tune_cache=True,
+        cache_dtype="float16",
+        max_train_seconds=train_budget,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     started = time.perf_counter()
     command = "python benchmarks/bench_quality.py" + (
@@ -780,29 +809,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     else:
-        cfg = TrainConfig(
-            str(PROCESSED),
-            str(run_root),
-            backbone=args.backbone,
-            weights="imagenet",
-            target=args.target,
-            epochs=args.epochs,
-            fine_tune_epochs=args.fine_tune_epochs,
-            fine_tune_blocks=args.fine_tune_blocks,
-            learning_rate=args.learning_rate,
-            fine_tune_learning_rate=args.fine_tune_learning_rate,
-            patience=args.patience,
-            class_weight=args.class_weight,
-            label_smoothing=args.label_smoothing,
-            feature_cache=True,
-            fine_tune_cache=True,
-            cache_dtype="float16",
-            train_flips=args.train_flips,
-            train_augment=args.train_augment,
-            lr_decay_patience=args.lr_decay_patience,
-            max_train_seconds=train_budget,
-            seed=args.seed,
-        )
+        cfg = train_config(args, str(PROCESSED), str(run_root), train_budget=train_budget)
     log(
         f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)"
     )

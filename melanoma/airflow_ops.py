@@ -24,36 +24,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+
+from melanoma.settings import PARAM_DEFAULTS, RESULT_PREFIX, apply_recipe, config_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-RESULT_PREFIX = "RESULT "
 S3_CONN_ID = "melanoma_s3"
-
-#: Defaults for the run's Params (also the schema the UI form shows).
-PARAM_DEFAULTS: dict[str, Any] = {
-    "drops": [],
-    "backbone": "efficientnet_lite0",
-    "weights": "imagenet",
-    "epochs": 30,
-    "fine_tune_epochs": 0,
-    "fine_tune_blocks": 2,
-    "class_weight": "balanced",
-    "target": "melanoma",
-    "train_flips": 1,
-    "train_augment": False,
-    "learning_rate": 1e-4,
-    "fine_tune_learning_rate": 1e-5,
-    "lr_decay_patience": 0,
-    "max_train_minutes": 0,
-    "ensemble_size": 1,
-    "max_train_images": 0,
-    "threshold_strategy": "youden",
-    "target_sensitivity": 0.95,
-    "score_pooling": "lesion",
-    "n_boot": 1000,
-    "external_drops": [],
-}
 
 
 def setting(name: str, default: str) -> str:
@@ -271,24 +246,10 @@ def training_settings(
 ) -> dict:
     """The training steps' settings from a run's Params: ``train_config`` (the trainer's JSON) and evaluate's."""
     raw_root = raw_root or setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
-    train_config = {
-        "backbone": values["backbone"],
-        "weights": values["weights"] or None,
-        "epochs": int(values["epochs"]),
-        "fine_tune_epochs": int(values["fine_tune_epochs"]),
-        "fine_tune_blocks": int(values["fine_tune_blocks"]),
-        "class_weight": values["class_weight"],
-        "target": values["target"],
-        "train_flips": int(values["train_flips"]),
-        "train_augment": bool(values["train_augment"]),
-        "learning_rate": float(values["learning_rate"]),
-        "fine_tune_learning_rate": float(values["fine_tune_learning_rate"]),
-        "lr_decay_patience": int(values["lr_decay_patience"]),
-        "max_train_seconds": float(values["max_train_minutes"]) * 60 or None,
-        "ensemble_size": int(values["ensemble_size"]),
-        "limit_train": int(values["max_train_images"]) or None,
-        "as_of": as_of,
-    }
+    # Null recipe-controlled Params take the chosen recipe's value; the mapping to TrainConfig's
+    # field names (max_train_images -> limit_train, ...) is declared in melanoma.settings.
+    values = apply_recipe(values)
+    train_config = {**config_fields(values), "as_of": as_of}
     if (
         manifest_version is not None
     ):  # only runs pinned to one manifest say so (older configs stay as they were)

@@ -16,19 +16,16 @@ from pathlib import Path
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Asset, Param
 
-from melanoma.airflow_ops import PARAM_DEFAULTS, recheck_history_order, setting, storage_env
+from melanoma.airflow_ops import recheck_history_order, setting, storage_env
 from melanoma.drops import DROP_ID_PATTERN
 from melanoma.retrain import POLICIES
+from melanoma.settings import PARAM_DEFAULTS, SETTINGS, Setting
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"
 # A drop id: a folder name under the raw root, never a path nor a list (no "/", ",", "..", no leading dot).
 DROP_ID_SCHEMA = {"type": "string", "pattern": DROP_ID_PATTERN}
-# JSON Schema's bounds are comparisons, and every comparison with NaN is false, so NaN passes
-# "minimum"/"maximum". "not exclusiveMaximum: -max" holds only where x >= -max is true: refuses
-# NaN and -inf (the maximum every number Param has refuses +inf).
-FINITE = {"not": {"exclusiveMaximum": -sys.float_info.max}}
 
 #: The processed data set: updated (one event) when ingestion has committed new manifests; the
 #: event's extra names the manifest (version, drops, image counts). ``melanoma_train`` runs on it.
@@ -49,222 +46,27 @@ def default_args() -> dict:
     }
 
 
-PARAMS: dict[str, Param] = {
-    # Data
-    "drops": Param(
-        PARAM_DEFAULTS["drops"],
-        title="Drops",
-        type="array",
-        items=DROP_ID_SCHEMA,
-        uniqueItems=True,
-        maxItems=1000,
-        description=(
-            "Drop ids to process (folder names under the raw root, e.g. ham-2026-03-01). Empty: the drops "
-            "dated in the run's data interval (scheduled/backfill) or every drop not processed yet (manual)."
-        ),
-        section="Data",
-    ),
-    "external_drops": Param(
-        PARAM_DEFAULTS["external_drops"],
-        title="External test drops",
-        type="array",
-        items=DROP_ID_SCHEMA,
-        uniqueItems=True,
-        maxItems=50,
-        description="Drops under the raw root to report as external test sets.",
-        section="Data",
-    ),
-    "max_train_images": Param(
-        PARAM_DEFAULTS["max_train_images"],
-        title="Training images (cap)",
-        type="integer",
-        minimum=0,
-        maximum=10_000_000,
-        description="Cap on training images, whole lesions (0 = all). For quick demo runs.",
-        section="Data",
-    ),
-    # Model
-    "backbone": Param(
-        PARAM_DEFAULTS["backbone"],
-        title="Backbone",
-        enum=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"],
-        description="ImageNet backbone under the seed's head.",
-        section="Model",
-    ),
-    "weights": Param(
-        PARAM_DEFAULTS["weights"],
-        title="Weights",
-        type="string",
-        minLength=1,
-        maxLength=1000,
-        description="'imagenet' or a weights file path/URI. Never silently random.",
-        section="Model",
-    ),
-    "target": Param(
-        PARAM_DEFAULTS["target"],
-        title="Training target",
-        enum=["melanoma", "dx"],
-        description=(
-            "melanoma: binary training (the seed's); dx: train on the 7 diagnoses, export the melanoma "
-            "probability."
-        ),
-        section="Model",
-    ),
-    "ensemble_size": Param(
-        PARAM_DEFAULTS["ensemble_size"],
-        title="Ensemble size",
-        type="integer",
-        minimum=1,
-        maximum=10,
-        description=(
-            "Models trained with seeds seed..seed+n-1; the exported model averages their melanoma logits "
-            "(Grad-CAM explains the average). n times the training time."
-        ),
-        section="Model",
-    ),
-    # Training
-    "epochs": Param(
-        PARAM_DEFAULTS["epochs"],
-        title="Epochs (phase 1)",
-        type="integer",
-        minimum=1,
-        maximum=500,
-        description="Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10.",
-        section="Training",
-    ),
-    "fine_tune_epochs": Param(
-        PARAM_DEFAULTS["fine_tune_epochs"],
-        title="Fine-tuning epochs (phase 2)",
-        type="integer",
-        minimum=0,
-        maximum=200,
-        description="Phase 2 epochs fine-tuning the last blocks at fine_tune_learning_rate (0 = skip).",
-        section="Training",
-    ),
-    "fine_tune_blocks": Param(
-        PARAM_DEFAULTS["fine_tune_blocks"],
-        title="Fine-tuned blocks",
-        type="integer",
-        minimum=1,
-        maximum=21,
-        description=(
-            "How many backbone blocks (counted from the top) phase 2 unfreezes: ResNet50 and Lite0 have 16, "
-            "Lite1 and Lite2 21; bench-quality uses 11 of Lite0's."
-        ),
-        section="Training",
-    ),
-    "class_weight": Param(
-        PARAM_DEFAULTS["class_weight"],
-        title="Class weights",
-        enum=["balanced", "seed", "none"],
-        description="balanced: from training labels; seed: the reference's 0.5/28.5.",
-        section="Training",
-    ),
-    "train_flips": Param(
-        PARAM_DEFAULTS["train_flips"],
-        title="Flip variants",
-        enum=[1, 2, 4],
-        description=(
-            "Flip variants of each training image, one per epoch in turn (1: as stored; 2: + horizontal; 4: +"
-            " vertical and both)."
-        ),
-        section="Training",
-    ),
-    "train_augment": Param(
-        PARAM_DEFAULTS["train_augment"],
-        title="Random augmentation",
-        type="boolean",
-        description=(
-            "With train_flips > 1: every variant but the first (as stored) is a random draw, per image, of "
-            "the augment job's flips, rotation, zoom and brightness instead of a pure flip (every image's "
-            "borders move, not only the melanoma copies')."
-        ),
-        section="Training",
-    ),
-    "learning_rate": Param(
-        PARAM_DEFAULTS["learning_rate"],
-        title="Learning rate (phase 1)",
-        type="number",
-        **FINITE,
-        exclusiveMinimum=0,
-        maximum=0.1,
-        description="Phase 1 (head) Adam learning rate; the seed's 1e-4.",
-        section="Training",
-    ),
-    "fine_tune_learning_rate": Param(
-        PARAM_DEFAULTS["fine_tune_learning_rate"],
-        title="Learning rate (phase 2)",
-        type="number",
-        **FINITE,
-        exclusiveMinimum=0,
-        maximum=0.1,
-        description=(
-            "Phase 2 Adam learning rate; the seed's 1e-5 (bench-quality uses 3e-4 on cached activations)."
-        ),
-        section="Training",
-    ),
-    "lr_decay_patience": Param(
-        PARAM_DEFAULTS["lr_decay_patience"],
-        title="Learning-rate decay patience",
-        type="integer",
-        minimum=0,
-        maximum=50,
-        description=(
-            "Learning rate x0.3 after this many epochs without a better val AUROC (0 = constant, the seed's)."
-        ),
-        section="Training",
-    ),
-    "max_train_minutes": Param(
-        PARAM_DEFAULTS["max_train_minutes"],
-        title="Time budget (minutes)",
-        type="number",
-        **FINITE,
-        minimum=0,
-        maximum=720,
-        description=(
-            "Training time budget: no new epoch starts that would not fit (0 = none; the task's own timeout "
-            "is 12 h)."
-        ),
-        section="Training",
-    ),
-    # Evaluation
-    "threshold_strategy": Param(
-        PARAM_DEFAULTS["threshold_strategy"],
-        title="Threshold strategy",
-        enum=["youden", "sensitivity", "f1"],
-        description="How evaluate picks the threshold on the validation split.",
-        section="Evaluation",
-    ),
-    "target_sensitivity": Param(
-        PARAM_DEFAULTS["target_sensitivity"],
-        title="Target sensitivity",
-        type="number",
-        **FINITE,
-        exclusiveMinimum=0,
-        maximum=1,
-        description="Used by the 'sensitivity' strategy.",
-        section="Evaluation",
-    ),
-    "score_pooling": Param(
-        PARAM_DEFAULTS["score_pooling"],
-        title="Score pooling",
-        enum=["lesion", "none"],
-        description=(
-            "lesion: the images of one lesion are scored together (mean logit) before the threshold; none: "
-            "each image alone."
-        ),
-        section="Evaluation",
-    ),
-    "n_boot": Param(
-        PARAM_DEFAULTS["n_boot"],
-        title="Bootstrap resamples",
-        type="integer",
-        minimum=100,
-        maximum=20000,
-        description="Lesion bootstrap resamples for the 95% intervals.",
-        section="Evaluation",
-    ),
-}
+def _param(setting: Setting) -> Param:
+    """A run setting as an Airflow Param: its schema, title and section; null allowed where the recipe decides."""
+    schema = dict(setting.schema)
+    if schema.get("items") is not None:  # drop ids: the pattern lives in melanoma.drops (not a light import)
+        schema["items"] = DROP_ID_SCHEMA
+    if setting.from_recipe:  # null: "take the recipe's value" (melanoma.settings.apply_recipe)
+        if "enum" in schema:
+            schema["enum"] = [None, *schema["enum"]]
+        if "type" in schema:
+            schema["type"] = ["null", schema["type"]]
+    return Param(
+        PARAM_DEFAULTS[setting.name],
+        title=setting.title,
+        description=setting.description,
+        section=setting.section,
+        **schema,
+    )
+
+
+#: The pipeline's run Params, in the order (and sections) of their declarations in melanoma.settings.
+PARAMS: dict[str, Param] = {name: _param(s) for name, s in SETTINGS.items() if s.param}
 
 #: The training DAG's own Params: which manifest, and when a new one is worth a retraining.
 TRAIN_PARAMS: dict[str, Param] = {

@@ -143,7 +143,8 @@ def main() -> int:
     out = Path(args.out).resolve()
     # Each demo shows a whole run from scratch: a leftover manifest would make this run "no new drop".
     shutil.rmtree(out, ignore_errors=True)
-    conf = {"epochs": 15, "n_boot": 200, **json.loads(args.conf)}
+    # The quick recipe (head only): the demo shows the pipeline, not the best model (recipe best).
+    conf = {"recipe": "quick", "epochs": 15, "n_boot": 200, **json.loads(args.conf)}
     if args.data_dir:
         drop = Path(args.data_dir).resolve()
         if not drop.is_dir():

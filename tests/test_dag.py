@@ -26,6 +26,7 @@ from melanoma.airflow_ops import (  # noqa: E402
     run_key,
 )
 from melanoma.manifest import commit_manifest  # noqa: E402
+from melanoma.settings import apply_recipe  # noqa: E402
 from melanoma.storage import open_storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +253,9 @@ def test_backbone_param_offers_exactly_the_buildable_backbones(dag):
     """The DAG file cannot import training.model at parse time (Keras), so its enum is a copy: keep it in step."""
     from training.model import BACKBONES
 
-    assert sorted(dag.params.get_param("backbone").schema["enum"]) == sorted(BACKBONES)
+    # None: "the recipe's backbone" (recipe-controlled Params may be left empty).
+    assert dag.params.get_param("backbone").schema["enum"][0] is None
+    assert sorted(dag.params.get_param("backbone").schema["enum"][1:]) == sorted(BACKBONES)
 
 
 def test_sdk_params_refuse_bad_values_too(dag):
@@ -376,19 +379,97 @@ def test_training_params_reach_a_valid_training_config(roots):
         3,
         5,
     )
-    defaults = TrainConfig.from_dict(
-        {"processed_root": "p", "run_root": "r", **resolve("manual")["train_config"]}
+    quick = TrainConfig.from_dict(
+        {
+            "processed_root": "p",
+            "run_root": "r",
+            **resolve("manual", params={"recipe": "quick"})["train_config"],
+        }
     )
-    # No Param given: the seed's recipe (binary target, lr 1e-4 then 1e-5, no decay, no budget).
-    assert (
-        defaults.target,
-        defaults.train_flips,
-        defaults.learning_rate,
-        defaults.fine_tune_learning_rate,
-    ) == ("melanoma", 1, 1e-4, 1e-5)
-    assert (
-        defaults.lr_decay_patience == 0 and defaults.max_train_seconds is None and not defaults.train_augment
+    # The quick recipe: head only, binary target, lr 1e-4 then 1e-5, no decay, no budget.
+    assert (quick.target, quick.train_flips, quick.learning_rate, quick.fine_tune_learning_rate) == (
+        "melanoma",
+        1,
+        1e-4,
+        1e-5,
     )
+    assert quick.fine_tune_epochs == 0 and quick.lr_decay_patience == 0 and quick.max_train_seconds is None
+    assert not quick.train_augment
+
+
+def test_no_param_given_trains_the_best_recipe(roots):
+    run = resolve("scheduled")
+    cfg = run["train_config"]
+    assert (cfg["target"], cfg["fine_tune_blocks"], cfg["train_flips"], cfg["train_augment"]) == (
+        "dx",
+        11,
+        4,
+        True,
+    )
+    assert (cfg["fine_tune_learning_rate"], cfg["lr_decay_patience"], cfg["fine_tune_epochs"]) == (
+        3e-4,
+        2,
+        40,
+    )
+    assert cfg["max_train_seconds"] == 75 * 60
+
+
+def test_the_seed_recipe_is_the_reference_report(roots):
+    cfg = resolve("manual", params={"recipe": "seed"})["train_config"]
+    assert (cfg["backbone"], cfg["target"], cfg["class_weight"]) == ("resnet50", "melanoma", "seed")
+    assert (cfg["learning_rate"], cfg["fine_tune_learning_rate"], cfg["fine_tune_epochs"] > 0) == (
+        1e-4,
+        1e-5,
+        True,
+    )
+    assert (cfg["train_flips"], cfg["train_augment"], cfg["lr_decay_patience"]) == (1, False, 0)
+
+
+def test_a_param_overrides_the_recipe_and_an_empty_one_takes_it(roots, serialized_dag):
+    # What the trigger form sends: every Param, the recipe-controlled ones left empty (null).
+    form = serialized_dag.params.deep_merge({"recipe": "seed", "fine_tune_blocks": 5}).validate()
+    assert form["backbone"] is None and form["fine_tune_blocks"] == 5
+    cfg = resolve("manual", params=form)["train_config"]
+    assert (cfg["backbone"], cfg["class_weight"], cfg["fine_tune_blocks"]) == ("resnet50", "seed", 5)
+    explicit = resolve("manual", params={"recipe": "best", "target": "melanoma", "train_flips": 1})
+    assert (explicit["train_config"]["target"], explicit["train_config"]["train_flips"]) == ("melanoma", 1)
+    assert explicit["train_config"]["fine_tune_blocks"] == 11  # the rest still the recipe's
+
+
+def test_an_unknown_recipe_is_refused(serialized_dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        serialized_dag.params.deep_merge({"recipe": "fastest"}).validate()
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        apply_recipe({"recipe": "fastest"})
+
+
+def test_bench_quality_without_flags_trains_a_default_scheduled_runs_config(roots, monkeypatch):
+    """make bench-quality measures what a scheduled run trains (issue #23.1)."""
+    import importlib.util
+    from dataclasses import asdict
+
+    from training.train import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling machine_info, as when run as a script
+    spec = importlib.util.spec_from_file_location("bench_quality_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.build_parser().parse_args([])
+    benched = asdict(bench.train_config(args, "p", "r", train_budget=1.0))
+    scheduled = asdict(
+        TrainConfig.from_dict(
+            {"processed_root": "p", "run_root": "r", **resolve("scheduled")["train_config"]}
+        )
+    )
+    # Run-specific, not the recipe: the budget (bench-quality's covers preprocessing too), the
+    # seed (a bench flag), the data date and cap.
+    for run_specific in ("max_train_seconds", "seed", "as_of", "limit_train"):
+        benched.pop(run_specific), scheduled.pop(run_specific)
+    assert benched == scheduled
+    assert args.budget_minutes == resolve("scheduled")["train_config"]["max_train_seconds"] / 60
 
 
 def test_scheduled_and_backfill_runs_take_their_intervals_drops(roots):

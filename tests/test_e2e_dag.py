@@ -48,7 +48,7 @@ def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
     s3 = boto3.client("s3", endpoint_url=s3_env["MELANOMA_S3_ENDPOINT_URL"])
     chosen = upload_drop(s3, s3_bucket, ham10000_dir)
     env = airflow_env(tmp_path / "airflow", f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/raw", s3_env)
-    conf = {"backbone": "efficientnet_lite0", "epochs": 8, "n_boot": 100}
+    conf = {"recipe": "quick", "backbone": "efficientnet_lite0", "epochs": 8, "n_boot": 100}
     result = run_dag(env, conf, logical_date="2026-01-01T00:00:00+00:00")
     (tmp_path / "dags_test.log").write_text(result.stdout)
     assert result.returncode == 0, result.stdout[-6000:]

@@ -372,3 +372,13 @@ def test_events_name_drops_and_manifest_versions():
         "augmented_images": 4,
         "counts": {"train": {"0": 4, "1": 2}},
     }
+
+
+def test_the_training_dag_trains_its_recipe_and_params_override_it(data_root):
+    """melanoma_train's plan fills empty recipe-controlled Params from the recipe (best unless told)."""
+    default = train_plan(versions=[2])["train_config"]
+    assert (default["target"], default["fine_tune_blocks"], default["train_augment"]) == ("dx", 11, True)
+    seed = train_plan(params={"recipe": "seed", "epochs": 7}, versions=[2], run_id="manual__seed")[
+        "train_config"
+    ]
+    assert (seed["backbone"], seed["class_weight"], seed["epochs"]) == ("resnet50", "seed", 7)

@@ -48,7 +48,7 @@ TRAINING_IMAGE = "melanoma-training:0.1.0"
 TRAINING_STEPS = {"train", "evaluate", "gradcam", "report"}
 OUTPUT = ROOT / "output" / "stack"
 # Quick Params: the head only, few images, few resamples; the stack's behaviour, not the model's quality.
-QUICK = {"epochs": 40, "max_train_images": 300, "n_boot": 100}
+QUICK = {"recipe": "quick", "epochs": 40, "max_train_images": 300, "n_boot": 100}
 
 
 def sh(*args: str, timeout: float = 600, check: bool = True, **kwargs) -> subprocess.CompletedProcess:

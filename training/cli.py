@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-RESULT_PREFIX = "RESULT "
+from melanoma.settings import RESULT_PREFIX, SETTINGS, THRESHOLD_STRATEGIES
 
 
 def _json_arg(text: str) -> dict:
@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="metrics on val/test, threshold chosen on val")
     evaluate.add_argument("--processed-root", required=True)
     evaluate.add_argument("--run-root", required=True)
-    evaluate.add_argument("--strategy", default="youden", choices=["youden", "sensitivity", "f1"])
-    evaluate.add_argument("--target-sensitivity", type=float, default=0.95)
-    evaluate.add_argument("--n-boot", type=int, default=1000)
+    evaluate.add_argument(
+        "--strategy", default=SETTINGS["threshold_strategy"].default, choices=THRESHOLD_STRATEGIES
+    )
+    evaluate.add_argument("--target-sensitivity", type=float, default=SETTINGS["target_sensitivity"].default)
+    evaluate.add_argument("--n-boot", type=int, default=SETTINGS["n_boot"].default)
     evaluate.add_argument(
         "--pooling",
         default="lesion",
@@ -113,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="RAW_ROOT::DROP_ID of labelled images from that site (either layout)",
     )
-    site.add_argument(
-        "--strategy", default=None, choices=["youden", "sensitivity", "f1"], help="default: the run's own"
-    )
+    site.add_argument("--strategy", default=None, choices=THRESHOLD_STRATEGIES, help="default: the run's own")
     site.add_argument("--target-sensitivity", type=float, default=0.85)
     site.add_argument("--n-boot", type=int, default=1000)
     site.add_argument("--as-of", default=None)

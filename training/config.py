@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from melanoma.settings import CONFIG_DEFAULTS as D
 from training.data import TARGETS
 
 __all__ = ["TrainConfig"]
@@ -12,54 +13,56 @@ __all__ = ["TrainConfig"]
 
 @dataclass
 class TrainConfig:
+    # Defaults of run settings come from melanoma.settings (declared once there): the quick
+    # recipe, so a bare TrainConfig trains the head only; the DAG and bench-quality pass a recipe.
     processed_root: str
     run_root: str
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = "imagenet"
-    epochs: int = 30
-    fine_tune_epochs: int = 0
-    fine_tune_blocks: int = 2
+    backbone: str = D["backbone"]
+    weights: str | None = D["weights"]
+    epochs: int = D["epochs"]
+    fine_tune_epochs: int = D["fine_tune_epochs"]
+    fine_tune_blocks: int = D["fine_tune_blocks"]
     batch_size: int = 32
-    learning_rate: float = 1e-4
-    fine_tune_learning_rate: float = 1e-5
-    patience: int = 10
+    learning_rate: float = D["learning_rate"]
+    fine_tune_learning_rate: float = D["fine_tune_learning_rate"]
+    patience: int = D["patience"]
     # Multiply the learning rate by lr_decay_factor after every lr_decay_patience epochs
     # without a better val AUROC (0: constant learning rate, the seed's).
-    lr_decay_patience: int = 0
+    lr_decay_patience: int = D["lr_decay_patience"]
     lr_decay_factor: float = 0.3
-    class_weight: str | dict = "balanced"
+    class_weight: str | dict = D["class_weight"]
     # Label smoothing of the loss's targets (0: none, the seed's): epsilon moves each one-hot
     # target towards the uniform distribution over the classes (2 for melanoma, 7 for dx).
-    label_smoothing: float = 0.0
+    label_smoothing: float = D["label_smoothing"]
     feature_cache: bool = True
     # Phase 2 on cached activations at the input of the unfrozen blocks (same math, far cheaper).
     fine_tune_cache: bool = True
     # Storage type of those cached activations ("float16" halves their memory; "float32" exact).
     cache_dtype: str = "float16"
     # "melanoma" (binary, the seed's) or "dx" (seven diagnoses, melanoma probability out).
-    target: str = "melanoma"
+    target: str = D["target"]
     # Flipped copies of the training images (1: as stored; 2: + horizontal flip; 4: + vertical
     # and both). Epoch e trains on variant e mod train_flips; cached runs cache every variant.
     # With train_augment, the number of training variants (see below).
-    train_flips: int = 1
+    train_flips: int = D["train_flips"]
     # Variants 1.. as random draws of the augment job's transform (melanoma.augment: flips,
     # rotation with reflected borders, zoom, brightness), one per image, variant and seed, in
     # place of pure flips; variant 0 stays as stored. Every training image then shows moved and
     # changed borders, not only the augmented melanoma copies (a shortcut otherwise open to the
     # model: reflected borders mean melanoma). Drawn once into the activation caches.
-    train_augment: bool = False
+    train_augment: bool = D["train_augment"]
     seed: int = 0
     # Members of an ensemble (1: one model). Member k is a full run with seed + k under
     # <run_root>/members/seed-<seed + k>/; model/model.keras averages their logits.
-    ensemble_size: int = 1
+    ensemble_size: int = D["ensemble_size"]
     # Wall-clock budget of the whole run_training call: no new epoch starts when the mean epoch
     # so far would not fit in what is left (None: no limit). The state records the stop.
-    max_train_seconds: float | None = None
+    max_train_seconds: float | None = D["max_train_seconds"]
     # Resume a run whose last phase stopped on its time budget (done, yet not converged):
     # it goes on from that phase's last epoch, with its optimizer state and early-stopping
     # counters, under this call's budget. Without it a finished run is left as it is.
     continue_after_budget: bool = False
-    limit_train: int | None = None
+    limit_train: int | None = D["limit_train"]
     limit_val: int | None = None
     as_of: str | None = None
     # Exactly this manifest (the version an asset-triggered run was triggered with), not "as of".

@@ -33,7 +33,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-THRESHOLD_STRATEGIES = ("youden", "sensitivity", "f1")
+from melanoma.settings import THRESHOLD_STRATEGIES
+
 #: Age bands of :func:`age_bands`: (lower bound inclusive, name); the last is open-ended.
 AGE_BANDS = ((0.0, "<30"), (30.0, "30-44"), (45.0, "45-59"), (60.0, "60-74"), (75.0, "75+"))
 UNKNOWN = "unknown"

@@ -1,0 +1,446 @@
+"""Every run setting, declared once, and the named recipes (issue #21.4, #23.1).
+
+The DAG's Params (:mod:`melanoma.dag_parts`), the run plan's defaults and ``train_config``
+(:mod:`melanoma.airflow_ops`), :class:`training.config.TrainConfig`'s defaults, the training
+CLI's choices and ``benchmarks/bench_quality.py``'s flags are all built from :data:`SETTINGS`,
+so a default, a bound or a description cannot drift between them.
+
+Pure Python on purpose: it is imported at DAG parse time and in the training runtime.
+
+A *recipe* names a full set of training choices. The ``recipe`` Param picks one; the Params it
+controls default to null in the trigger form and a null one takes the recipe's value
+(:func:`apply_recipe`), so a Param set by hand still overrides the recipe.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+#: The line the training CLI prints its result on; the Airflow tasks read it back.
+RESULT_PREFIX = "RESULT "
+#: How evaluate picks the decision threshold on the validation split.
+THRESHOLD_STRATEGIES = ("youden", "sensitivity", "f1")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50")
+CLASS_WEIGHTS = ("balanced", "seed", "none")
+SECTIONS = ("Data", "Model", "Training", "Evaluation")
+# JSON Schema's bounds are comparisons, and every comparison with NaN is false, so NaN passes
+# "minimum"/"maximum". "not exclusiveMaximum: -max" holds only where x >= -max is true: refuses
+# NaN and -inf (the maximum every number Param has refuses +inf). The inner "type" lets null
+# through (a recipe-controlled Param left empty): null is no number, so the inner schema fails.
+FINITE = {"not": {"type": "number", "exclusiveMaximum": -sys.float_info.max}}
+
+
+def _minutes_to_seconds(minutes: Any) -> float | None:
+    return float(minutes) * 60 or None  # 0 minutes: no budget
+
+
+def _zero_is_none(value: Any) -> int | None:
+    return int(value) or None  # 0 images: no cap
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting: its Param (``schema``: JSON Schema keywords) and the TrainConfig field it feeds."""
+
+    name: str
+    default: Any
+    title: str
+    section: str
+    description: str
+    schema: dict
+    #: TrainConfig field it maps to (None: not a training setting) and how the value converts.
+    config_field: str | None = None
+    to_config: Callable[[Any], Any] | None = None
+    #: The recipe gives its value: the Param defaults to null and ``default`` is unused there.
+    from_recipe: bool = False
+    #: A DAG Param (False: a training setting only the CLI and the benchmark take).
+    param: bool = True
+
+    def config_value(self, value: Any) -> Any:
+        return self.to_config(value) if self.to_config else value
+
+
+def _s(
+    name,
+    default,
+    title,
+    section,
+    description,
+    *,
+    field=None,
+    convert=None,
+    recipe=False,
+    param=True,
+    **schema,
+):
+    return Setting(name, default, title, section, description, schema, field, convert, recipe, param)
+
+
+_DROP_ITEMS = {"type": "string"}  # dag_parts adds the drop-id pattern (it lives in melanoma.drops)
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        # Data
+        _s(
+            "drops",
+            [],
+            "Drops",
+            "Data",
+            "Drop ids to process (folder names under the raw root, e.g. ham-2026-03-01). Empty: the drops "
+            "dated in the run's data interval (scheduled/backfill) or every drop not processed yet (manual).",
+            type="array",
+            items=_DROP_ITEMS,
+            uniqueItems=True,
+            maxItems=1000,
+        ),
+        _s(
+            "external_drops",
+            [],
+            "External test drops",
+            "Data",
+            "Drops under the raw root to report as external test sets.",
+            type="array",
+            items=_DROP_ITEMS,
+            uniqueItems=True,
+            maxItems=50,
+        ),
+        _s(
+            "max_train_images",
+            0,
+            "Training images (cap)",
+            "Data",
+            "Cap on training images, whole lesions (0 = all). For quick demo runs.",
+            field="limit_train",
+            convert=_zero_is_none,
+            type="integer",
+            minimum=0,
+            maximum=10_000_000,
+        ),
+        # Model
+        _s(
+            "recipe",
+            "best",
+            "Recipe",
+            "Model",
+            "Named training recipe: best (the best single model measured: dx target, 11 fine-tuned blocks, "
+            "4 augmented variants, phase 2 at 3e-4 with decay, 75 min); seed (the reference report: ResNet50, "
+            "binary, Adam 1e-4 then 1e-5, class weights 0.5/28.5); quick (head only, the demo's). Params "
+            "left empty take the recipe's value; a Param set here overrides it.",
+            enum=["best", "seed", "quick"],
+        ),
+        _s(
+            "backbone",
+            "efficientnet_lite0",
+            "Backbone",
+            "Model",
+            "ImageNet backbone under the seed's head. Empty: the recipe's.",
+            field="backbone",
+            recipe=True,
+            enum=list(BACKBONES),
+        ),
+        _s(
+            "weights",
+            "imagenet",
+            "Weights",
+            "Model",
+            "'imagenet' or a weights file path/URI. Never silently random.",
+            field="weights",
+            convert=lambda v: v or None,
+            type="string",
+            minLength=1,
+            maxLength=1000,
+        ),
+        _s(
+            "target",
+            "melanoma",
+            "Training target",
+            "Model",
+            "melanoma: binary training (the seed's); dx: train on the 7 diagnoses, export the melanoma "
+            "probability. Empty: the recipe's.",
+            field="target",
+            recipe=True,
+            enum=["melanoma", "dx"],
+        ),
+        _s(
+            "ensemble_size",
+            1,
+            "Ensemble size",
+            "Model",
+            "Models trained with seeds seed..seed+n-1; the exported model averages their melanoma logits "
+            "(Grad-CAM explains the average). n times the training time.",
+            field="ensemble_size",
+            convert=int,
+            type="integer",
+            minimum=1,
+            maximum=10,
+        ),
+        # Training
+        _s(
+            "epochs",
+            30,
+            "Epochs (phase 1)",
+            "Training",
+            "Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10. Empty: the "
+            "recipe's.",
+            field="epochs",
+            convert=int,
+            recipe=True,
+            type="integer",
+            minimum=1,
+            maximum=500,
+        ),
+        _s(
+            "fine_tune_epochs",
+            0,
+            "Fine-tuning epochs (phase 2)",
+            "Training",
+            "Phase 2 epochs fine-tuning the last blocks at fine_tune_learning_rate (0 = skip). Empty: the "
+            "recipe's.",
+            field="fine_tune_epochs",
+            convert=int,
+            recipe=True,
+            type="integer",
+            minimum=0,
+            maximum=200,
+        ),
+        _s(
+            "fine_tune_blocks",
+            2,
+            "Fine-tuned blocks",
+            "Training",
+            "How many backbone blocks (counted from the top) phase 2 unfreezes: ResNet50 and Lite0 have 16, "
+            "Lite1 and Lite2 21; the best recipe uses 11 of Lite0's. Empty: the recipe's.",
+            field="fine_tune_blocks",
+            convert=int,
+            recipe=True,
+            type="integer",
+            minimum=1,
+            maximum=21,
+        ),
+        _s(
+            "class_weight",
+            "balanced",
+            "Class weights",
+            "Training",
+            "balanced: from training labels; seed: the reference's 0.5/28.5. Empty: the recipe's.",
+            field="class_weight",
+            recipe=True,
+            enum=list(CLASS_WEIGHTS),
+        ),
+        _s(
+            "train_flips",
+            1,
+            "Flip variants",
+            "Training",
+            "Flip variants of each training image, one per epoch in turn (1: as stored; 2: + horizontal; 4: +"
+            " vertical and both). Empty: the recipe's.",
+            field="train_flips",
+            convert=int,
+            recipe=True,
+            enum=[1, 2, 4],
+        ),
+        _s(
+            "train_augment",
+            False,
+            "Random augmentation",
+            "Training",
+            "With train_flips > 1: every variant but the first (as stored) is a random draw, per image, of "
+            "the augment job's flips, rotation, zoom and brightness instead of a pure flip (every image's "
+            "borders move, not only the melanoma copies'). Empty: the recipe's.",
+            field="train_augment",
+            convert=bool,
+            recipe=True,
+            type="boolean",
+        ),
+        _s(
+            "learning_rate",
+            1e-4,
+            "Learning rate (phase 1)",
+            "Training",
+            "Phase 1 (head) Adam learning rate; the seed's 1e-4. Empty: the recipe's.",
+            field="learning_rate",
+            convert=float,
+            recipe=True,
+            type="number",
+            **FINITE,
+            exclusiveMinimum=0,
+            maximum=0.1,
+        ),
+        _s(
+            "fine_tune_learning_rate",
+            1e-5,
+            "Learning rate (phase 2)",
+            "Training",
+            "Phase 2 Adam learning rate; the seed's 1e-5, the best recipe's 3e-4 (on cached activations). "
+            "Empty: the recipe's.",
+            field="fine_tune_learning_rate",
+            convert=float,
+            recipe=True,
+            type="number",
+            **FINITE,
+            exclusiveMinimum=0,
+            maximum=0.1,
+        ),
+        _s(
+            "lr_decay_patience",
+            0,
+            "Learning-rate decay patience",
+            "Training",
+            "Learning rate x0.3 after this many epochs without a better val AUROC (0 = constant, the seed's). "
+            "Empty: the recipe's.",
+            field="lr_decay_patience",
+            convert=int,
+            recipe=True,
+            type="integer",
+            minimum=0,
+            maximum=50,
+        ),
+        _s(
+            "max_train_minutes",
+            0,
+            "Time budget (minutes)",
+            "Training",
+            "Training time budget: no new epoch starts that would not fit (0 = none; the task's own timeout "
+            "is 12 h). Empty: the recipe's.",
+            field="max_train_seconds",
+            convert=_minutes_to_seconds,
+            recipe=True,
+            type="number",
+            **FINITE,
+            minimum=0,
+            maximum=720,
+        ),
+        _s(
+            "patience",
+            10,
+            "Early-stopping patience",
+            "Training",
+            "Epochs without a better val AUROC before a phase stops.",
+            field="patience",
+            convert=int,
+            param=False,
+            type="integer",
+            minimum=1,
+        ),
+        _s(
+            "label_smoothing",
+            0.0,
+            "Label smoothing",
+            "Training",
+            "Label smoothing of the loss's targets (0: none).",
+            field="label_smoothing",
+            convert=float,
+            param=False,
+            type="number",
+            minimum=0,
+        ),
+        # Evaluation
+        _s(
+            "threshold_strategy",
+            "youden",
+            "Threshold strategy",
+            "Evaluation",
+            "How evaluate picks the threshold on the validation split.",
+            enum=list(THRESHOLD_STRATEGIES),
+        ),
+        _s(
+            "target_sensitivity",
+            0.95,
+            "Target sensitivity",
+            "Evaluation",
+            "Used by the 'sensitivity' strategy.",
+            convert=float,
+            type="number",
+            **FINITE,
+            exclusiveMinimum=0,
+            maximum=1,
+        ),
+        _s(
+            "score_pooling",
+            "lesion",
+            "Score pooling",
+            "Evaluation",
+            "lesion: the images of one lesion are scored together (mean logit) before the threshold; none: "
+            "each image alone.",
+            enum=["lesion", "none"],
+        ),
+        _s(
+            "n_boot",
+            1000,
+            "Bootstrap resamples",
+            "Evaluation",
+            "Lesion bootstrap resamples for the 95% intervals.",
+            type="integer",
+            minimum=100,
+            maximum=20000,
+        ),
+    )
+}
+
+#: ``quick``: head only on Lite0 (what ``make demo`` runs, and TrainConfig's own defaults).
+QUICK = {name: s.default for name, s in SETTINGS.items() if s.from_recipe}
+RECIPES: dict[str, dict[str, Any]] = {
+    # The best single model measured (research/2026-11-model-selection; bench_quality's defaults).
+    "best": {
+        **QUICK,
+        "target": "dx",
+        "epochs": 30,
+        "fine_tune_epochs": 40,
+        "fine_tune_blocks": 11,
+        "train_flips": 4,
+        "train_augment": True,
+        "learning_rate": 1e-4,
+        "fine_tune_learning_rate": 3e-4,
+        "lr_decay_patience": 2,
+        "class_weight": "balanced",
+        "max_train_minutes": 75,
+    },
+    # The reference report: ResNet50, binary target, Adam 1e-4 (head) then 1e-5 (fine-tuning),
+    # class weights 0.5/28.5. The repository does not record its epoch counts; these are ours.
+    "seed": {
+        **QUICK,
+        "backbone": "resnet50",
+        "class_weight": "seed",
+        "fine_tune_epochs": 10,
+    },
+    "quick": QUICK,
+}
+DEFAULT_RECIPE = SETTINGS["recipe"].default
+
+#: What a DAG Param defaults to: null where the recipe decides.
+PARAM_DEFAULTS: dict[str, Any] = {
+    name: (None if s.from_recipe else s.default) for name, s in SETTINGS.items() if s.param
+}
+
+
+def apply_recipe(values: dict) -> dict:
+    """``values`` (Params) with every null recipe-controlled one filled from the chosen recipe."""
+    recipe_name = values.get("recipe") or DEFAULT_RECIPE
+    if recipe_name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe_name!r}")
+    recipe = RECIPES[recipe_name]
+    return {
+        **values,
+        **{k: recipe[k] for k, s in SETTINGS.items() if s.from_recipe and values.get(k) is None},
+    }
+
+
+def config_fields(values: dict) -> dict:
+    """The TrainConfig fields the given settings map to (settings absent from ``values`` are left out)."""
+    return {
+        s.config_field: s.config_value(values[name])
+        for name, s in SETTINGS.items()
+        if s.config_field and name in values
+    }
+
+
+def recipe_config(name: str = DEFAULT_RECIPE) -> dict:
+    """A recipe's TrainConfig fields: every training setting at its default, the recipe's on top."""
+    return config_fields({**{n: s.default for n, s in SETTINGS.items()}, **RECIPES[name]})
+
+
+#: TrainConfig's own defaults: the quick recipe (a bare TrainConfig trains the head only).
+CONFIG_DEFAULTS = recipe_config("quick")
