@@ -23,7 +23,7 @@ RESULT_PREFIX = "RESULT "
 #: How evaluate picks the decision threshold on the validation split.
 THRESHOLD_STRATEGIES = ("youden", "sensitivity", "f1")
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50")
-CLASS_WEIGHTS = ("balanced", "seed", "none")
+CLASS_WEIGHTS = ("balanced", "reference", "none")
 SECTIONS = ("Data", "Model", "Training", "Evaluation")
 # JSON Schema's bounds are comparisons, and every comparison with NaN is false, so NaN passes
 # "minimum"/"maximum". "not exclusiveMaximum: -max" holds only where x >= -max is true: refuses
@@ -126,10 +126,10 @@ SETTINGS: dict[str, Setting] = {
             "Recipe",
             "Model",
             "Named training recipe: best (the best single model measured: dx target, 11 fine-tuned blocks, "
-            "4 augmented variants, phase 2 at 3e-4 with decay, 75 min); seed (the reference report: ResNet50, "
+            "4 augmented variants, phase 2 at 3e-4 with decay, 75 min); reference (the reference report: ResNet50, "
             "binary, Adam 1e-4 then 1e-5, class weights 0.5/28.5); quick (head only, the demo's). Params "
             "left empty take the recipe's value; a Param set here overrides it.",
-            enum=["best", "seed", "quick"],
+            enum=["best", "reference", "quick"],
         ),
         _s(
             "backbone",
@@ -225,7 +225,7 @@ SETTINGS: dict[str, Setting] = {
             "balanced",
             "Class weights",
             "Training",
-            "balanced: from training labels; seed: the reference's 0.5/28.5. Empty: the recipe's.",
+            "balanced: from training labels; reference: the reference report's 0.5/28.5. Empty: the recipe's.",
             field="class_weight",
             recipe=True,
             enum=list(CLASS_WEIGHTS),
@@ -400,10 +400,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     # The reference report: ResNet50, binary target, Adam 1e-4 (head) then 1e-5 (fine-tuning),
     # class weights 0.5/28.5. The repository does not record its epoch counts; these are ours.
-    "seed": {
+    "reference": {
         **QUICK,
         "backbone": "resnet50",
-        "class_weight": "seed",
+        "class_weight": "reference",
         "fine_tune_epochs": 10,
     },
     "quick": QUICK,

@@ -415,8 +415,8 @@ def test_no_param_given_trains_the_best_recipe(roots):
 
 
 def test_the_seed_recipe_is_the_reference_report(roots):
-    cfg = resolve("manual", params={"recipe": "seed"})["train_config"]
-    assert (cfg["backbone"], cfg["target"], cfg["class_weight"]) == ("resnet50", "melanoma", "seed")
+    cfg = resolve("manual", params={"recipe": "reference"})["train_config"]
+    assert (cfg["backbone"], cfg["target"], cfg["class_weight"]) == ("resnet50", "melanoma", "reference")
     assert (cfg["learning_rate"], cfg["fine_tune_learning_rate"], cfg["fine_tune_epochs"] > 0) == (
         1e-4,
         1e-5,
@@ -427,10 +427,10 @@ def test_the_seed_recipe_is_the_reference_report(roots):
 
 def test_a_param_overrides_the_recipe_and_an_empty_one_takes_it(roots, serialized_dag):
     # What the trigger form sends: every Param, the recipe-controlled ones left empty (null).
-    form = serialized_dag.params.deep_merge({"recipe": "seed", "fine_tune_blocks": 5}).validate()
+    form = serialized_dag.params.deep_merge({"recipe": "reference", "fine_tune_blocks": 5}).validate()
     assert form["backbone"] is None and form["fine_tune_blocks"] == 5
     cfg = resolve("manual", params=form)["train_config"]
-    assert (cfg["backbone"], cfg["class_weight"], cfg["fine_tune_blocks"]) == ("resnet50", "seed", 5)
+    assert (cfg["backbone"], cfg["class_weight"], cfg["fine_tune_blocks"]) == ("resnet50", "reference", 5)
     explicit = resolve("manual", params={"recipe": "best", "target": "melanoma", "train_flips": 1})
     assert (explicit["train_config"]["target"], explicit["train_config"]["train_flips"]) == ("melanoma", 1)
     assert explicit["train_config"]["fine_tune_blocks"] == 11  # the rest still the recipe's

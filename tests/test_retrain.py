@@ -378,7 +378,7 @@ def test_the_training_dag_trains_its_recipe_and_params_override_it(data_root):
     """melanoma_train's plan fills empty recipe-controlled Params from the recipe (best unless told)."""
     default = train_plan(versions=[2])["train_config"]
     assert (default["target"], default["fine_tune_blocks"], default["train_augment"]) == ("dx", 11, True)
-    seed = train_plan(params={"recipe": "seed", "epochs": 7}, versions=[2], run_id="manual__seed")[
+    seed = train_plan(params={"recipe": "reference", "epochs": 7}, versions=[2], run_id="manual__seed")[
         "train_config"
     ]
-    assert (seed["backbone"], seed["class_weight"], seed["epochs"]) == ("resnet50", "seed", 7)
+    assert (seed["backbone"], seed["class_weight"], seed["epochs"]) == ("resnet50", "reference", 7)

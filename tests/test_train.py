@@ -109,7 +109,8 @@ def test_class_weights_and_targets():
     labels = np.array([0] * 90 + [1] * 10)
     balanced = class_weights(labels)
     assert balanced == pytest.approx({0: 100 / 180, 1: 100 / 20})
-    assert class_weights(labels, "seed") == {0: 0.5, 1: 28.5}
+    assert class_weights(labels, "reference") == {0: 0.5, 1: 28.5}
+    assert class_weights(labels, "seed") == {0: 0.5, 1: 28.5}  # its name before the rename, in old configs
     dx = target_class_weights(balanced, "dx")
     assert dx[DX_CLASSES.index("mel")] == balanced[1]
     assert all(dx[i] == balanced[0] for i, name in enumerate(DX_CLASSES) if name != "mel")

@@ -91,10 +91,11 @@ def _first_lesions(records: list[dict], limit: int) -> np.ndarray:
 
 def class_weights(labels: np.ndarray, mode: str | dict = "balanced") -> dict[int, float]:
     """Loss weights per class: ``"balanced"`` = n / (2 * n_class) from the training labels,
-    ``"seed"`` = the reference's 0.5 / 28.5, or an explicit ``{0: w0, 1: w1}``."""
+    ``"reference"`` = the reference report's 0.5 / 28.5 (``"seed"``, its old name, still
+    read from configs written before the rename), or an explicit ``{0: w0, 1: w1}``."""
     if isinstance(mode, dict):
         return {int(k): float(v) for k, v in mode.items()}
-    if mode == "seed":
+    if mode in ("reference", "seed"):
         return {0: 0.5, 1: 28.5}
     if mode == "balanced":
         counts = np.bincount(labels.astype(np.int64), minlength=2)
@@ -105,7 +106,7 @@ def class_weights(labels: np.ndarray, mode: str | dict = "balanced") -> dict[int
         return {k: float(len(labels) / (2 * counts[k])) for k in (0, 1)}
     if mode == "none":
         return {0: 1.0, 1: 1.0}
-    raise ValueError(f"unknown class weight mode {mode!r} (balanced, seed, none or a dict)")
+    raise ValueError(f"unknown class weight mode {mode!r} (balanced, reference, none or a dict)")
 
 
 def target_class_weights(binary: dict[int, float], target: str) -> dict[int, float]:
