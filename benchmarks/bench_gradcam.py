@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine_info import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
+from benchmarks.machine_info import cpu_model  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -89,6 +89,45 @@ def _resolve(uri: str) -> str:
     return str(ROOT / uri)
 
 
+def _recorded_threshold(quality: dict) -> dict | None:
+    """The threshold payload quality.json records, for a run folder without eval/metrics.json."""
+    payload = None
+    threshold = _find_key(quality, "threshold")
+    if isinstance(threshold, dict):
+        payload = {
+            "threshold": threshold.get("value", threshold.get("threshold")),
+            "strategy": threshold.get("strategy"),
+            "chosen_on": threshold.get("chosen_on"),
+        }
+    elif isinstance(threshold, (int, float)):
+        payload = {
+            "threshold": float(threshold),
+            "strategy": _find_key(quality, "strategy"),
+            "chosen_on": _find_key(quality, "chosen_on"),
+        }
+    if payload is not None:
+        payload["pooling"] = quality.get("pooling", "none")
+    return payload
+
+
+def _test_predictions(run, pooling: str):
+    """The test split's decision scores from the run's eval/predictions.csv."""
+    from training.evaluation import decision_scores
+
+    rows = [
+        row
+        for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
+        if row["split"] == "test"
+    ]
+    # Scored as evaluate scored them (lesion-pooled or not): the threshold applies to those.
+    return decision_scores(
+        [r["image_id"] for r in rows],
+        [float(r["probability"]) for r in rows],
+        [r["lesion_id"] for r in rows],
+        pooling,
+    )
+
+
 def real_inputs() -> dict:
     """The quality benchmark's model, run folder, threshold and processed data; MissingInput if absent."""
     from melanoma.manifest import latest_manifest
@@ -123,22 +162,7 @@ def real_inputs() -> dict:
         payload = xcom_payload(json.loads(run.read_bytes("eval/metrics.json")), run.uri("eval/metrics.json"))
         source = run.uri("eval/metrics.json")
     else:
-        threshold = _find_key(quality, "threshold")
-        if isinstance(threshold, dict):
-            payload = {
-                "threshold": threshold.get("value", threshold.get("threshold")),
-                "strategy": threshold.get("strategy"),
-                "chosen_on": threshold.get("chosen_on"),
-            }
-        elif isinstance(threshold, (int, float)):
-            payload = {
-                "threshold": float(threshold),
-                "strategy": _find_key(quality, "strategy"),
-                "chosen_on": _find_key(quality, "chosen_on"),
-            }
-        source = str(_rel(QUALITY_JSON))
-        if payload is not None:
-            payload["pooling"] = quality.get("pooling", "none")
+        payload, source = _recorded_threshold(quality), str(_rel(QUALITY_JSON))
     if payload is None or payload.get("threshold") is None:
         raise MissingInput("no validation threshold in the run's eval/metrics.json nor in quality.json")
     if payload.get("chosen_on") not in (None, "val"):
@@ -147,20 +171,7 @@ def real_inputs() -> dict:
         )
     predictions = None
     if run is not None and run.exists("eval/predictions.csv"):
-        from training.evaluation import decision_scores
-
-        rows = [
-            row
-            for row in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
-            if row["split"] == "test"
-        ]
-        # Scored as evaluate scored them (lesion-pooled or not): the threshold applies to those.
-        predictions = decision_scores(
-            [r["image_id"] for r in rows],
-            [float(r["probability"]) for r in rows],
-            [r["lesion_id"] for r in rows],
-            payload.get("pooling", "none"),
-        )
+        predictions = _test_predictions(run, payload.get("pooling", "none"))
     return {
         "model_uri": model_uri,
         "run_uri": run_uri,

@@ -445,7 +445,7 @@ def test_an_unknown_recipe_is_refused(serialized_dag):
         apply_recipe({"recipe": "fastest"})
 
 
-def test_bench_quality_without_flags_trains_a_default_scheduled_runs_config(roots, monkeypatch):
+def test_bench_quality_without_flags_trains_a_default_scheduled_runs_config(roots):
     """make bench-quality measures what a scheduled run trains (issue #23.1)."""
     import importlib.util
     from dataclasses import asdict
@@ -453,7 +453,6 @@ def test_bench_quality_without_flags_trains_a_default_scheduled_runs_config(root
     from training.train import TrainConfig
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # its sibling machine_info, as when run as a script
     spec = importlib.util.spec_from_file_location("bench_quality_for_test", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

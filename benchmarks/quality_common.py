@@ -1,0 +1,49 @@
+"""Paths, targets and small helpers that bench_quality.py and its quality_* modules share."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+from benchmarks.machine_info import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MELANOMA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+WORK = ROOT / "benchmarks" / "work" / "quality"
+PROCESSED = WORK / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+TARGET = {"auroc": 0.93, "auprc": 0.65}
+EVAL_RESERVE_S = 240  # evaluate (val + test forward passes, bootstrap) and writing results
+
+
+def log(message: str) -> None:
+    print(f"[bench-quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def rel(path: Path | str) -> str:
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def processed_manifest() -> dict | None:
+    from melanoma.manifest import latest_manifest
+    from melanoma.storage import open_storage
+
+    return latest_manifest(open_storage(PROCESSED)) if PROCESSED.is_dir() else None
+
+
+def machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "gpu": bool(tf.config.list_physical_devices("GPU")),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "platform": platform.platform(),
+    }
