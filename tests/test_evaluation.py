@@ -1,4 +1,4 @@
-"""Tests of training.evaluation and training.plots on synthetic prediction rows."""
+"""Tests of training.evaluation (with its evaluation_* parts) and training.plots on synthetic prediction rows."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from training import evaluation as ev
 from training import metrics as m
 from training import plots
+from training.calibration import expected_calibration_error
+from training.evaluation_rows import read_predictions_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,7 +131,7 @@ def test_counts_calibration_and_subgroups(dataset, evaluated):
     assert evaluated["lesions_in_multiple_splits"] == 0 and evaluated["warnings"] == []
     calibration = evaluated["test"]["calibration"]
     test = [r for r in dataset if r["split"] == "test"]
-    assert calibration["ece"] == pytest.approx(m.expected_calibration_error(*arrays(test)))
+    assert calibration["ece"] == pytest.approx(expected_calibration_error(*arrays(test)))
     assert sum(calibration["curve"]["count"]) == len(test)
     subgroups = evaluated["test"]["subgroups"]
     assert set(subgroups) == {"sex", "age_band", "localization"}
@@ -201,7 +203,7 @@ def test_read_predictions_csv(tmp_path):
         "ISIC_1,L1,val,1,mel,0.83,55,male,back,ham10000\n"
         "ISIC_2,L1,val,1,mel,0.61,,,,ham10000\n"
     )
-    rows = ev.read_predictions_csv(text.encode())
+    rows = read_predictions_csv(text.encode())
     assert rows[0] == {
         "image_id": "ISIC_1",
         "lesion_id": "L1",
@@ -217,13 +219,13 @@ def test_read_predictions_csv(tmp_path):
     assert (rows[1]["age"], rows[1]["sex"], rows[1]["localization"]) == (None, None, None)
     path = tmp_path / "predictions.csv"
     path.write_text(text)
-    assert ev.read_predictions_csv(path) == rows
+    assert read_predictions_csv(path) == rows
     with pytest.raises(ValueError, match="lacks column"):
-        ev.read_predictions_csv(b"image_id,label\nx,1\n")
+        read_predictions_csv(b"image_id,label\nx,1\n")
     with pytest.raises(ValueError, match="line 2: label must be 0 or 1"):
-        ev.read_predictions_csv(text.replace(",val,1,", ",val,2,", 1).encode())
+        read_predictions_csv(text.replace(",val,1,", ",val,2,", 1).encode())
     with pytest.raises(ValueError, match="line 3"):
-        ev.read_predictions_csv(text.replace("0.61", "high").encode())
+        read_predictions_csv(text.replace("0.61", "high").encode())
 
 
 def _strict_json(path: Path) -> dict:

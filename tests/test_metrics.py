@@ -1,5 +1,6 @@
-"""Tests of training.metrics: hand-computed values, cross-checks against scikit-learn,
-degenerate inputs, threshold strategies, the lesion bootstrap and subgroups."""
+"""Tests of training.metrics, training.bootstrap, training.calibration and training.subgroups:
+hand-computed values, cross-checks against scikit-learn, degenerate inputs, threshold
+strategies, the lesion bootstrap and subgroups."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from training import bootstrap, calibration, subgroups
 from training import metrics as m
 
 # Hand case. Sorted by score: 0.1- 0.2- 0.3- 0.35+ 0.4- 0.55+ 0.6- 0.7- 0.8+ 0.9+
@@ -107,7 +109,7 @@ def test_all_equal_scores():
     [
         lambda y, s: m.ranking_metrics(y, s),
         lambda y, s: m.choose_threshold(y, s),
-        lambda y, s: m.lesion_bootstrap_ci(y, s, np.arange(len(y)), roc_auc_score, n_boot=5),
+        lambda y, s: bootstrap.lesion_bootstrap_ci(y, s, np.arange(len(y)), roc_auc_score, n_boot=5),
     ],
 )
 def test_one_class_is_refused_with_a_clear_message(call):
@@ -135,7 +137,7 @@ def test_invalid_inputs():
     with pytest.raises(ValueError, match="NaN"):  # a missing score converts to NaN
         m.binary_metrics([0, 1], [0.1, None], 0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        m.brier_score([0, 1], [0.1, 1.2])
+        calibration.brier_score([0, 1], [0.1, 1.2])
     with pytest.raises(ValueError, match="strategy"):
         m.choose_threshold(LABELS, SCORES, "accuracy")
     with pytest.raises(ValueError, match="target_sensitivity"):
@@ -234,7 +236,7 @@ def test_lesion_bootstrap_never_splits_a_lesion():
         resamples.append((y.copy(), s.copy()))
         return float(roc_auc_score(y, s))
 
-    ci = m.lesion_bootstrap_ci(labels, scores, lesion_ids, spy, n_boot=200, seed=3)
+    ci = bootstrap.lesion_bootstrap_ci(labels, scores, lesion_ids, spy, n_boot=200, seed=3)
     assert len(resamples) == 200 - ci.n_skipped > 150
     label_of_score = dict(zip(scores.tolist(), labels.tolist()))
     image_of_score = {score: i for i, score in enumerate(scores.tolist())}
@@ -251,15 +253,17 @@ def test_lesion_bootstrap_never_splits_a_lesion():
 
 def test_lesion_bootstrap_interval_properties():
     labels, scores, lesion_ids = _lesion_data(n_lesions=120)
-    low, high = m.lesion_bootstrap_ci(labels, scores, lesion_ids, roc_auc_score, n_boot=300, seed=0)
+    low, high = bootstrap.lesion_bootstrap_ci(labels, scores, lesion_ids, roc_auc_score, n_boot=300, seed=0)
     point = roc_auc_score(labels, scores)
     assert low <= point <= high
     assert high - low > 0
-    again = m.lesion_bootstrap_ci(labels, scores, lesion_ids, roc_auc_score, n_boot=300, seed=0)
+    again = bootstrap.lesion_bootstrap_ci(labels, scores, lesion_ids, roc_auc_score, n_boot=300, seed=0)
     assert (again.low, again.high) == (low, high)
-    other_seed = m.lesion_bootstrap_ci(labels, scores, lesion_ids, roc_auc_score, n_boot=300, seed=1)
+    other_seed = bootstrap.lesion_bootstrap_ci(labels, scores, lesion_ids, roc_auc_score, n_boot=300, seed=1)
     assert (other_seed.low, other_seed.high) != (low, high)
-    narrow = m.lesion_bootstrap_ci(labels, scores, lesion_ids, roc_auc_score, n_boot=300, alpha=0.5, seed=0)
+    narrow = bootstrap.lesion_bootstrap_ci(
+        labels, scores, lesion_ids, roc_auc_score, n_boot=300, alpha=0.5, seed=0
+    )
     assert low <= narrow.low <= narrow.high <= high
 
 
@@ -270,7 +274,9 @@ def test_lesion_bootstrap_skips_one_class_resamples():
     scores = np.array([0.9, 0.2, 0.3, 0.4])
     lesion_ids = np.array(["a", "b", "b", "c"])
     calls = []
-    ci = m.lesion_bootstrap_ci(labels, scores, lesion_ids, lambda y, s: calls.append(y) or 1.0, n_boot=300)
+    ci = bootstrap.lesion_bootstrap_ci(
+        labels, scores, lesion_ids, lambda y, s: calls.append(y) or 1.0, n_boot=300
+    )
     assert all(0 < y.sum() < len(y) for y in calls)
     assert ci.n_skipped == 300 - len(calls)
     assert 50 < ci.n_skipped < 150  # expected 300 * (8 + 1) / 27 = 100
@@ -279,15 +285,15 @@ def test_lesion_bootstrap_skips_one_class_resamples():
 
 def test_lesion_bootstrap_undefined_metric_is_skipped():
     labels, scores, lesion_ids = _lesion_data()
-    ci = m.lesion_bootstrap_ci(labels, scores, lesion_ids, lambda y, s: None, n_boot=20)
+    ci = bootstrap.lesion_bootstrap_ci(labels, scores, lesion_ids, lambda y, s: None, n_boot=20)
     assert (ci.low, ci.high, ci.n_skipped) == (None, None, 20)
 
 
 def test_lesion_bootstrap_checks_lesion_ids():
     with pytest.raises(ValueError, match="lesion_ids has shape"):
-        m.lesion_bootstrap_ci(LABELS, SCORES, ["a"], roc_auc_score)
+        bootstrap.lesion_bootstrap_ci(LABELS, SCORES, ["a"], roc_auc_score)
     with pytest.raises(ValueError, match="None"):
-        m.lesion_bootstrap_ci(LABELS, SCORES, [None] * len(LABELS), roc_auc_score)
+        bootstrap.lesion_bootstrap_ci(LABELS, SCORES, [None] * len(LABELS), roc_auc_score)
 
 
 # --- calibration ------------------------------------------------------------------------
@@ -297,11 +303,15 @@ def test_calibration_hand_case():
     labels = np.array([0, 0, 1, 1])
     scores = np.array([0.05, 0.15, 0.15, 0.95])
     # Bins [0,.1]: 0.05 vs 0 -> .05; (.1,.2]: 0.15 vs 0.5 -> .35 (2 images); (.9,1]: .95 vs 1.
-    assert m.expected_calibration_error(labels, scores) == pytest.approx((0.05 + 2 * 0.35 + 0.05) / 4)
-    assert m.brier_score(labels, scores) == pytest.approx(brier_score_loss(labels, scores))
-    assert m.brier_score(labels, scores) == pytest.approx((0.05**2 + 0.15**2 + 0.85**2 + 0.05**2) / 4)
+    assert calibration.expected_calibration_error(labels, scores) == pytest.approx(
+        (0.05 + 2 * 0.35 + 0.05) / 4
+    )
+    assert calibration.brier_score(labels, scores) == pytest.approx(brier_score_loss(labels, scores))
+    assert calibration.brier_score(labels, scores) == pytest.approx(
+        (0.05**2 + 0.15**2 + 0.85**2 + 0.05**2) / 4
+    )
     # Perfectly calibrated within its bin.
-    assert m.expected_calibration_error([0, 1, 0, 1], [0.5] * 4) == 0.0
+    assert calibration.expected_calibration_error([0, 1, 0, 1], [0.5] * 4) == 0.0
 
 
 def test_reliability_curve_matches_calibration_curve():
@@ -309,7 +319,7 @@ def test_reliability_curve_matches_calibration_curve():
     labels = rng.integers(0, 2, 200)
     # Include bin edges and the ends of [0, 1] to pin down the bin assignment.
     scores = np.concatenate([rng.random(190), [0.0, 0.1, 0.2, 0.5, 0.7, 0.9, 1.0, 0.3, 0.6, 0.8]])
-    curve = m.reliability_curve(labels, scores, n_bins=10)
+    curve = calibration.reliability_curve(labels, scores, n_bins=10)
     fraction, mean = calibration_curve(labels, scores, n_bins=10, strategy="uniform")
     np.testing.assert_allclose(curve["fraction_positive"], fraction)
     np.testing.assert_allclose(curve["mean_predicted"], mean)
@@ -323,15 +333,15 @@ def test_reliability_curve_matches_calibration_curve():
 
 
 def test_calibration_allows_one_class():
-    assert m.brier_score([0, 0], [0.1, 0.3]) == pytest.approx(0.05)
-    assert m.expected_calibration_error([0, 0], [0.1, 0.3]) == pytest.approx(0.2)
+    assert calibration.brier_score([0, 0], [0.1, 0.3]) == pytest.approx(0.05)
+    assert calibration.expected_calibration_error([0, 0], [0.1, 0.3]) == pytest.approx(0.2)
 
 
 # --- subgroups --------------------------------------------------------------------------
 
 
 def test_age_bands():
-    bands = m.age_bands([None, 5, 29.9, 30, 44, 45, 59, 60, 74, 75, 90, float("nan")])
+    bands = subgroups.age_bands([None, 5, 29.9, 30, 44, 45, 59, 60, 74, 75, 90, float("nan")])
     assert bands.tolist() == [
         "unknown",
         "<30",
@@ -358,7 +368,7 @@ def test_subgroup_metrics_flags_and_values():
     labels += [0, 1]
     labels = np.array(labels)
     scores = np.clip(rng.normal(0.35 + 0.3 * labels, 0.15), 0, 1)
-    result = m.subgroup_metrics(labels, scores, {"site": groups}, threshold=0.5)["site"]
+    result = subgroups.subgroup_metrics(labels, scores, {"site": groups}, threshold=0.5)["site"]
     assert list(result) == sorted(["big", "few_melanoma", "tiny", "benign_only", "unknown"])
     assert result["big"]["small"] is False
     assert result["few_melanoma"]["small"] is True  # n >= 30 but 3 melanoma
@@ -377,7 +387,7 @@ def test_subgroup_metrics_flags_and_values():
 
 def test_subgroup_metrics_checks_lengths():
     with pytest.raises(ValueError, match="group 'sex' has 2 values for 10 samples"):
-        m.subgroup_metrics(LABELS, SCORES, {"sex": ["f", "m"]}, 0.5)
+        subgroups.subgroup_metrics(LABELS, SCORES, {"sex": ["f", "m"]}, 0.5)
 
 
 def test_curve_points():

@@ -25,15 +25,14 @@ def _json_arg(text: str) -> dict:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train (or resume) a run's model")
     train.add_argument("--processed-root", required=True)
     train.add_argument("--run-root", required=True)
     train.add_argument("--config", type=_json_arg, default={}, help="JSON object of TrainConfig fields")
 
+
+def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="metrics on val/test, threshold chosen on val")
     evaluate.add_argument("--processed-root", required=True)
     evaluate.add_argument("--run-root", required=True)
@@ -54,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--external", action="append", default=[], help="RAW_ROOT::DROP_ID, repeatable")
 
+
+def _add_gradcam(commands) -> None:
     gradcam = commands.add_parser("gradcam", help="Grad-CAM heatmaps and lesion focus on the test split")
     gradcam.add_argument("--processed-root", required=True)
     gradcam.add_argument("--run-root", required=True)
@@ -67,10 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     gradcam.add_argument("--layer", default=None)
     gradcam.add_argument("--plusplus", action="store_true")
 
+
+def _add_report(commands) -> None:
     report = commands.add_parser("report", help="one self-contained report.html for the run")
     report.add_argument("--run-root", required=True)
     report.add_argument("--threshold", type=_json_arg, required=True)
 
+
+def _add_ensemble(commands) -> None:
     ensemble = commands.add_parser(
         "ensemble", help="one model averaging the melanoma logits of trained models"
     )
@@ -82,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ensemble.add_argument("--output", required=True, help="path or URI of the ensemble's model.keras")
 
+
+def _add_predict(commands) -> None:
     predict = commands.add_parser("predict", help="score a folder of images with a trained model")
     predict.add_argument("--model", required=True, help="path or URI of model.keras")
     predict.add_argument(
@@ -104,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV with image_id,lesion_id (e.g. HAM10000_metadata.csv): pool the scores per lesion, as evaluate does",
     )
 
+
+def _add_calibrate_site(commands) -> None:
     site = commands.add_parser(
         "calibrate-site", help="re-choose the run's threshold on a labelled drop of a new site"
     )
@@ -119,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     site.add_argument("--target-sensitivity", type=float, default=0.85)
     site.add_argument("--n-boot", type=int, default=1000)
     site.add_argument("--as-of", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m training`` parser; each subcommand's arguments come from its ``_add_<command>``."""
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (
+        _add_train,
+        _add_evaluate,
+        _add_gradcam,
+        _add_report,
+        _add_ensemble,
+        _add_predict,
+        _add_calibrate_site,
+    ):
+        add_command(commands)
     return parser
 
 

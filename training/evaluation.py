@@ -1,8 +1,15 @@
 """Evaluation of model predictions: threshold chosen on validation, reported on test.
 
-Input rows (one per image, e.g. from :func:`read_predictions_csv`) carry ``image_id``,
-``lesion_id``, ``split`` (train / val / test / external), ``label`` (1 melanoma, 0 other),
-``dx``, ``probability``, ``age`` (float or None), ``sex``, ``localization`` and ``source``.
+The metrics document is assembled here; the parts have their own modules:
+:mod:`training.evaluation_rows` (the input rows: columns, CSV parsing, checks),
+:mod:`training.evaluation_set` (one set's block at a threshold) and
+:mod:`training.evaluation_external` (an external set's block, with score shift and site
+calibration).
+
+Input rows (one per image, e.g. from :func:`training.evaluation_rows.read_predictions_csv`)
+carry ``image_id``, ``lesion_id``, ``split`` (train / val / test / external), ``label``
+(1 melanoma, 0 other), ``dx``, ``probability``, ``age`` (float or None), ``sex``,
+``localization`` and ``source``.
 Validation rows only choose the threshold; test rows are what is reported. Rows with split
 ``external`` are grouped by ``source`` into external sets, next to the sets passed in
 ``external=``.
@@ -53,20 +60,29 @@ cannot be computed. *binary* is the dict of :func:`training.metrics.binary_metri
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
-import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from training import metrics as m
-from training.shift import calibrate_site, score_shift
+from training.evaluation_external import external_set_block
+from training.evaluation_rows import partition_rows, row_counts, set_arrays
+from training.evaluation_set import estimate, evaluate_set, set_ranking, set_ranking_with_ci
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "POOLING",
+    "POOLING_RULES",
+    "OPTIMISTIC_WARNING",
+    "decision_scores",
+    "pool_rows_by_lesion",
+    "evaluate_predictions",
+    "write_evaluation",
+    "xcom_payload",
+]
 
 SCHEMA_VERSION = 2
 #: How image probabilities become decision scores: as they are, or pooled per lesion.
@@ -75,135 +91,11 @@ POOLING_RULES = {
     "none": "each image scored on its own",
     "lesion": "each image scored by its lesion: sigmoid of the mean logit of the lesion's images in the same set",
 }
-COLUMNS = (
-    "image_id",
-    "lesion_id",
-    "split",
-    "label",
-    "dx",
-    "probability",
-    "age",
-    "sex",
-    "localization",
-    "source",
-)
-INTERNAL_SPLITS = ("train", "val", "test")
-EXTERNAL_SPLIT = "external"
-ALPHA = 0.05
-CALIBRATION_BINS = 10
 OPTIMISTIC_WARNING = (
     "Threshold chosen on the test set itself (the reference's method). The metrics at it "
     "are optimistically biased and are not the result; see 'test' for the threshold "
     "chosen on validation."
 )
-
-
-def _optional_text(value: str) -> str | None:
-    value = value.strip()
-    return value or None
-
-
-def read_predictions_csv(source: str | os.PathLike | bytes) -> list[dict]:
-    """Parse a predictions CSV (a path, or its bytes) into typed rows.
-
-    Returns one dict per row with the :data:`COLUMNS`: ``label`` int in {0, 1},
-    ``probability`` float (NaN is kept; evaluation refuses it with the image ids), ``age``
-    float or None, ``sex``/``localization``/``dx``/``source`` str or None when empty, the
-    ids and ``split`` as str. Missing columns or unparsable values raise ``ValueError``
-    with the line number.
-    """
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-    if missing:
-        raise ValueError(f"predictions CSV lacks column(s) {', '.join(missing)}")
-    rows = []
-    for raw in reader:
-        line = reader.line_num
-        try:
-            label = int(raw["label"])
-            probability = float(raw["probability"])
-            age = float(raw["age"]) if raw["age"].strip() else None
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"predictions CSV line {line}: {exc}") from None
-        if label not in (0, 1):
-            raise ValueError(f"predictions CSV line {line}: label must be 0 or 1, got {label}")
-        rows.append(
-            {
-                "image_id": raw["image_id"],
-                "lesion_id": raw["lesion_id"],
-                "split": raw["split"].strip(),
-                "label": label,
-                "dx": _optional_text(raw["dx"]),
-                "probability": probability,
-                "age": age,
-                "sex": _optional_text(raw["sex"]),
-                "localization": _optional_text(raw["localization"]),
-                "source": _optional_text(raw["source"]),
-            }
-        )
-    return rows
-
-
-def _arrays(rows: Sequence[dict], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """labels (n,), probabilities (n,), lesion ids (n,) of one set, checked."""
-    ids = [r["image_id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        seen, dupes = set(), []
-        for i in ids:
-            if i in seen:
-                dupes.append(i)
-            seen.add(i)
-        raise ValueError(f"{name}: image_id repeated: {', '.join(map(str, dupes[:5]))}")
-    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    scores = np.array([float(r["probability"]) for r in rows], dtype=np.float64)
-    bad = [r["image_id"] for r, p in zip(rows, scores) if not math.isfinite(p)]
-    if bad:
-        raise ValueError(
-            f"{name}: {len(bad)} row(s) have a non-finite probability, e.g. {', '.join(map(str, bad[:5]))}"
-        )
-    missing = [r["image_id"] for r in rows if r.get("lesion_id") in (None, "")]
-    if missing:
-        # Lumping them into one pseudo-lesion would distort the lesion bootstrap.
-        raise ValueError(
-            f"{name}: {len(missing)} row(s) lack a lesion_id, e.g. {', '.join(map(str, missing[:5]))}"
-        )
-    lesions = np.array([str(r["lesion_id"]) for r in rows], dtype=object)
-    return labels, scores, lesions
-
-
-def _count(rows: Sequence[dict]) -> dict:
-    return {
-        "images": len(rows),
-        "lesions": len({r["lesion_id"] for r in rows}),
-        "melanoma": sum(int(r["label"]) for r in rows),
-    }
-
-
-def _partition(
-    rows: Iterable[dict], external: Mapping[str, Sequence[dict]] | None
-) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
-    internal: dict[str, list[dict]] = {split: [] for split in INTERNAL_SPLITS}
-    from_rows: dict[str, list[dict]] = defaultdict(list)
-    unknown = set()
-    for row in rows:
-        split = row["split"]
-        if split in internal:
-            internal[split].append(row)
-        elif split == EXTERNAL_SPLIT:
-            from_rows[row.get("source") or EXTERNAL_SPLIT].append(row)
-        else:
-            unknown.add(split)
-    if unknown:
-        raise ValueError(
-            f"unknown split value(s) {sorted(map(str, unknown))}; expected {INTERNAL_SPLITS + (EXTERNAL_SPLIT,)}"
-        )
-    externals = dict(from_rows)
-    for name, set_rows in (external or {}).items():
-        if name in externals:
-            raise ValueError(f"external set {name!r} given both in rows (split 'external') and in external=")
-        externals[name] = list(set_rows)
-    return internal, externals
 
 
 def decision_scores(
@@ -224,125 +116,12 @@ def pool_rows_by_lesion(rows: Sequence[dict], name: str) -> list[dict]:
     ``image_probability``. Pooling stays within ``rows`` (one set)."""
     if not rows:
         return []
-    _, scores, lesions = _arrays(rows, name)
+    _, scores, lesions = set_arrays(rows, name)
     pooled = m.lesion_pooled_scores(scores, lesions)
     return [
         {**row, "image_probability": row["probability"], "probability": float(p)}
         for row, p in zip(rows, pooled)
     ]
-
-
-def _ranking(rows: Sequence[dict], name: str) -> dict:
-    labels, scores, _ = _arrays(rows, name)
-    try:
-        return m.ranking_metrics(labels, scores)
-    except ValueError as exc:
-        raise ValueError(f"{name} split: {exc}") from None
-
-
-def _ranking_with_ci(rows: Sequence[dict], name: str, *, n_boot: int, seed: int) -> dict:
-    """``{"auroc"|"auprc": (value, BootstrapCI)}`` of one set, lesion bootstrap."""
-    labels, scores, lesions = _arrays(rows, name)
-    point = _ranking(rows, name)
-    fns = {"auroc": roc_auc_score, "auprc": average_precision_score}
-    return {
-        key: (
-            point[key],
-            m.lesion_bootstrap_ci(labels, scores, lesions, fn, n_boot=n_boot, alpha=ALPHA, seed=seed),
-        )
-        for key, fn in fns.items()
-    }
-
-
-def _estimate(value: float | None, ci: m.BootstrapCI | None) -> dict:
-    return {
-        "value": value,
-        "ci_low": ci.low if ci else None,
-        "ci_high": ci.high if ci else None,
-    }
-
-
-def _evaluate_set(
-    rows: Sequence[dict],
-    name: str,
-    threshold: float,
-    *,
-    n_boot: int,
-    seed: int,
-    min_subgroup_count: int,
-    with_curves: bool,
-) -> dict:
-    """The set block of the module docstring, at ``threshold``."""
-    if not rows:
-        raise ValueError(f"{name}: no rows")
-    labels, scores, lesions = _arrays(rows, name)
-    n_pos = int(labels.sum())
-    both_classes = 0 < n_pos < labels.size
-    at_threshold = m.binary_metrics(labels, scores, threshold)
-    block: dict = {
-        "n_images": int(labels.size),
-        "n_lesions": len(set(lesions.tolist())),
-        "n_melanoma": n_pos,
-        "prevalence": n_pos / labels.size,
-    }
-
-    point = {"sensitivity": at_threshold["sensitivity"], "specificity": at_threshold["specificity"]}
-    cis: dict[str, m.BootstrapCI | None] = {
-        "auroc": None,
-        "auprc": None,
-        "sensitivity": None,
-        "specificity": None,
-    }
-    if both_classes:
-        point.update(m.ranking_metrics(labels, scores))
-        metric_fns = {
-            "auroc": roc_auc_score,
-            "auprc": average_precision_score,
-            "sensitivity": lambda y, s: m.binary_metrics(y, s, threshold)["sensitivity"],
-            "specificity": lambda y, s: m.binary_metrics(y, s, threshold)["specificity"],
-        }
-        # Same seed for every metric: the intervals come from the same resamples.
-        cis = {
-            key: m.lesion_bootstrap_ci(labels, scores, lesions, fn, n_boot=n_boot, alpha=ALPHA, seed=seed)
-            for key, fn in metric_fns.items()
-        }
-    else:
-        point.update(auroc=None, auprc=None)
-        block["note"] = (
-            f"only class {1 if n_pos else 0} present: AUROC/AUPRC are undefined and no bootstrap "
-            "interval is computed"
-        )
-    for key in ("auroc", "auprc", "sensitivity", "specificity"):
-        block[key] = _estimate(point[key], cis[key])
-    block["at_threshold"] = at_threshold
-    block["at_0.5"] = m.binary_metrics(labels, scores, 0.5)
-    block["calibration"] = {
-        "brier": m.brier_score(labels, scores),
-        "ece": m.expected_calibration_error(labels, scores, CALIBRATION_BINS),
-        "n_bins": CALIBRATION_BINS,
-        "curve": m.reliability_curve(labels, scores, CALIBRATION_BINS),
-    }
-    block["subgroups"] = m.subgroup_metrics(
-        labels,
-        scores,
-        {
-            "sex": [r.get("sex") for r in rows],
-            "age_band": m.age_bands([r.get("age") for r in rows]),
-            "localization": [r.get("localization") for r in rows],
-        },
-        threshold,
-        min_count=min_subgroup_count,
-    )
-    block["bootstrap"] = {
-        "method": "percentile; lesions resampled with replacement, all images of a drawn lesion together",
-        "n_boot": n_boot,
-        "alpha": ALPHA,
-        "seed": seed,
-        "n_skipped": {key: ci.n_skipped for key, ci in cis.items() if ci is not None},
-    }
-    if with_curves and both_classes:
-        block["curves"] = m.curve_points(labels, scores)
-    return block
 
 
 def _pool_by_lesion(
@@ -351,10 +130,12 @@ def _pool_by_lesion(
     """(per-image val/test ranking for comparison, internal and external rows with lesion-pooled scores)."""
     val_rows, test_rows = internal["val"], internal["test"]
     per_image = {
-        "val": {key: value for key, value in _ranking(val_rows, "val").items() if key in ("auroc", "auprc")},
+        "val": {
+            key: value for key, value in set_ranking(val_rows, "val").items() if key in ("auroc", "auprc")
+        },
         "test": {
-            key: _estimate(*value)
-            for key, value in _ranking_with_ci(test_rows, "test", n_boot=n_boot, seed=seed).items()
+            key: estimate(*value)
+            for key, value in set_ranking_with_ci(test_rows, "test", n_boot=n_boot, seed=seed).items()
         },
     }
     internal = {split: pool_rows_by_lesion(split_rows, split) for split, split_rows in internal.items()}
@@ -375,7 +156,7 @@ def _leaked_lesions(internal: dict[str, list[dict]]) -> list[str]:
 
 def _threshold_on_val(val_rows: Sequence[dict], strategy: str, target_sensitivity: float) -> dict:
     """The ``threshold`` block: chosen on validation, with validation's metrics at it."""
-    val_labels, val_scores, val_lesions = _arrays(val_rows, "val")
+    val_labels, val_scores, val_lesions = set_arrays(val_rows, "val")
     try:
         threshold = m.choose_threshold(val_labels, val_scores, strategy, target_sensitivity)
         val_ranking = m.ranking_metrics(val_labels, val_scores)
@@ -392,6 +173,65 @@ def _threshold_on_val(val_rows: Sequence[dict], strategy: str, target_sensitivit
             "n_images": int(val_labels.size),
             "n_lesions": len(set(val_lesions.tolist())),
         },
+    }
+
+
+def _leak_warnings(leaked: list[str]) -> list[str]:
+    """The ``warnings`` list, started with the leak between splits when there is one."""
+    if not leaked:
+        return []
+    return [
+        f"{len(leaked)} lesion(s) appear in more than one of train/val/test, e.g. "
+        f"{', '.join(leaked[:5])}: the test set is not independent"
+    ]
+
+
+def _optimistic_test_youden(test_rows: Sequence[dict]) -> dict:
+    """The ``optimistic_test_youden`` block: the reference's threshold, picked on the test set itself."""
+    test_labels, test_scores, _ = set_arrays(test_rows, "test")
+    try:
+        optimistic = m.choose_threshold(test_labels, test_scores, "youden")
+    except ValueError as exc:
+        raise ValueError(f"test split: {exc}") from None
+    return {
+        "optimistic": True,
+        "chosen_on": "test",
+        "strategy": "youden",
+        "warning": OPTIMISTIC_WARNING,
+        "threshold": optimistic,
+        "at_threshold": m.binary_metrics(test_labels, test_scores, optimistic),
+    }
+
+
+def _counts(internal: dict[str, list[dict]], externals: dict[str, list[dict]]) -> dict:
+    return {
+        **{split: row_counts(split_rows) for split, split_rows in internal.items()},
+        "external": {name: row_counts(set_rows) for name, set_rows in externals.items()},
+    }
+
+
+def _external_blocks(
+    externals: dict[str, list[dict]],
+    threshold: float,
+    val_scores: np.ndarray,
+    warnings: list[str],
+    strategy: str,
+    target_sensitivity: float,
+    common: dict,
+) -> dict:
+    """``{name: external set block}`` at the validation threshold; shifts are added to ``warnings``."""
+    return {
+        name: external_set_block(
+            set_rows,
+            name,
+            threshold,
+            val_scores,
+            warnings,
+            strategy=strategy,
+            target_sensitivity=target_sensitivity,
+            **common,
+        )
+        for name, set_rows in externals.items()
     }
 
 
@@ -422,7 +262,7 @@ def evaluate_predictions(
     """
     if pooling not in POOLING:
         raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
-    internal, externals = _partition(rows, external)
+    internal, externals = partition_rows(rows, external)
     val_rows, test_rows = internal["val"], internal["test"]
     if not val_rows or not test_rows:
         raise ValueError(f"need val and test rows, got {len(val_rows)} val and {len(test_rows)} test")
@@ -432,98 +272,28 @@ def evaluate_predictions(
             internal, externals, n_boot=n_boot, seed=seed
         )
         val_rows, test_rows = internal["val"], internal["test"]
-    warnings = []
     leaked = _leaked_lesions(internal)
-    if leaked:
-        warnings.append(
-            f"{len(leaked)} lesion(s) appear in more than one of train/val/test, e.g. "
-            f"{', '.join(leaked[:5])}: the test set is not independent"
-        )
+    warnings = _leak_warnings(leaked)
 
     threshold_block = _threshold_on_val(val_rows, strategy, target_sensitivity)
-    threshold, val_scores = threshold_block["value"], _arrays(val_rows, "val")[1]
-    test_labels, test_scores, _ = _arrays(test_rows, "test")
-    try:
-        optimistic = m.choose_threshold(test_labels, test_scores, "youden")
-    except ValueError as exc:
-        raise ValueError(f"test split: {exc}") from None
+    threshold, val_scores = threshold_block["value"], set_arrays(val_rows, "val")[1]
+    optimistic = _optimistic_test_youden(test_rows)
 
     common = {"n_boot": n_boot, "seed": seed, "min_subgroup_count": min_subgroup_count}
     return {
         "schema_version": SCHEMA_VERSION,
         "scores": scores_block,
-        "counts": {
-            **{split: _count(split_rows) for split, split_rows in internal.items()},
-            "external": {name: _count(set_rows) for name, set_rows in externals.items()},
-        },
+        "counts": _counts(internal, externals),
         "lesions_in_multiple_splits": len(leaked),
         "warnings": warnings,
         "threshold": threshold_block,
-        "test": _evaluate_set(test_rows, "test", threshold, with_curves=True, **common),
-        "optimistic_test_youden": {
-            "optimistic": True,
-            "chosen_on": "test",
-            "strategy": "youden",
-            "warning": OPTIMISTIC_WARNING,
-            "threshold": optimistic,
-            "at_threshold": m.binary_metrics(test_labels, test_scores, optimistic),
-        },
-        "external": {
-            name: _external_block(
-                set_rows,
-                name,
-                threshold,
-                val_scores,
-                warnings,
-                strategy=strategy,
-                target_sensitivity=target_sensitivity,
-                **common,
-            )
-            for name, set_rows in externals.items()
-        },
+        "test": evaluate_set(test_rows, "test", threshold, with_curves=True, **common),
+        "optimistic_test_youden": optimistic,
+        # Shifts of the external sets are added to ``warnings`` (the same list) as they are built.
+        "external": _external_blocks(
+            externals, threshold, val_scores, warnings, strategy, target_sensitivity, common
+        ),
     }
-
-
-def _external_block(
-    rows: Sequence[dict],
-    name: str,
-    threshold: float,
-    val_scores: np.ndarray,
-    warnings: list[str],
-    *,
-    strategy: str,
-    target_sensitivity: float,
-    **common,
-) -> dict:
-    """An external set at the validation threshold, plus what tells whether that threshold holds there:
-    its score distribution against validation's (:func:`training.shift.score_shift`) and, since an
-    external set has labels, what re-choosing the threshold on that site would give on its unseen
-    cases (:func:`training.shift.calibrate_site`, out-of-fold). Shifts are added to ``warnings``.
-    """
-    block = _evaluate_set(rows, f"external set {name!r}", threshold, with_curves=False, **common)
-    labels, scores, lesions = _arrays(rows, f"external set {name!r}")
-    block["score_shift"] = score_shift(val_scores, scores, threshold)
-    quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
-    block["score_quantiles"] = {
-        "q": list(quantiles),
-        "val": np.quantile(val_scores, quantiles).tolist(),
-        name: np.quantile(scores, quantiles).tolist(),
-    }
-    if block["score_shift"]["shifted"]:
-        warnings.append(f"external set {name!r}: {block['score_shift']['message']}")
-    try:
-        block["site_calibration"] = calibrate_site(
-            labels,
-            scores,
-            lesions,
-            strategy=strategy,
-            target_sensitivity=target_sensitivity,
-            n_boot=common["n_boot"],
-            seed=common["seed"],
-        )
-    except ValueError as error:
-        block["site_calibration"] = {"skipped": str(error)}
-    return block
 
 
 def write_evaluation(metrics: dict, out_dir: Path, rows: Sequence[dict] | None = None) -> list[Path]:

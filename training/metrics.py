@@ -1,5 +1,10 @@
 """Metric functions for the melanoma classifier, in the style of ``sklearn.metrics``.
 
+This module holds the input checks, the metrics at a threshold, the ranking metrics, the
+threshold choice, lesion pooling of scores and the curve data for plots. Its siblings follow
+the same conventions: :mod:`training.bootstrap` (lesion bootstrap intervals),
+:mod:`training.calibration` (Brier score, reliability, ECE) and :mod:`training.subgroups`.
+
 Plain functions of arrays, no state. Shared conventions:
 
 - ``labels``: int array of shape (n_samples,), 1 = melanoma, 0 = other.
@@ -18,15 +23,11 @@ metric or a threshold choice needs both.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     average_precision_score,
-    brier_score_loss,
     confusion_matrix,
     precision_recall_curve,
     roc_auc_score,
@@ -35,14 +36,19 @@ from sklearn.metrics import (
 
 from melanoma.settings import THRESHOLD_STRATEGIES
 
-#: Age bands of :func:`age_bands`: (lower bound inclusive, name); the last is open-ended.
-AGE_BANDS = ((0.0, "<30"), (30.0, "30-44"), (45.0, "45-59"), (60.0, "60-74"), (75.0, "75+"))
-UNKNOWN = "unknown"
-#: A subgroup with fewer cases than this in either class is flagged ``small``.
-MIN_CLASS_COUNT = 5
+__all__ = [
+    "check_inputs",
+    "binary_metrics",
+    "ranking_metrics",
+    "choose_threshold",
+    "LOGIT_EPS",
+    "clipped_logits",
+    "lesion_pooled_scores",
+    "curve_points",
+]
 
 
-def _check_inputs(
+def check_inputs(
     labels: ArrayLike,
     scores: ArrayLike,
     *,
@@ -110,7 +116,7 @@ def binary_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float) -> di
     specificity without other lesions, ppv without positive calls, npv without negative
     calls, f1 when there is neither a melanoma nor a positive call.
     """
-    y, s = _check_inputs(labels, scores)
+    y, s = check_inputs(labels, scores)
     threshold = float(threshold)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
@@ -146,7 +152,7 @@ def ranking_metrics(labels: ArrayLike, scores: ArrayLike) -> dict:
     (``average_precision_score``; its no-skill value is the prevalence, not 0.5) and
     ``prevalence`` (fraction of melanoma).
     """
-    y, s = _check_inputs(labels, scores, need_both_classes=True, what="AUROC/AUPRC")
+    y, s = check_inputs(labels, scores, need_both_classes=True, what="AUROC/AUPRC")
     return {
         "auroc": float(roc_auc_score(y, s)),
         "auprc": float(average_precision_score(y, s)),
@@ -190,7 +196,7 @@ def choose_threshold(
     """
     if strategy not in THRESHOLD_STRATEGIES:
         raise ValueError(f"strategy must be one of {THRESHOLD_STRATEGIES}, got {strategy!r}")
-    y, s = _check_inputs(labels, scores, need_both_classes=True, what="choosing a threshold")
+    y, s = check_inputs(labels, scores, need_both_classes=True, what="choosing a threshold")
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
     # One candidate grid for every strategy, so ties and +inf follow a single rule.
@@ -256,157 +262,6 @@ def lesion_pooled_scores(scores: ArrayLike, lesion_ids: ArrayLike) -> np.ndarray
     return 1.0 / (1.0 + np.exp(-mean_logit[group]))
 
 
-@dataclass(frozen=True)
-class BootstrapCI:
-    """A percentile bootstrap interval; unpacks as ``low, high``.
-
-    ``low``/``high`` are ``None`` when no resample could be used. ``n_skipped`` counts the
-    resamples left out because they held one class only or the metric was undefined on them
-    (``None`` or NaN); the interval rests on ``n_boot - n_skipped`` values.
-    """
-
-    low: float | None
-    high: float | None
-    n_boot: int
-    n_skipped: int
-
-    def __iter__(self):
-        return iter((self.low, self.high))
-
-
-def lesion_bootstrap_ci(
-    labels: ArrayLike,
-    scores: ArrayLike,
-    lesion_ids: ArrayLike,
-    metric_fn: Callable[[np.ndarray, np.ndarray], float | None],
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> BootstrapCI:
-    """Percentile bootstrap confidence interval with lesions as the resampling unit.
-
-    Images of one lesion are correlated, so resampling images would understate the
-    uncertainty; each resample draws ``n_lesions`` lesions with replacement and takes every
-    image of each drawn lesion (a lesion drawn twice contributes all its images twice).
-
-    Parameters
-    ----------
-    labels : array of shape (n_samples,), values in {0, 1}, both classes present
-    scores : array of shape (n_samples,)
-    lesion_ids : array of shape (n_samples,), any hashable, sortable ids (no ``None``)
-    metric_fn : ``metric_fn(labels, scores) -> float | None`` on a resample; it is only
-        called on resamples holding both classes.
-    n_boot : number of resamples
-    alpha : the interval covers 1 - alpha
-    seed : seed of ``numpy.random.default_rng``; the same seed draws the same resamples, so
-        intervals of different metrics on the same data are paired.
-
-    Returns
-    -------
-    BootstrapCI (``low, high = lesion_bootstrap_ci(...)`` works).
-    """
-    y, s = _check_inputs(labels, scores, need_both_classes=True, what="the bootstrap")
-    lesions = np.asarray(lesion_ids)
-    if lesions.shape != y.shape:
-        raise ValueError(f"lesion_ids has shape {lesions.shape}, expected {y.shape}")
-    if any(v is None for v in lesions.tolist()):
-        raise ValueError("lesion_ids contain None")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-
-    codes = np.unique(lesions, return_inverse=True)[1].ravel()
-    n_lesions = int(codes.max()) + 1
-    order = np.argsort(codes, kind="stable")  # images grouped by lesion
-    sizes = np.bincount(codes, minlength=n_lesions)
-    starts = np.cumsum(sizes) - sizes  # first position of each lesion in `order`
-    positives = np.bincount(codes, weights=y, minlength=n_lesions).astype(np.int64)
-
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, n_lesions, size=(n_boot, n_lesions))
-    lengths = sizes[drawn]  # (n_boot, n_lesions) images contributed by each draw
-    n_images = lengths.sum(axis=1)
-    n_pos = positives[drawn].sum(axis=1)
-    usable = (n_pos > 0) & (n_pos < n_images)
-
-    # All resamples at once: each draw expands to the consecutive run of its lesion's
-    # images in `order`; a running position within the draw's run gives the offset.
-    flat_lengths = lengths.ravel()
-    run_start = np.repeat(starts[drawn].ravel(), flat_lengths)
-    within = np.arange(flat_lengths.sum()) - np.repeat(np.cumsum(flat_lengths) - flat_lengths, flat_lengths)
-    images = order[run_start + within]
-    per_resample = np.split(images, np.cumsum(n_images)[:-1])
-
-    values = []
-    for index in np.flatnonzero(usable):
-        value = metric_fn(y[per_resample[index]], s[per_resample[index]])
-        if value is not None and math.isfinite(value):
-            values.append(float(value))
-    n_skipped = n_boot - len(values)
-    if not values:
-        return BootstrapCI(None, None, n_boot, n_skipped)
-    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return BootstrapCI(float(low), float(high), n_boot, n_skipped)
-
-
-def brier_score(labels: ArrayLike, scores: ArrayLike) -> float:
-    """Mean squared error of the probabilities (``brier_score_loss``); lower is better.
-
-    labels, scores : arrays of shape (n_samples,); scores in [0, 1]. One class is allowed.
-    """
-    y, s = _check_inputs(labels, scores, probabilities=True)
-    return float(brier_score_loss(y, s, pos_label=1))
-
-
-def reliability_curve(labels: ArrayLike, scores: ArrayLike, n_bins: int = 10) -> dict:
-    """Reliability diagram data over ``n_bins`` equal-width bins of [0, 1].
-
-    Bins are those of ``calibration_curve(strategy="uniform")``: right-closed, except the
-    first, which also holds 0. Empty bins are left out.
-
-    Parameters
-    ----------
-    labels, scores : arrays of shape (n_samples,); scores in [0, 1]. One class is allowed.
-    n_bins : int >= 1
-
-    Returns
-    -------
-    dict of lists, each of length n_nonempty_bins: ``bin_lower``, ``bin_upper``,
-    ``mean_predicted``, ``fraction_positive``, ``count``.
-    """
-    y, s = _check_inputs(labels, scores, probabilities=True)
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    fraction_positive, mean_predicted = calibration_curve(
-        y, s, n_bins=n_bins, strategy="uniform", pos_label=1
-    )
-    # calibration_curve does not return bin counts (needed to weight the ECE); recount
-    # with its own bin assignment so the two stay aligned.
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    counts = np.bincount(np.searchsorted(edges[1:-1], s), minlength=n_bins)
-    nonempty = np.flatnonzero(counts)
-    return {
-        "bin_lower": edges[nonempty].tolist(),
-        "bin_upper": edges[nonempty + 1].tolist(),
-        "mean_predicted": mean_predicted.tolist(),
-        "fraction_positive": fraction_positive.tolist(),
-        "count": counts[nonempty].tolist(),
-    }
-
-
-def expected_calibration_error(labels: ArrayLike, scores: ArrayLike, n_bins: int = 10) -> float:
-    """ECE: the mean over images of |fraction of melanoma - mean probability| of their bin.
-
-    Equal-width bins as in :func:`reliability_curve`, each weighted by its share of images.
-    labels, scores : arrays of shape (n_samples,); scores in [0, 1].
-    """
-    curve = reliability_curve(labels, scores, n_bins)
-    counts = np.asarray(curve["count"], dtype=np.float64)
-    gaps = np.abs(np.asarray(curve["fraction_positive"]) - np.asarray(curve["mean_predicted"]))
-    return float(np.sum(counts / counts.sum() * gaps))
-
-
 def curve_points(labels: ArrayLike, scores: ArrayLike, n_hist_bins: int = 20) -> dict:
     """Data to draw ROC, precision-recall and score-histogram plots without the raw scores.
 
@@ -422,7 +277,7 @@ def curve_points(labels: ArrayLike, scores: ArrayLike, n_hist_bins: int = 20) ->
     "score_histogram": {"edges", "melanoma", "other"}}``, all lists. The ROC curve keeps
     only its corners (``drop_intermediate=True``), which draws the same line.
     """
-    y, s = _check_inputs(labels, scores, need_both_classes=True, probabilities=True, what="ROC and PR curves")
+    y, s = check_inputs(labels, scores, need_both_classes=True, probabilities=True, what="ROC and PR curves")
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
     precision, recall, _ = precision_recall_curve(y, s)
     edges = np.linspace(0.0, 1.0, n_hist_bins + 1)
@@ -435,74 +290,3 @@ def curve_points(labels: ArrayLike, scores: ArrayLike, n_hist_bins: int = 20) ->
             "other": np.histogram(s[y == 0], bins=edges)[0].tolist(),
         },
     }
-
-
-def _group_key(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return UNKNOWN
-    text = str(value).strip()
-    return text if text else UNKNOWN
-
-
-def age_bands(ages: Sequence[float | None]) -> np.ndarray:
-    """Map ages to the bands of :data:`AGE_BANDS`; ``None``/NaN become ``"unknown"``.
-
-    ages : sequence of length n_samples. Returns an object array of str, shape (n_samples,).
-    """
-    values = np.array([np.nan if a is None else float(a) for a in ages], dtype=np.float64)
-    names = np.array([name for _, name in AGE_BANDS], dtype=object)
-    lower_bounds = [bound for bound, _ in AGE_BANDS[1:]]
-    bands = names[np.digitize(np.nan_to_num(values, nan=0.0), lower_bounds)]
-    bands[np.isnan(values)] = UNKNOWN
-    return bands
-
-
-def subgroup_metrics(
-    labels: ArrayLike,
-    scores: ArrayLike,
-    groups: Mapping[str, ArrayLike],
-    threshold: float,
-    min_count: int = 30,
-) -> dict:
-    """Per-subgroup discrimination and operating-point metrics.
-
-    Parameters
-    ----------
-    labels, scores : arrays of shape (n_samples,)
-    groups : maps a grouping name (e.g. ``"sex"``, ``"age_band"``, ``"localization"``) to an
-        array of shape (n_samples,) of group values; ``None``, NaN and empty strings are
-        grouped as ``"unknown"``.
-    threshold : the operating threshold (``score >= threshold`` is positive)
-    min_count : subgroups with fewer images are flagged ``small``
-
-    Returns
-    -------
-    ``{grouping: {value: {"n", "n_melanoma", "auroc", "sensitivity", "specificity",
-    "small"}}}`` with values sorted. ``auroc`` is ``None`` when the subgroup holds one
-    class; sensitivity/specificity are ``None`` without melanoma/other images. ``small`` is
-    true when ``n < min_count`` or either class has fewer than :data:`MIN_CLASS_COUNT`
-    images: such estimates are too noisy to compare.
-    """
-    y, s = _check_inputs(labels, scores)
-    result: dict[str, dict[str, dict]] = {}
-    for grouping, values in groups.items():
-        keys = np.array([_group_key(v) for v in np.asarray(values, dtype=object).tolist()], dtype=object)
-        if keys.shape != y.shape:
-            raise ValueError(f"group {grouping!r} has {keys.size} values for {y.size} samples")
-        per_value = {}
-        for key in sorted(set(keys.tolist())):
-            mask = keys == key
-            y_g, s_g = y[mask], s[mask]
-            n = int(mask.sum())
-            n_pos = int(y_g.sum())
-            at_threshold = binary_metrics(y_g, s_g, threshold)
-            per_value[key] = {
-                "n": n,
-                "n_melanoma": n_pos,
-                "auroc": float(roc_auc_score(y_g, s_g)) if 0 < n_pos < n else None,
-                "sensitivity": at_threshold["sensitivity"],
-                "specificity": at_threshold["specificity"],
-                "small": n < min_count or min(n_pos, n - n_pos) < MIN_CLASS_COUNT,
-            }
-        result[grouping] = per_value
-    return result

@@ -29,7 +29,7 @@ from melanoma.imaging import (
 from melanoma.progress import Progress
 from melanoma.storage import Storage, open_storage, split_uri
 from training.ensemble import gradcam_layer_names
-from training.evaluation import COLUMNS
+from training.evaluation_rows import COLUMNS
 from training.gradcam import gradcam_heatmaps, overlay_heatmap, upsample_heatmap
 from training.lesion_focus import safe_name
 from training.metrics import lesion_pooled_scores
@@ -256,24 +256,9 @@ def predict_folder(
         source, images_in_folder(folder_uri), context.colour_constancy(), bar
     )
     if lesion_of is not None:
-        unmapped = [image_id for image_id, _key in scored if image_id not in lesion_of]
-        if unmapped:
-            raise ValueError(
-                f"{len(unmapped)} scored image(s) have no lesion in the lesion map, e.g. {', '.join(unmapped[:5])}"
-            )
+        _check_lesion_map(scored, lesion_of)  # before scoring: a missing lesion fails fast
     probabilities = predict_probabilities(model, batch, what="predict: scoring", bar=bar)
-    columns: tuple[str, ...] = ("image_id", "key", "probability", "label", "threshold")
-    rows = [
-        {"image_id": image_id, "key": key, "probability": float(p)}
-        for (image_id, key), p in zip(scored, probabilities)
-    ]
-    if lesion_of is not None:
-        lesions = [lesion_of[row["image_id"]] for row in rows]
-        for row, lesion_id, pooled in zip(rows, lesions, lesion_pooled_scores(probabilities, lesions)):
-            row.update(lesion_id=lesion_id, image_probability=row["probability"], probability=float(pooled))
-        columns = ("image_id", "key", "lesion_id", "image_probability", "probability", "label", "threshold")
-    for row in rows:
-        row.update(label=int(row["probability"] >= threshold), threshold=threshold)
+    rows, columns = _prediction_table(scored, probabilities, threshold, lesion_of)
     shift = _check_shift(context, probabilities, threshold, out)
     out.write_bytes("predictions.csv", rows_to_csv(rows, columns))
     out.write_bytes("rejected.csv", rows_to_csv(rejected, ("image_id", "key", "reason", "detail")))
@@ -296,6 +281,37 @@ def predict_folder(
         "threshold_source": operating_point["source"],
         "score_shift": shift,
     }
+
+
+def _check_lesion_map(scored: list[tuple[str, str]], lesion_of: dict[str, str]) -> None:
+    """Refuse scored images that the lesion map does not know."""
+    unmapped = [image_id for image_id, _key in scored if image_id not in lesion_of]
+    if unmapped:
+        raise ValueError(
+            f"{len(unmapped)} scored image(s) have no lesion in the lesion map, e.g. {', '.join(unmapped[:5])}"
+        )
+
+
+def _prediction_table(
+    scored: list[tuple[str, str]],
+    probabilities: np.ndarray,
+    threshold: float,
+    lesion_of: dict[str, str] | None,
+) -> tuple[list[dict], tuple[str, ...]]:
+    """(rows, columns) of ``predictions.csv``; with ``lesion_of``, scores pooled per lesion."""
+    columns: tuple[str, ...] = ("image_id", "key", "probability", "label", "threshold")
+    rows = [
+        {"image_id": image_id, "key": key, "probability": float(p)}
+        for (image_id, key), p in zip(scored, probabilities)
+    ]
+    if lesion_of is not None:
+        lesions = [lesion_of[row["image_id"]] for row in rows]
+        for row, lesion_id, pooled in zip(rows, lesions, lesion_pooled_scores(probabilities, lesions)):
+            row.update(lesion_id=lesion_id, image_probability=row["probability"], probability=float(pooled))
+        columns = ("image_id", "key", "lesion_id", "image_probability", "probability", "label", "threshold")
+    for row in rows:
+        row.update(label=int(row["probability"] >= threshold), threshold=threshold)
+    return rows, columns
 
 
 def _read_folder(

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from training import metrics as m
+from training.bootstrap import lesion_bootstrap_ci
 
 __all__ = [
     "SHIFT_MIN_D",
@@ -165,7 +166,7 @@ def calibrate_site(
             f"site calibration needs at least {folds} melanoma and {folds} other images, got {n_pos} and {y.size - n_pos}"
         )
     threshold = m.choose_threshold(y, s, strategy, target_sensitivity)
-    ci = m.lesion_bootstrap_ci(
+    ci = lesion_bootstrap_ci(
         y,
         s,
         np.asarray(lesion_ids),

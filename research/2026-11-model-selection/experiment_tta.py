@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from melanoma.manifest import latest_manifest
     from melanoma.storage import open_storage
-    from training.metrics import lesion_bootstrap_ci, lesion_pooled_scores, ranking_metrics
+    from training.bootstrap import lesion_bootstrap_ci
+    from training.metrics import lesion_pooled_scores, ranking_metrics
 
     storage = open_storage(args.processed)
     manifest = latest_manifest(storage)

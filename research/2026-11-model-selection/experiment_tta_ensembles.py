@@ -86,7 +86,8 @@ def pick(logits: dict[str, np.ndarray], labels: np.ndarray, lesions: np.ndarray,
 
 
 def test_figures(logits: dict[str, np.ndarray], combo: tuple, labels, lesions, n_boot: int) -> dict:
-    from training.metrics import lesion_bootstrap_ci, ranking_metrics
+    from training.bootstrap import lesion_bootstrap_ci
+    from training.metrics import ranking_metrics
 
     scores = ensemble_scores(logits, combo, lesions)
     metrics = ranking_metrics(labels, scores)
