@@ -187,7 +187,8 @@ def speed_inputs(n_images: int):
     """(Shard of ``n_images`` HAM10000 test images with masks, model) for --speed-only."""
     import numpy as np
 
-    from melanoma.imaging import decode_mask, preprocess_image_bytes
+    from melanoma.image_decode import decode_mask
+    from melanoma.imaging import preprocess_image_bytes
     from melanoma.records import Shard
     from melanoma.splits import assign_split
     from training.model import build_classifier

@@ -84,7 +84,8 @@ def check_output(processed: Path, drop_id: str, n_images: int) -> dict:
 
 def jpeg_reduced_flag(data: bytes) -> int:
     """The IMREAD_REDUCED_COLOR_* flag the job's decoder picks for this JPEG (short side >= 224)."""
-    from melanoma.imaging import jpeg_scale_factor, read_image_header
+    from melanoma.image_decode import jpeg_scale_factor
+    from melanoma.image_header import read_image_header
 
     header = read_image_header(data)
     factor = jpeg_scale_factor(header.width, header.height, SIZE)
@@ -107,7 +108,8 @@ BASELINES = {
 
 def run_baseline(name: str, images: list[Path], masks: list[Path | None], out: Path) -> float:
     """One process, one image after another, arrays saved 256 images per file; returns seconds."""
-    from melanoma.imaging import decode_mask, preprocess_image_bytes
+    from melanoma.image_decode import decode_mask
+    from melanoma.imaging import preprocess_image_bytes
 
     if out.exists():
         shutil.rmtree(out)

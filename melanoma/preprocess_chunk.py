@@ -15,7 +15,10 @@ from typing import Iterator
 
 import numpy as np
 
-from melanoma.imaging import COLOUR_CONSTANCY, RejectedImage, decode_mask, preprocess_image_bytes
+from melanoma.colour_constancy import COLOUR_CONSTANCY
+from melanoma.image_decode import decode_mask
+from melanoma.image_header import RejectedImage
+from melanoma.imaging import preprocess_image_bytes
 from melanoma.job_common import executor_setup, executor_storage, label_counts, shard_key
 from melanoma.records import IMAGE_SIZE, encode_shard, sha256_hex
 from melanoma.splits import SPLITS, assign_split

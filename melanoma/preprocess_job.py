@@ -30,7 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from melanoma import drops as drops_mod
-from melanoma.imaging import COLOUR_CONSTANCY, PREPROCESSING, colour_constancy_of
+from melanoma.colour_constancy import COLOUR_CONSTANCY, colour_constancy_of
+from melanoma.drop_scan import scan_drop
+from melanoma.imaging import PREPROCESSING
 from melanoma.job_common import Engine, count_by_split
 from melanoma.manifest import PROCESSED_PREFIX, commit_manifest, latest_manifest
 from melanoma.preprocess_chunk import ChunkResult, ChunkTask, process_chunk, quarantine_entry
@@ -123,7 +125,7 @@ def plan_drop(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    scan = drops_mod.scan_drop(open_storage(raw_root), drop_id, layout)
+    scan = scan_drop(open_storage(raw_root), drop_id, layout)
     quarantined = [q if isinstance(q, dict) else q.to_json() for q in scan.quarantined]
     usable = []
     for item in scan.inputs:

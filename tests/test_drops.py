@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from melanoma.drops import (
-    DropError,
-    DropScan,
-    QuarantineEntry,
-    detect_layout,
-    drop_date,
-    list_drops,
-    scan_drop,
-)
+from melanoma.drop_scan import DropError, DropScan, QuarantineEntry, detect_layout, scan_drop
+from melanoma.drops import drop_date, list_drops
 from melanoma.storage import LocalStorage
 
 from badcorpus import SCAN_REASONS, build_bad_drop, jpeg_bytes, require_shared_data, synthetic_lesion

@@ -13,22 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from melanoma import imaging
-from melanoma.drops import scan_drop
-from melanoma.imaging import (
-    MAX_PIXELS,
-    NOTES,
-    REASONS,
-    RejectedImage,
-    colour_constancy_of,
-    decode_mask,
-    decode_rgb,
-    jpeg_scale_factor,
-    preprocess_image_bytes,
-    read_image_header,
-    resize_for_model,
-    shades_of_gray,
-)
+from melanoma import image_decode
+from melanoma.colour_constancy import colour_constancy_of, shades_of_gray
+from melanoma.drop_scan import scan_drop
+from melanoma.image_decode import NOTES, decode_mask, decode_rgb, jpeg_scale_factor
+from melanoma.image_header import MAX_PIXELS, REASONS, RejectedImage, read_image_header
+from melanoma.imaging import preprocess_image_bytes, resize_for_model
 from melanoma.storage import LocalStorage
 
 from badcorpus import (
@@ -175,7 +165,7 @@ def test_decompression_bombs_are_refused_before_any_decoding(monkeypatch, lesion
     def no_decoding(*args, **kwargs):
         raise AssertionError("a bomb reached the decoder")
 
-    monkeypatch.setattr(imaging.cv2, "imdecode", no_decoding)
+    monkeypatch.setattr(image_decode.cv2, "imdecode", no_decoding)
     assert rejection(png_bomb()) == "decompression-bomb"
     assert (
         rejection(pil_bytes(Image.new("L", (8000, 8000)), "PNG"), max_pixels=1_000_000)
@@ -469,8 +459,11 @@ def test_bad_masks_are_refused(lesion):
 
 def test_modules_import_neither_tensorflow_nor_pyspark():
     code = (
-        "import sys, melanoma.imaging, melanoma.drops, melanoma.augment;"
+        "import sys, melanoma.imaging, melanoma.image_header, melanoma.image_decode, melanoma.colour_constancy,"
+        " melanoma.drops, melanoma.drop_scan, melanoma.drop_metadata, melanoma.augment;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'pyspark', 'torch'));"
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(imaging.__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(image_decode.__file__).resolve().parents[1]
+    )

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from melanoma import ingest, job_common, preprocess_chunk
-from melanoma.imaging import NOTES
+from melanoma.image_decode import NOTES
 from melanoma.manifest import content_without_version, latest_manifest, read_verified_shard
 from melanoma.records import decode_shard
 from melanoma.splits import assign_split

@@ -24,6 +24,7 @@ import pytest
 
 from melanoma import drops as drops_mod
 from melanoma import ingest, preprocess_chunk
+from melanoma.drop_metadata import read_all
 from melanoma.manifest import latest_manifest
 from melanoma.storage import LocalStorage, ObjectRefused, S3Storage, StorageUnavailable, open_storage
 
@@ -296,7 +297,7 @@ def test_the_scan_stops_reading_metadata_after_the_first_failure(frozen):
     """The ISIC layout reads one JSON per image: 300 queued GETs must not each wait out the timeouts."""
     storage = S3Storage("bucket", "raw", endpoint_url=frozen.url)
     with pytest.raises(StorageUnavailable):
-        drops_mod._read_all(storage, [f"d/ISIC_{i:07d}.json" for i in range(300)])
+        read_all(storage, [f"d/ISIC_{i:07d}.json" for i in range(300)])
     assert len(frozen.connections) <= 2 * 16 * 2, len(
         frozen.connections
     )  # two waves of 16 threads, 2 attempts
@@ -338,7 +339,8 @@ def test_a_local_root_never_writes_through_a_symlinked_folder(tmp_path):
 
 
 def test_quarantine_details_show_at_most_a_four_byte_signature():
-    from melanoma.imaging import RejectedImage, preprocess_image_bytes
+    from melanoma.image_header import RejectedImage
+    from melanoma.imaging import preprocess_image_bytes
 
     with pytest.raises(RejectedImage) as caught:
         preprocess_image_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)

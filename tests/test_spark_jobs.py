@@ -18,7 +18,7 @@ import boto3
 import pytest
 
 from melanoma import ingest
-from melanoma.imaging import NOTES
+from melanoma.image_decode import NOTES
 from melanoma.manifest import content_without_version, latest_manifest, manifest_versions, read_verified_shard
 from melanoma.spark_settings import submit_conf
 from melanoma.splits import assign_split

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from melanoma.drops import DX_CODES
+from melanoma.drop_metadata import DX_CODES
 from melanoma.manifest import load_split, read_verified_shard, select_shards
 from melanoma.records import IMAGE_SIZE
 from melanoma.storage import Storage

@@ -16,16 +16,13 @@ import posixpath
 import cv2
 import numpy as np
 
+from melanoma.colour_constancy import COLOUR_CONSTANCY, colour_constancy_of
 from melanoma.csvout import csv_bytes
+from melanoma.image_decode import decode_rgb
+from melanoma.image_header import RejectedImage
 
 # The Spark job's preprocessing, imported (not copied): see predict_folder.
-from melanoma.imaging import (
-    COLOUR_CONSTANCY,
-    RejectedImage,
-    colour_constancy_of,
-    decode_rgb,
-    preprocess_image_bytes,
-)
+from melanoma.imaging import preprocess_image_bytes
 from melanoma.progress import Progress
 from melanoma.storage import Storage, open_storage, split_uri
 from training.ensemble import gradcam_layer_names

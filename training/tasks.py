@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from melanoma.drops import scan_drop
-from melanoma.imaging import RejectedImage, colour_constancy_of, decode_mask, preprocess_image_bytes
+from melanoma.colour_constancy import colour_constancy_of
+from melanoma.drop_scan import scan_drop
+from melanoma.image_decode import decode_mask
+from melanoma.image_header import RejectedImage
+from melanoma.imaging import preprocess_image_bytes
 from melanoma.manifest import load_split, require_manifest
 from melanoma.records import Shard
 from melanoma.storage import open_storage
