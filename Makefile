@@ -22,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m melanoma.demo
+	$(PY) -m pipeline.demo
 
 # Everything but the Docker stack (which needs root and installs an engine): see test-stack.
 test: venv

@@ -13,7 +13,7 @@ run's ``preprocess`` and ``augment``, so a backfill needs ``--reprocess-behavior
     airflow backfill create --dag-id melanoma_ingest --from-date 2026-01-01 --to-date 2026-01-31 \\
         --reprocess-behavior failed
 
-and, because only the last run of a batch announces the manifest (see ``melanoma.asset_ops``),
+and, because only the last run of a batch announces the manifest (see ``pipeline.asset_ops``),
 starts one training, on the data set the backfill leaves. This file only wires tasks.
 """
 
@@ -23,10 +23,10 @@ import datetime as dt
 
 from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable, dag, get_current_context, task
 
-from melanoma import asset_ops
-from melanoma.airflow_ops import resolve_run
-from melanoma.asset_ops import INGEST_DONE, drops_from_events
-from melanoma.dag_parts import (
+from pipeline import asset_ops
+from pipeline.airflow_ops import resolve_run
+from pipeline.asset_ops import INGEST_DONE, drops_from_events
+from pipeline.dag_parts import (
     DROPS_ASSET,
     MANIFEST_ASSET,
     augment_task,
@@ -57,7 +57,7 @@ def melanoma_ingest():
         """Resolve roots, run key and the drops this run owns (pinned in runs/ingest-<run_key>/plan.json)."""
         import os
 
-        from melanoma.airflow_ops import storage_env
+        from pipeline.airflow_ops import storage_env
 
         context = get_current_context()
         dag_run = context["dag_run"]

@@ -34,9 +34,9 @@ import os
 
 from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 
-from melanoma.airflow_ops import resolve_run, storage_env
-from melanoma.dag_parts import augment_task, default_args, params, preprocess_task
-from melanoma.training_tasks import MACROS, training_task
+from pipeline.airflow_ops import resolve_run, storage_env
+from pipeline.dag_parts import augment_task, default_args, params, preprocess_task
+from pipeline.training_tasks import MACROS, training_task
 
 
 @dag(

@@ -19,10 +19,10 @@ import datetime as dt
 
 from airflow.sdk import dag, get_current_context, task
 
-from melanoma.asset_ops import event_manifest_versions
-from melanoma.dag_parts import MANIFEST_ASSET, TRAIN_PARAMS, default_args, params
-from melanoma.retrain import resolve_training
-from melanoma.training_tasks import MACROS, training_task
+from pipeline.asset_ops import event_manifest_versions
+from pipeline.dag_parts import MANIFEST_ASSET, TRAIN_PARAMS, default_args, params
+from pipeline.retrain import resolve_training
+from pipeline.training_tasks import MACROS, training_task
 
 
 @dag(
@@ -44,7 +44,7 @@ def melanoma_train():
         """The manifest this run trains on (pinned in runs/train-<run_key>/plan.json) and the policy's verdict."""
         import os
 
-        from melanoma.airflow_ops import storage_env
+        from pipeline.airflow_ops import storage_env
 
         context = get_current_context()
         dag_run = context["dag_run"]

@@ -1,7 +1,7 @@
 """Every run setting, declared once, and the named recipes (issue #21.4, #23.1).
 
-The DAG's Params (:mod:`melanoma.dag_parts`), the run plan's defaults and ``train_config``
-(:mod:`melanoma.airflow_ops`), :class:`training.config.TrainConfig`'s defaults, the training
+The DAG's Params (:mod:`pipeline.dag_parts`), the run plan's defaults and ``train_config``
+(:mod:`pipeline.airflow_ops`), :class:`training.config.TrainConfig`'s defaults, the training
 CLI's choices and ``benchmarks/bench_quality.py``'s flags are all built from :data:`SETTINGS`,
 so a default, a bound or a description cannot drift between them.
 

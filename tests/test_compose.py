@@ -411,8 +411,8 @@ def test_minio_init_creates_the_bucket_idempotently(services):
 def dag_connection_ids() -> set[str]:
     files = [
         *sorted((ROOT / "dags").glob("*.py")),
-        ROOT / "melanoma" / "dag_parts.py",
-        ROOT / "melanoma" / "airflow_ops.py",
+        ROOT / "pipeline" / "dag_parts.py",
+        ROOT / "pipeline" / "airflow_ops.py",
     ]
     sources = "".join(path.read_text() for path in files)
     ids = set(re.findall(r"conn_id\s*=\s*\"([A-Za-z0-9_]+)\"", sources))
@@ -444,7 +444,7 @@ def test_the_dags_connections_are_defined(services):
 
 
 def test_the_connections_resolve_in_airflow(services, tmp_path):
-    """The real SparkSubmitHook and melanoma.airflow_ops.storage_env read the compose file's connections."""
+    """The real SparkSubmitHook and pipeline.airflow_ops.storage_env read the compose file's connections."""
     env = {
         key: interpolate(value, filled_env())
         for key, value in environment(services["airflow-scheduler"]).items()
@@ -453,7 +453,7 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
     script = (
         "import json\n"
         "from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook\n"
-        "from melanoma.airflow_ops import storage_env\n"
+        "from pipeline.airflow_ops import storage_env\n"
         "print(json.dumps({'master': SparkSubmitHook(conn_id='spark_default')._connection['master'], 's3': storage_env()}))\n"
     )
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))}
@@ -474,7 +474,7 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
 
 def test_the_settings_the_dag_reads_are_set(compose, services):
     sources = "".join(
-        (ROOT / "melanoma" / name).read_text()
+        (ROOT / "pipeline" / name).read_text()
         for name in ("airflow_ops.py", "training_tasks.py", "dag_parts.py", "retrain.py")
     )
     sources += "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
@@ -704,6 +704,24 @@ def test_copied_paths_exist_and_enter_the_build_context(services):
                 assert dockerignore_allows(ignore, source), (
                     f"{ignore.relative_to(ROOT)} excludes COPY source {source}"
                 )
+
+
+def test_each_image_gets_the_packages_of_its_runtime(services):
+    """pipeline/ (Airflow-side) goes into the Airflow image only; Spark's gets melanoma and spark_jobs."""
+    copied = {
+        name: {source.rstrip("/") for sources, _ in copy_instructions(path) for source in sources}
+        for name, path in DOCKERFILES.items()
+    }
+    assert {"melanoma", "pipeline", "training", "spark_jobs", "dags", "plugins"} <= copied["airflow"]
+    assert {"melanoma", "spark_jobs"} <= copied["spark"] and {"melanoma", "training"} <= copied["training"]
+    for name in ("spark", "training"):
+        assert not {"pipeline", "dags", "plugins"} & copied[name], f"the {name} image ships Airflow-side code"
+        ignore = DOCKERFILES[name].with_name("Dockerfile.dockerignore")
+        assert not dockerignore_allows(ignore, "pipeline"), f"{ignore.relative_to(ROOT)} lets pipeline/ in"
+    # The Airflow containers mount the working tree's packages over the image's, pipeline/ included.
+    for name in ("airflow-scheduler", "airflow-dag-processor"):
+        mounts = {str(v).split(":")[0] for v in services[name].get("volumes") or []}
+        assert {"./melanoma", "./pipeline", "./dags"} <= mounts, f"{name} mounts {sorted(mounts)}"
 
 
 def test_training_image_is_non_root_with_the_training_cli_entrypoint():

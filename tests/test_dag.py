@@ -16,8 +16,11 @@ import pytest
 
 pytest.importorskip("airflow")
 
-from melanoma import airflow_ops  # noqa: E402
-from melanoma.airflow_ops import (  # noqa: E402
+from melanoma.manifest import commit_manifest  # noqa: E402
+from melanoma.settings import apply_recipe  # noqa: E402
+from melanoma.storage import open_storage  # noqa: E402
+from pipeline import airflow_ops  # noqa: E402
+from pipeline.airflow_ops import (  # noqa: E402
     PARAM_DEFAULTS,
     HistoryOrderError,
     check_history_order,
@@ -25,9 +28,6 @@ from melanoma.airflow_ops import (  # noqa: E402
     resolve_run,
     run_key,
 )
-from melanoma.manifest import commit_manifest  # noqa: E402
-from melanoma.settings import apply_recipe  # noqa: E402
-from melanoma.storage import open_storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 from test_runs import airflow_binary, free_port, manifests, snapshot, stop_process_group
 
-from melanoma.demo import airflow_env
 from melanoma.synthetic import write_drop
+from pipeline.demo import airflow_env
 
 from airflow_server import api_server_env
 

@@ -1,4 +1,4 @@
-"""The embedded Airflow's environment (``melanoma.demo.airflow_env``), as Airflow itself reads it."""
+"""The embedded Airflow's environment (``pipeline.demo.airflow_env``), as Airflow itself reads it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from melanoma.demo import PROJECT_ROOT, airflow_env
+from pipeline.demo import PROJECT_ROOT, airflow_env
 
 
 def test_embedded_airflow_waits_for_sqlite_locks_longer_than_sqlite_default(tmp_path):
@@ -45,6 +45,6 @@ def test_embedded_airflow_waits_for_the_execution_api_longer_than_a_sqlite_lock(
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    from melanoma.demo import SQLITE_CONNECT_ARGS
+    from pipeline.demo import SQLITE_CONNECT_ARGS
 
     assert float(result.stdout.strip().splitlines()[-1]) > SQLITE_CONNECT_ARGS["timeout"]

@@ -13,7 +13,7 @@ import sqlite3
 import boto3
 import pytest
 
-from melanoma.demo import airflow_env, run_dag
+from pipeline.demo import airflow_env, run_dag
 
 from ham_drop import metadata_csv, metadata_rows, pick_images, upload_images
 

@@ -73,7 +73,7 @@ def test_files_arriving_after_ingestion_are_reported_on_every_run_not_dropped_si
 
 def test_the_plan_task_reports_late_files_too(tmp_path, monkeypatch):
     """``plan`` runs on every run, also those that short-circuit before Spark."""
-    from melanoma.airflow_ops import resolve_run
+    from pipeline.airflow_ops import resolve_run
 
     raw, out = tmp_path / "raw", tmp_path / "data"
     write_ham_drop(raw, DROP, ids(1, 3))
@@ -220,7 +220,7 @@ def test_drops_reach_spark_as_a_json_list():
         sys.path.remove(str(ROOT / "spark_jobs"))
     assert job.parse_drops('["a,b", "c"]') == ["a,b", "c"]  # never split inside an id
     assert job.parse_drops("a,b") == ["a", "b"]  # typed by hand
-    dag_source = (ROOT / "melanoma" / "dag_parts.py").read_text()  # the preprocess task every DAG file wires
+    dag_source = (ROOT / "pipeline" / "dag_parts.py").read_text()  # the preprocess task every DAG file wires
     assert "['new_drops'] | tojson" in dag_source and "join(',')" not in dag_source
 
 
@@ -388,7 +388,7 @@ def test_lesion_focus_csv_neutralises_formulas():
 def test_the_product_writes_csv_through_one_helper():
     """One definition per fact: any new CSV writer must go through melanoma.csvout."""
     writers = []
-    for folder in ("melanoma", "training", "spark_jobs", "dags", "plugins"):
+    for folder in ("melanoma", "pipeline", "training", "spark_jobs", "dags", "plugins"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             text = path.read_text()
             if ("csv.writer(" in text or "csv.DictWriter(" in text) and path.name != "csvout.py":

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ("melanoma", "training", "spark_jobs", "dags", "plugins", "benchmarks", "tests")
+CHECKED = ("melanoma", "pipeline", "training", "spark_jobs", "dags", "plugins", "benchmarks", "tests")
 RESEARCH = "research"
 
 # Calls that import or run code from a name or a file path.
@@ -168,3 +168,75 @@ def test_the_rule_catches_each_way_of_using_research_code(tmp_path):
             (tmp_path / folder / name).write_text(source)
     found = scan(tmp_path)
     assert set(found) == {f"{folder}/{name}" for folder in ("tests", "melanoma") for name in BAD}, found
+
+
+# --- the runtimes' boundary: what the Spark and training images ship never needs Airflow ---------
+
+#: Packages only the Airflow image has (docker/airflow/Dockerfile): the Airflow-side package and Airflow.
+AIRFLOW_ONLY = ("pipeline", "airflow")
+#: Folders copied into the Spark image (melanoma, spark_jobs) or the training image (melanoma, training).
+SHIPPED_WITHOUT_AIRFLOW = ("melanoma", "spark_jobs", "training")
+
+
+def airflow_imports(source: str) -> list[str]:
+    """Every import of an Airflow-only package in ``source``, at any depth (inside functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        elif (
+            isinstance(node, ast.Call)
+            and _call_name(node) in {"import_module", "__import__"}
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names = [node.args[0].value]
+        else:
+            continue
+        found += [f"line {node.lineno}: {name}" for name in names if name.split(".")[0] in AIRFLOW_ONLY]
+    return found
+
+
+def airflow_uses(root: Path) -> dict[str, list[str]]:
+    """Python files of the folders shipped without Airflow that import ``pipeline`` or ``airflow``."""
+    out = {}
+    for folder in SHIPPED_WITHOUT_AIRFLOW:
+        for path in sorted((root / folder).rglob("*.py")):
+            findings = airflow_imports(path.read_text(encoding="utf-8"))
+            if findings:
+                out[str(path.relative_to(root))] = findings
+    return out
+
+
+def test_the_spark_and_training_code_imports_nothing_airflow_side():
+    """melanoma/ runs on Spark executors (and in the training image): pipeline/ and Airflow are not there."""
+    assert len(list((ROOT / "melanoma").rglob("*.py"))) > 10  # the scan sees the package
+    assert airflow_uses(ROOT) == {}
+
+
+def test_the_airflow_side_modules_live_in_pipeline():
+    """The folder layout shows the runtimes: the DAGs' helpers are in pipeline/, not in the shipped package."""
+    moved = ("airflow_ops", "asset_ops", "dag_parts", "retrain", "training_tasks", "demo")
+    assert all((ROOT / "pipeline" / f"{name}.py").is_file() for name in moved)
+    assert not any((ROOT / "melanoma" / f"{name}.py").exists() for name in moved)
+
+
+def test_the_boundary_rule_catches_each_way_of_importing_airflow_side_code(tmp_path):
+    bad = {
+        "plain.py": "import pipeline.airflow_ops\n",
+        "from_pipeline.py": "from pipeline.dag_parts import params\n",
+        "from_package.py": "from pipeline import retrain\n",
+        "airflow_sdk.py": "def f():\n    from airflow.sdk import Variable  # lazy still counts\n",
+        "by_name.py": "import importlib\nm = importlib.import_module('pipeline.demo')\n",
+    }
+    good = {
+        "relative.py": "from . import storage\n",
+        "similar_names.py": "import pipelines\nfrom airflow_tools import x\nNAME = 'pipeline.demo'\n",
+    }
+    (tmp_path / "melanoma").mkdir()
+    for name, source in {**bad, **good}.items():
+        (tmp_path / "melanoma" / name).write_text(source)
+    assert set(airflow_uses(tmp_path)) == {f"melanoma/{name}" for name in bad}

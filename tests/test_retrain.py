@@ -17,11 +17,11 @@ import pytest
 
 pytest.importorskip("airflow")
 
-from melanoma.asset_ops import drops_from_events, event_manifest_versions, manifest_summary, publish_decision  # noqa: E402
 from melanoma.manifest import ManifestError, commit_manifest, require_manifest  # noqa: E402
-from melanoma.retrain import decide, image_counts, last_model, resolve_policy, resolve_training  # noqa: E402
 from melanoma.storage import open_storage  # noqa: E402
-from melanoma.training_tasks import training_args  # noqa: E402
+from pipeline.asset_ops import drops_from_events, event_manifest_versions, manifest_summary, publish_decision  # noqa: E402
+from pipeline.retrain import decide, image_counts, last_model, resolve_policy, resolve_training  # noqa: E402
+from pipeline.training_tasks import training_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
@@ -106,7 +106,7 @@ def test_ingest_is_daily_or_on_an_uploaders_event_and_ends_by_announcing_the_man
 def test_training_runs_on_the_manifest_asset_one_at_a_time_with_the_pipelines_params(dagbag, serialized):
     from airflow.timetables.simple import AssetTriggeredTimetable
 
-    from melanoma.airflow_ops import PARAM_DEFAULTS
+    from pipeline.airflow_ops import PARAM_DEFAULTS
 
     dag = dagbag.dags["melanoma_train"]
     assert [t.task_id for t in dag.topological_sort()] == [

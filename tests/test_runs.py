@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from melanoma.demo import airflow_env
 from melanoma.synthetic import write_drop
+from pipeline.demo import airflow_env
 
 pytestmark = pytest.mark.e2e
 

@@ -2,7 +2,7 @@
 
 A real Airflow 3 (SQLite, LocalExecutor, api-server, scheduler, dag-processor, triggerer) from
 .venv/bin in a temporary AIRFLOW_HOME, on a free loopback port, with the environment of
-``make demo`` (melanoma.demo.airflow_env). The test logs in through the simple auth manager
+``make demo`` (pipeline.demo.airflow_env). The test logs in through the simple auth manager
 (the password standalone generates, POST /auth/token), then checks that the DAG is served
 without import errors, can be unpaused and paused, accepts a trigger with valid Params and
 rejects invalid ones with a 400 naming the bad field. The DAG stays paused, so no task runs;
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from melanoma.demo import airflow_env
+from pipeline.demo import airflow_env
 
 from airflow_server import api_server_env
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 
-from melanoma.retrain import image_counts
+from pipeline.retrain import image_counts
 
 log = logging.getLogger(__name__)
 

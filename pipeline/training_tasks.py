@@ -27,7 +27,7 @@ from typing import Any
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import BaseOperator
 
-from melanoma.airflow_ops import parse_result, run_cli_locally, setting, storage_env
+from pipeline.airflow_ops import parse_result, run_cli_locally, setting, storage_env
 
 __all__ = [
     "STEPS",

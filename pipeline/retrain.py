@@ -27,14 +27,19 @@ import json
 import logging
 from typing import Any
 
-from melanoma.airflow_ops import (
+from pipeline.airflow_ops import (
     PARAM_DEFAULTS,
     PLAN_RECORD,
     RUN_DONE,
-    _utc,
+    checked_params,
+    read_record,
+    run_date,
     run_key,
+    run_root,
     setting,
+    storage_roots,
     training_settings,
+    write_record,
 )
 
 log = logging.getLogger(__name__)
@@ -158,6 +163,30 @@ def _choose_version(
     return latest["version"], f"the newest manifest as of {as_of}"
 
 
+def _manifest_version(
+    processed, key: str, pinned: dict | None, requested, event_versions: list[int], as_of: str | None
+) -> tuple[int, str]:
+    """(manifest version, where it came from): the one ``pinned`` in the run's record, else chosen now."""
+    if pinned:  # a rerun: the data this run was triggered with, not the newest
+        return int(pinned["manifest_version"]), f"pinned in runs/{key}/{PLAN_RECORD} at its first attempt"
+    return _choose_version(processed, int(requested), event_versions, as_of)
+
+
+def _training_decision(
+    processed, key: str, policy: dict, manifest: dict, baseline: dict | None
+) -> tuple[bool, str, bool]:
+    """(train?, why, finished?): the policy against the last model's manifest; a finished run never trains."""
+    from melanoma.manifest import load_manifest
+    from melanoma.storage import join_key
+
+    baseline_manifest = load_manifest(processed, baseline["manifest_version"]) if baseline else None
+    train, reason = decide(policy, manifest, baseline, baseline_manifest)
+    finished = processed.exists(join_key("runs", key, RUN_DONE))
+    if finished:
+        train, reason = False, f"runs/{key}/{RUN_DONE} exists: this run has finished"
+    return train, reason, finished
+
+
 def resolve_training(
     params: dict,
     *,
@@ -167,46 +196,27 @@ def resolve_training(
     event_versions: list[int],
 ) -> dict:
     """Everything the training DAG's tasks need, as small JSON (the ``plan`` task's XCom); see the module doc."""
-    import math
-    from pathlib import Path
-
-    from melanoma.airflow_ops import PROJECT_ROOT
-    from melanoma.manifest import load_manifest, require_manifest
+    from melanoma.manifest import require_manifest
     from melanoma.storage import join_key, open_storage
 
-    unknown = sorted(set(params) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown Params {unknown}; this DAG's Params are {sorted(TRAIN_DEFAULTS)}")
-    values = {**TRAIN_DEFAULTS, **params}
-    not_finite = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
-    if not_finite:  # the Param schema refuses them too; a run triggered around it must not train on NaN
-        raise ValueError(f"Params {not_finite} must be finite numbers, not NaN or infinity")
-    data_root = setting("data_root", str(PROJECT_ROOT / "output" / "data"))
-    raw_root = setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
+    values = checked_params(params, TRAIN_DEFAULTS)
+    data_root, raw_root = storage_roots()
     processed = open_storage(data_root)
     key = KEY_PREFIX + run_key(run_id, logical_date)
-    dated = logical_date or run_after
-    run_date = _utc(dated).date().isoformat() if dated is not None else None
-
     record_key = join_key("runs", key, PLAN_RECORD)
-    pinned = json.loads(processed.read_bytes(record_key)) if processed.exists(record_key) else None
-    if pinned:  # a rerun: the data this run was triggered with, not the newest
-        version, source = (
-            int(pinned["manifest_version"]),
-            f"pinned in runs/{key}/{PLAN_RECORD} at its first attempt",
-        )
-    else:
-        version, source = _choose_version(
-            processed, int(values["manifest_version"]), event_versions, run_date
-        )
+    pinned = read_record(processed, record_key)
+    version, source = _manifest_version(
+        processed,
+        key,
+        pinned,
+        values["manifest_version"],
+        event_versions,
+        run_date(logical_date, run_after),
+    )
     manifest = require_manifest(processed, version=version)
     policy = resolve_policy(values)
     baseline = last_model(processed, up_to=version, exclude=key)
-    baseline_manifest = load_manifest(processed, baseline["manifest_version"]) if baseline else None
-    train, reason = decide(policy, manifest, baseline, baseline_manifest)
-    finished = processed.exists(join_key("runs", key, RUN_DONE))
-    if finished:
-        train, reason = False, f"runs/{key}/{RUN_DONE} exists: this run has finished"
+    train, reason, finished = _training_decision(processed, key, policy, manifest, baseline)
     as_of = manifest.get("logical_date")
     if train and not pinned:  # pin the data set before any output exists (a skipped run writes nothing)
         record = {
@@ -218,18 +228,13 @@ def resolve_training(
             "policy": policy,
             "reason": reason,
         }
-        processed.write_bytes(record_key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        write_record(processed, record_key, record)
     images, melanomas = image_counts(manifest)
-    run_root = (
-        join_key(data_root, "runs", key)
-        if data_root.startswith("s3://")
-        else str(Path(data_root) / "runs" / key)
-    )
     return {
         "run_key": key,
         "raw_root": raw_root,
         "data_root": data_root,
-        "run_root": run_root,
+        "run_root": run_root(data_root, key),
         "manifest_version": version,
         "manifest_source": source,
         "drops": manifest.get("drops", []),

@@ -16,11 +16,11 @@ from pathlib import Path
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Asset, Param
 
-from melanoma.airflow_ops import recheck_history_order, setting, storage_env
 from melanoma.drops import DROP_ID_PATTERN
-from melanoma.retrain import POLICIES
 from melanoma.settings import PARAM_DEFAULTS, SETTINGS, Setting
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
+from pipeline.airflow_ops import recheck_history_order, setting, storage_env
+from pipeline.retrain import POLICIES
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"

@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -147,6 +148,86 @@ def select_drops(
     return list(available)  # a manual (or asset-triggered) run without a choice takes every drop
 
 
+def checked_params(params: dict, defaults: dict) -> dict:
+    """The run's Params over ``defaults``; unknown names and numbers that are NaN or infinite are refused."""
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown Params {unknown}; this DAG's Params are {sorted(defaults)}")
+    values = {**defaults, **params}
+    not_finite = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+    if not_finite:  # the Param schema refuses them too; a run triggered around it must not train on NaN
+        raise ValueError(f"Params {not_finite} must be finite numbers, not NaN or infinity")
+    return values
+
+
+def storage_roots() -> tuple[str, str]:
+    """``(data_root, raw_root)``: the Variables/env settings, else ``output/data`` and ``output/raw`` here."""
+    data_root = setting("data_root", str(PROJECT_ROOT / "output" / "data"))
+    raw_root = setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
+    return data_root, raw_root
+
+
+def run_date(logical_date: dt.datetime | None, run_after: dt.datetime | None) -> str | None:
+    """The run's date (UTC, ISO): its logical date, else the day it ran; None when it has neither."""
+    dated = logical_date or run_after
+    return _utc(dated).date().isoformat() if dated is not None else None
+
+
+def run_root(data_root: str, key: str) -> str:
+    """The run's folder ``runs/<key>`` under the data root (an ``s3://`` URI or a local path)."""
+    from melanoma.storage import join_key
+
+    if data_root.startswith("s3://"):
+        return join_key(data_root, "runs", key)
+    return str(Path(data_root) / "runs" / key)
+
+
+def read_record(processed, key: str) -> dict | None:
+    """The JSON record stored at ``key`` (a run's ``plan.json``, say), None when there is none."""
+    return json.loads(processed.read_bytes(key)) if processed.exists(key) else None
+
+
+def write_record(processed, key: str, record: dict) -> None:
+    """``record`` as indented, key-sorted JSON at ``key``."""
+    processed.write_bytes(key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _check_external_drops(external: list[str], available: list[str], raw_root: str) -> None:
+    """Refuse a run whose ``external_drops`` are not all under the raw root."""
+    missing = [d for d in external if d not in available]
+    if missing:
+        raise ValueError(f"external_drops {missing} not found under {raw_root}; available: {available}")
+
+
+def _pin_new_drops(
+    processed,
+    key: str,
+    fresh: list[str],
+    *,
+    latest: dict | None,
+    as_of: str | None,
+    run_id: str,
+    drops: list[str],
+) -> list[str]:
+    """The drops run ``key`` brings into the data set: those pinned in its ``plan.json``, then ``fresh``.
+
+    ``fresh`` (selected, not in the ``latest`` manifest) must keep the history order
+    (:func:`check_history_order`). The first time the run sees a drop it pins it in the record,
+    so a retry or a cleared rerun still owns it; a rerun writes nothing.
+    """
+    from melanoma.storage import join_key
+
+    record_key = join_key("runs", key, PLAN_RECORD)
+    previous = read_record(processed, record_key)
+    pinned = previous.get("new_drops", []) if previous is not None else []
+    check_history_order(latest, as_of, fresh)
+    owned = list(dict.fromkeys([*pinned, *fresh]))
+    if owned != pinned:  # first sight of these drops: pin them to this run (a rerun writes nothing)
+        record = {"run_key": key, "run_id": run_id, "as_of": as_of, "drops": drops, "new_drops": owned}
+        write_record(processed, record_key, record)
+    return owned
+
+
 def resolve_run(
     params: dict,
     *,
@@ -172,21 +253,12 @@ def resolve_run(
     ingest run takes those when its ``drops`` Param is empty). ``key_prefix`` keeps the run
     folders of the ingest DAG apart from those of other DAGs (``runs/<prefix><run key>``).
     """
-    import math
-
     from melanoma.drops import list_drops, report_late_files
     from melanoma.manifest import latest_manifest
     from melanoma.storage import join_key, open_storage
 
-    unknown = sorted(set(params) - set(PARAM_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown Params {unknown}; this DAG's Params are {sorted(PARAM_DEFAULTS)}")
-    values = {**PARAM_DEFAULTS, **params}
-    not_finite = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
-    if not_finite:  # the Param schema refuses them too; a run triggered around it must not train on NaN
-        raise ValueError(f"Params {not_finite} must be finite numbers, not NaN or infinity")
-    data_root = setting("data_root", str(PROJECT_ROOT / "output" / "data"))
-    raw_root = setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
+    values = checked_params(params, PARAM_DEFAULTS)
+    data_root, raw_root = storage_roots()
     raw, processed = open_storage(raw_root), open_storage(data_root)
     available = list_drops(raw)
     selected = select_drops(
@@ -197,39 +269,21 @@ def resolve_run(
         interval_end=interval_end,
         raw_root=raw_root,
     )
-    missing_external = [d for d in values["external_drops"] if d not in available]
-    if missing_external:
-        raise ValueError(
-            f"external_drops {missing_external} not found under {raw_root}; available: {available}"
-        )
+    _check_external_drops(values["external_drops"], available, raw_root)
     latest = latest_manifest(processed)
     done = set((latest or {}).get("drops", []))
     # Files that reached an ingested drop afterwards are not in the data set: say so on every run.
     late = report_late_files(raw, processed, latest, selected)
     key = key_prefix + run_key(run_id, logical_date)
-    dated = logical_date or run_after
-    as_of = _utc(dated).date().isoformat() if dated is not None else None
-
-    record_key = join_key("runs", key, PLAN_RECORD)
-    pinned = (
-        json.loads(processed.read_bytes(record_key)).get("new_drops", [])
-        if processed.exists(record_key)
-        else []
-    )
+    as_of = run_date(logical_date, run_after)
     fresh = [d for d in selected if d not in done]
-    check_history_order(latest, as_of, fresh)
-    owned = list(dict.fromkeys([*pinned, *fresh]))
-    if owned != pinned:  # first sight of these drops: pin them to this run (a rerun writes nothing)
-        record = {"run_key": key, "run_id": run_id, "as_of": as_of, "drops": selected, "new_drops": owned}
-        processed.write_bytes(record_key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    owned = _pin_new_drops(processed, key, fresh, latest=latest, as_of=as_of, run_id=run_id, drops=selected)
     finished = processed.exists(join_key("runs", key, done_marker))
     return {
         "run_key": key,
         "raw_root": raw_root,
         "data_root": data_root,
-        "run_root": join_key(data_root, "runs", key)
-        if data_root.startswith("s3://")
-        else str(Path(data_root) / "runs" / key),
+        "run_root": run_root(data_root, key),
         "drops": selected,
         "new_drops": owned,
         "pending_drops": fresh,
