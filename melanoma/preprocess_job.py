@@ -98,13 +98,25 @@ def known_image_ids(out: Storage, manifest: dict | None) -> dict[str, str]:
     return known
 
 
-def root_colour_constancy(previous: dict | None) -> str:
-    """The colour constancy of a processed root: what its manifest records, else the default.
+def root_colour_constancy(previous: dict | None, requested: str | None = None) -> str:
+    """The colour constancy of a processed root: what its manifest records, else ``requested``
+    (a new root), else the default.
 
     A root keeps the preprocessing it started with (shards of one root, hence one model's
-    training data, never mix two), so a root made before colour constancy goes on without it.
+    training data, never mix two), so a root made before colour constancy goes on without it,
+    and asking an existing root for another method is an error, not a silent mix.
     """
-    return colour_constancy_of(previous["preprocessing"]) if previous else COLOUR_CONSTANCY[0]
+    if requested is not None and requested not in COLOUR_CONSTANCY:
+        raise ValueError(f"colour_constancy must be one of {COLOUR_CONSTANCY}, got {requested!r}")
+    if previous is None:
+        return requested or COLOUR_CONSTANCY[0]
+    recorded = colour_constancy_of(previous["preprocessing"])
+    if requested is not None and requested != recorded:
+        raise ValueError(
+            f"this processed root was started with colour constancy {recorded!r}; {requested!r} would "
+            "mix two preprocessings in one root: use a new processed root for it"
+        )
+    return recorded
 
 
 def plan_drop(
@@ -159,10 +171,11 @@ def plan_drops(
     *,
     layout: str = "auto",
     shard_size: int = DEFAULT_SHARD_SIZE,
+    colour_constancy: str | None = None,
 ) -> list[DropPlan]:
     """Plans for ``drop_ids`` in order, duplicates checked against ``previous`` and each other."""
     known = known_image_ids(open_storage(processed_root), previous)
-    colour = root_colour_constancy(previous)
+    colour = root_colour_constancy(previous, colour_constancy)
     return [
         plan_drop(
             raw_root, processed_root, d, known, layout=layout, shard_size=shard_size, colour_constancy=colour
@@ -243,6 +256,7 @@ def finish_drops(
     results: list[ChunkResult],
     *,
     logical_date: str | None,
+    colour_constancy: str | None = None,
 ) -> dict:
     """Driver side: check the accounting, write quarantine files and indexes, and return the
     next manifest (not yet committed). ``results`` may come in any order.
@@ -272,7 +286,7 @@ def finish_drops(
             "function": "melanoma.imaging.preprocess_image_bytes",
             "mask_function": "melanoma.imaging.decode_mask",
             **PREPROCESSING,
-            "colour_constancy": root_colour_constancy(previous),
+            "colour_constancy": root_colour_constancy(previous, colour_constancy),
         },
         "split": split_description(DEFAULT_FRACTIONS),
         "shards": shards,
@@ -331,14 +345,19 @@ def run_preprocess(
     layout: str = "auto",
     logical_date: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    colour_constancy: str | None = None,
 ) -> dict:
     """One preprocess run, driver side; returns a summary (``manifest_key`` None when there was nothing to do).
+
+    ``colour_constancy`` chooses the method of a new processed root (None: the default); an
+    existing root keeps its own, and asking it for another is an error (:func:`root_colour_constancy`).
 
     The engine is started only when some requested drop is new, and in parallel with the scan.
     """
     started = time.perf_counter()
     raw, out = open_storage(raw_root), open_storage(processed_root)
     previous = latest_manifest(out)
+    root_colour_constancy(previous, colour_constancy)  # refuse a mismatch before any work
     todo = pending_drops(raw, previous, drops)
     summary: dict = {
         "drops": todo,
@@ -356,7 +375,14 @@ def run_preprocess(
         # The scan reads metadata only; the engine's start mostly waits on the JVM. On object
         # storage the scan's waits overlap that start; locally it neither helps nor hurts.
         planning = pool.submit(
-            plan_drops, raw_root, processed_root, previous, todo, layout=layout, shard_size=shard_size
+            plan_drops,
+            raw_root,
+            processed_root,
+            previous,
+            todo,
+            layout=layout,
+            shard_size=shard_size,
+            colour_constancy=colour_constancy,
         )
         with engine() as map_tasks:
             timings["engine_start"] = time.perf_counter() - started
@@ -368,7 +394,9 @@ def run_preprocess(
             timings["map"] = time.perf_counter() - mapped
             map_ended = time.time()
     stopped = time.perf_counter()
-    manifest = finish_drops(out, previous, plans, results, logical_date=logical_date)
+    manifest = finish_drops(
+        out, previous, plans, results, logical_date=logical_date, colour_constancy=colour_constancy
+    )
     key = commit_manifest(out, manifest)
     timings["finish"] = time.perf_counter() - stopped
     timings["total"] = time.perf_counter() - started

@@ -25,6 +25,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
+from melanoma.colour_constancy import COLOUR_CONSTANCY  # noqa: E402
 from melanoma.job_common import spark_engine  # noqa: E402
 from melanoma.preprocess_job import run_preprocess  # noqa: E402
 
@@ -46,6 +47,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--logical-date", default=None, help="ISO date recorded in the manifest")
     parser.add_argument(
         "--shard-size", type=int, default=256, help="images per chunk/task (changing it changes the shards)"
+    )
+    parser.add_argument(
+        "--colour-constancy",
+        default=None,
+        choices=list(COLOUR_CONSTANCY),
+        help=f"colour constancy of a NEW processed root (default {COLOUR_CONSTANCY[0]}); an existing root "
+        "keeps the one it started with, and asking it for another is an error",
     )
     return parser.parse_args(argv)
 
@@ -74,6 +82,7 @@ def main(argv: list[str]) -> int:
         layout=args.layout,
         logical_date=args.logical_date or None,
         shard_size=args.shard_size,
+        colour_constancy=args.colour_constancy,
     )
     if summary["manifest_key"] is None:
         log.info(

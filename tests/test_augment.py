@@ -58,6 +58,16 @@ def test_sampled_parameters_stay_in_documented_ranges():
     assert 0.35 < np.mean([p.hflip for p in draws]) < 0.65
     assert 0.35 < np.mean([p.vflip for p in draws]) < 0.65
     assert AUGMENT_PARAMS["zoom"] == [0.9, 1.2] and AUGMENT_PARAMS["brightness"] == [0.8, 1.2]
+    # Version 3: hue, saturation and contrast at the identity (version 2's jitter cost HAM validation).
+    assert all((p.hue, p.saturation, p.contrast) == (0.0, 1.0, 1.0) for p in draws)
+
+
+def test_version_3_images_are_version_1s(pair):
+    """With the photometric jitter at the identity, a copy is the geometry and brightness alone."""
+    image, mask = pair
+    params = sample_params("ISIC_5", 2)
+    plain = AugmentParams(params.hflip, params.vflip, params.angle, params.zoom, params.brightness)
+    assert np.array_equal(apply_augment(image, mask, params)[0], apply_augment(image, mask, plain)[0])
 
 
 def test_pure_flips_are_exact(pair):

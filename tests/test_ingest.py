@@ -279,6 +279,27 @@ def test_duplicate_ids_across_drops_keep_the_first_drops_copy(two_drops, tmp_pat
     )
 
 
+def test_a_new_root_takes_the_requested_colour_constancy_and_keeps_it(two_drops, tmp_path):
+    """The method is chosen when a root starts; later drops follow it; another one is refused."""
+    out = tmp_path / "out"
+    ingest.run_preprocess(
+        str(two_drops),
+        str(out),
+        ingest.local_engine,
+        drops=["ham-2024-01-01"],
+        colour_constancy="shades_of_gray",
+    )
+    ingest.run_preprocess(str(two_drops), str(out), ingest.local_engine)  # no request: the root's own
+    manifest = latest_manifest(LocalStorage(out))
+    assert manifest["preprocessing"]["colour_constancy"] == "shades_of_gray"
+    assert manifest["drops"] == ["ham-2024-01-01", "ham-2024-02-01"]
+    with pytest.raises(ValueError, match="started with colour constancy 'shades_of_gray'"):
+        ingest.run_preprocess(str(two_drops), str(out), ingest.local_engine, colour_constancy="none")
+    default = tmp_path / "default"
+    ingest.run_preprocess(str(two_drops), str(default), ingest.local_engine, drops=["ham-2024-01-01"])
+    assert latest_manifest(LocalStorage(default))["preprocessing"]["colour_constancy"] == "none"
+
+
 def test_duplicates_within_one_run_are_caught_the_same_way(two_drops, tmp_path):
     plans = ingest.plan_drops(str(two_drops), str(tmp_path), None, ["ham-2024-01-01", "ham-2024-02-01"])
     second = plans[1]
