@@ -166,12 +166,7 @@ def time_spark_runs(
         output = check_output(processed, drop_id, len(images))
         spark_runs.append(
             {
-                "seconds": round(seconds, 2),
-                "images_per_s": round(len(images) / seconds, 1),
-                "load_average_before": load,
-                "foreign_cpu_s": round(foreign.foreign, 1),
-                "steal_s": round(foreign.steal, 1),
-                "contaminated": contaminated(foreign.foreign, seconds),
+                **timed_pass(seconds, len(images), load, foreign),
                 "phases": summary["seconds"],
                 "executor_seconds": summary["executor_seconds"],
                 "tasks": summary["tasks"],
@@ -189,6 +184,18 @@ def time_spark_runs(
     return spark_runs
 
 
+def timed_pass(seconds: float, n_images: int, load: list[float], foreign) -> dict:
+    """What every timed pass records: its time and rate, and what else ran meanwhile."""
+    return {
+        "seconds": round(seconds, 2),
+        "images_per_s": round(n_images / seconds, 1),
+        "load_average_before": load,
+        "foreign_cpu_s": round(foreign.foreign, 1),
+        "steal_s": round(foreign.steal, 1),
+        "contaminated": contaminated(foreign.foreign, seconds),
+    }
+
+
 def time_baseline(
     name: str, images: list[Path], masks: list[Path | None], all_files: list[Path], work: Path, retries: int
 ) -> list[dict]:
@@ -200,16 +207,7 @@ def time_baseline(
         with ForeignCpu() as foreign:
             seconds = run_baseline(name, images, masks, work / name)
         shutil.rmtree(work / name, ignore_errors=True)
-        attempts.append(
-            {
-                "seconds": round(seconds, 2),
-                "images_per_s": round(len(images) / seconds, 1),
-                "load_average_before": load,
-                "foreign_cpu_s": round(foreign.foreign, 1),
-                "steal_s": round(foreign.steal, 1),
-                "contaminated": contaminated(foreign.foreign, seconds),
-            }
-        )
+        attempts.append(timed_pass(seconds, len(images), load, foreign))
         print(
             f"{name}: {seconds:.1f} s, {len(images) / seconds:.0f} images/s (load {load}, other processes "
             f"{foreign.foreign:.1f} CPU-s, steal {foreign.steal:.1f} s{', CONTAMINATED' if attempts[-1]['contaminated'] else ''})",

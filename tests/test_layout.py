@@ -118,15 +118,20 @@ def research_uses(source: str) -> list[str]:
     return found
 
 
-def scan(root: Path) -> dict[str, list[str]]:
-    """Every Python file under ``root``'s checked folders that uses research code, with its findings."""
+def findings_in(root: Path, folders, check) -> dict[str, list[str]]:
+    """``check``'s findings for every Python file under ``root``'s ``folders`` that has any."""
     out = {}
-    for folder in CHECKED:
+    for folder in folders:
         for path in sorted((root / folder).rglob("*.py")):
-            findings = research_uses(path.read_text(encoding="utf-8"))
+            findings = check(path.read_text(encoding="utf-8"))
             if findings:
                 out[str(path.relative_to(root))] = findings
     return out
+
+
+def scan(root: Path) -> dict[str, list[str]]:
+    """Every Python file under ``root``'s checked folders that uses research code, with its findings."""
+    return findings_in(root, CHECKED, research_uses)
 
 
 def test_no_product_module_benchmark_or_test_uses_research_code():
@@ -202,13 +207,7 @@ def airflow_imports(source: str) -> list[str]:
 
 def airflow_uses(root: Path) -> dict[str, list[str]]:
     """Python files of the folders shipped without Airflow that import ``pipeline`` or ``airflow``."""
-    out = {}
-    for folder in SHIPPED_WITHOUT_AIRFLOW:
-        for path in sorted((root / folder).rglob("*.py")):
-            findings = airflow_imports(path.read_text(encoding="utf-8"))
-            if findings:
-                out[str(path.relative_to(root))] = findings
-    return out
+    return findings_in(root, SHIPPED_WITHOUT_AIRFLOW, airflow_imports)
 
 
 def test_the_spark_and_training_code_imports_nothing_airflow_side():
