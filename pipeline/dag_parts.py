@@ -49,7 +49,8 @@ def default_args() -> dict:
 def _param(setting: Setting) -> Param:
     """A run setting as an Airflow Param: its schema, title and section; null allowed where the recipe decides."""
     schema = dict(setting.schema)
-    if schema.get("items") is not None:  # drop ids: the pattern lives in melanoma.drops (not a light import)
+    # Drop ids: their pattern lives in melanoma.drops; settings itself stays free of imports.
+    if schema.get("items") is not None:
         schema["items"] = DROP_ID_SCHEMA
     if setting.from_recipe:  # null: "take the recipe's value" (melanoma.settings.apply_recipe)
         if "enum" in schema:
