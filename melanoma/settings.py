@@ -57,6 +57,9 @@ class Setting:
     from_recipe: bool = False
     #: A DAG Param (False: a training setting only the CLI and the benchmark take).
     param: bool = True
+    #: The deployment gives its value (Variable ``melanoma_<name>``, env ``MELANOMA_<NAME>``, else
+    #: ``default``): the Param defaults to null, so asset-triggered runs, which carry no conf, follow it.
+    from_deployment: bool = False
 
     def config_value(self, value: Any) -> Any:
         return self.to_config(value) if self.to_config else value
@@ -73,9 +76,12 @@ def _s(
     convert=None,
     recipe=False,
     param=True,
+    deployment=False,
     **schema,
 ):
-    return Setting(name, default, title, section, description, schema, field, convert, recipe, param)
+    return Setting(
+        name, default, title, section, description, schema, field, convert, recipe, param, deployment
+    )
 
 
 _DROP_ITEMS = {"type": "string"}  # dag_parts adds the drop-id pattern (it lives in melanoma.drops)
@@ -128,7 +134,9 @@ SETTINGS: dict[str, Setting] = {
             "Named training recipe: best (the best single model measured: dx target, 11 fine-tuned blocks, "
             "4 augmented variants, phase 2 at 3e-4 with decay, 75 min); reference (the reference report: ResNet50, "
             "binary, Adam 1e-4 then 1e-5, class weights 0.5/28.5); quick (head only, the demo's). Params "
-            "left empty take the recipe's value; a Param set here overrides it.",
+            "left empty take the recipe's value; a Param set here overrides it. Empty: Variable melanoma_recipe / "
+            "env MELANOMA_RECIPE (default best).",
+            deployment=True,
             enum=["best", "reference", "quick"],
         ),
         _s(
@@ -410,9 +418,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_RECIPE = SETTINGS["recipe"].default
 
-#: What a DAG Param defaults to: null where the recipe decides.
+#: What a DAG Param defaults to: null where the recipe or the deployment decides.
 PARAM_DEFAULTS: dict[str, Any] = {
-    name: (None if s.from_recipe else s.default) for name, s in SETTINGS.items() if s.param
+    name: (None if s.from_recipe or s.from_deployment else s.default)
+    for name, s in SETTINGS.items()
+    if s.param
 }
 
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from melanoma.settings import PARAM_DEFAULTS, RESULT_PREFIX, apply_recipe, config_fields
+from melanoma.settings import PARAM_DEFAULTS, RESULT_PREFIX, SETTINGS, apply_recipe, config_fields
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 S3_CONN_ID = "melanoma_s3"
@@ -295,6 +295,18 @@ def resolve_run(
     }
 
 
+def deployment_values(values: dict) -> dict:
+    """``values`` with each empty deployment-decided Param (the recipe) from its Variable or env."""
+    return {
+        **values,
+        **{
+            name: setting(name, s.default)
+            for name, s in SETTINGS.items()
+            if s.from_deployment and values.get(name) is None
+        },
+    }
+
+
 def training_settings(
     values: dict, as_of: str | None, *, raw_root: str | None = None, manifest_version: int | None = None
 ) -> dict:
@@ -302,7 +314,7 @@ def training_settings(
     raw_root = raw_root or setting("raw_root", str(PROJECT_ROOT / "output" / "raw"))
     # Null recipe-controlled Params take the chosen recipe's value; the mapping to TrainConfig's
     # field names (max_train_images -> limit_train, ...) is declared in melanoma.settings.
-    values = apply_recipe(values)
+    values = apply_recipe(deployment_values(values))
     train_config = {**config_fields(values), "as_of": as_of}
     if (
         manifest_version is not None

@@ -52,7 +52,8 @@ def _param(setting: Setting) -> Param:
     # Drop ids: their pattern lives in melanoma.drops; settings itself stays free of imports.
     if schema.get("items") is not None:
         schema["items"] = DROP_ID_SCHEMA
-    if setting.from_recipe:  # null: "take the recipe's value" (melanoma.settings.apply_recipe)
+    # null: "take the recipe's value" (melanoma.settings.apply_recipe) or the deployment's.
+    if setting.from_recipe or setting.from_deployment:
         if "enum" in schema:
             schema["enum"] = [None, *schema["enum"]]
         if "type" in schema:

@@ -74,6 +74,8 @@ class Standalone:
                 # The retraining policy as a deployment sets it (asset-triggered runs carry no conf).
                 "MELANOMA_RETRAIN_POLICY": "min_new",
                 "MELANOMA_RETRAIN_MIN_NEW_IMAGES": str(MIN_NEW_IMAGES),
+                # The recipe too: the scheduling is under test, not the model (quick: the head only).
+                "MELANOMA_RECIPE": "quick",
             },
         )
         self.cli_log, self.log_path = root / "airflow-cli.log", root / "standalone.log"

@@ -382,3 +382,15 @@ def test_the_training_dag_trains_its_recipe_and_params_override_it(data_root):
         "train_config"
     ]
     assert (seed["backbone"], seed["class_weight"], seed["epochs"]) == ("resnet50", "reference", 7)
+
+
+def test_an_asset_triggered_run_trains_the_deployments_recipe(data_root, monkeypatch):
+    """Asset-triggered runs carry no conf: the recipe comes from Variable/env, a Param still wins."""
+    monkeypatch.setenv("MELANOMA_RECIPE", "quick")
+    quick = train_plan(versions=[2])["train_config"]
+    assert (quick["target"], quick["fine_tune_epochs"], quick["train_flips"]) == ("melanoma", 0, 1)
+    chosen = train_plan(params={"recipe": "best"}, versions=[2], run_id="manual__best")["train_config"]
+    assert (chosen["target"], chosen["fine_tune_blocks"]) == ("dx", 11)
+    monkeypatch.setenv("MELANOMA_RECIPE", "fastest")
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        train_plan(versions=[2], run_id="asset_triggered__2026-12-01T11:00:00+00:00")
