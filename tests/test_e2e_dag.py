@@ -8,6 +8,7 @@ EfficientNet-Lite0 ImageNet weights. Asserts what each stage wrote and that the 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 import boto3
@@ -52,6 +53,14 @@ def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
     result = run_dag(env, conf, logical_date="2026-01-01T00:00:00+00:00")
     (tmp_path / "dags_test.log").write_text(result.stdout)
     assert result.returncode == 0, result.stdout[-6000:]
+    # Each long step says where it is in the task log: count, rate, and an ETA or its duration.
+    for step in (
+        r"preprocess chunks: (\d+)/\1 \(100%\)",
+        r"phase 1 epochs: \d+/8 .*ETA",
+        r"evaluate: scoring test: (\d+)/\1 \(100%\), .*done in",
+        r"gradcam heatmaps: (\d+)/\1 \(100%\), .*done in",
+    ):
+        assert re.search(step, result.stdout), f"no progress line {step!r} in the task logs"
 
     keys = [
         o["Key"]
