@@ -40,6 +40,10 @@ def _zero_is_none(value: Any) -> int | None:
     return int(value) or None  # 0 images: no cap
 
 
+def _none_if_empty(value: Any) -> Any:
+    return value or None  # '' names no file: None (the Param's minLength keeps '' out of the form)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One run setting: its Param (``schema``: JSON Schema keywords) and the TrainConfig field it feeds."""
@@ -65,328 +69,125 @@ class Setting:
         return self.to_config(value) if self.to_config else value
 
 
-def _s(
-    name,
-    default,
-    title,
-    section,
-    description,
-    *,
-    field=None,
-    convert=None,
-    recipe=False,
-    param=True,
-    deployment=False,
-    **schema,
-):
+def _int(low: int, high: int | None = None) -> dict:
+    return {"type": "integer", "minimum": low, **({} if high is None else {"maximum": high})}
+
+
+def _number(*, above: float | None = None, low: float | None = None, high: float | None = None) -> dict:
+    """A finite number (see FINITE) within the bounds given."""
+    bounds = {"exclusiveMinimum": above, "minimum": low, "maximum": high}
+    return {"type": "number", **FINITE, **{k: v for k, v in bounds.items() if v is not None}}
+
+
+def _one_of(*choices) -> dict:
+    return {"enum": list(choices)}
+
+
+def _drop_ids(most: int) -> dict:
+    # dag_parts puts the drop-id pattern into the items (it lives in melanoma.drops).
+    return {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "maxItems": most}
+
+
+def _s(name, default, title, section, schema, *, train=None, recipe=False, param=True, deployment=False):
+    """One Setting. ``train``: how it feeds TrainConfig: True (the field of the same name, as is), a
+    converter (same name), or ``(field, converter)``; None: not a training setting."""
+    if train is None or train is True:
+        field, convert = (name if train else None), None
+    else:
+        field, convert = train if isinstance(train, tuple) else (name, train)
+    description = DESCRIPTIONS[name] + (" Empty: the recipe's." if recipe else "")
     return Setting(
         name, default, title, section, description, schema, field, convert, recipe, param, deployment
     )
 
 
-_DROP_ITEMS = {"type": "string"}  # dag_parts adds the drop-id pattern (it lives in melanoma.drops)
+#: What each setting means, shown under its Param in the trigger form.
+DESCRIPTIONS = {
+    "drops": "Drop ids to process (folder names under the raw root, e.g. ham-2026-03-01). Empty: the drops "
+    "dated in the run's data interval (scheduled/backfill) or every drop not processed yet (manual).",
+    "external_drops": "Drops under the raw root to report as external test sets.",
+    "max_train_images": "Cap on training images, whole lesions (0 = all). For quick demo runs.",
+    "recipe": "Named training recipe: best (the best single model measured: dx target, 11 fine-tuned "
+    "blocks, 4 augmented variants, phase 2 at 3e-4 with decay, 75 min); reference (the reference report: "
+    "ResNet50, binary, Adam 1e-4 then 1e-5, class weights 0.5/28.5); quick (head only, the demo's). Params "
+    "left empty take the recipe's value; a Param set here overrides it. Empty: Variable melanoma_recipe / "
+    "env MELANOMA_RECIPE (default best).",
+    "backbone": "ImageNet backbone under the reference report's head.",
+    "weights": "'imagenet' or a weights file path/URI. Never silently random.",
+    "target": "melanoma: binary training (the reference report's); dx: train on the 7 diagnoses, export "
+    "the melanoma probability.",
+    "ensemble_size": "Models trained with seeds seed..seed+n-1; the exported model averages their melanoma "
+    "logits (Grad-CAM explains the average). n times the training time.",
+    "epochs": "Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10.",
+    "fine_tune_epochs": "Phase 2 epochs fine-tuning the last blocks at fine_tune_learning_rate (0 = skip).",
+    "fine_tune_blocks": "How many backbone blocks (counted from the top) phase 2 unfreezes: ResNet50 and "
+    "Lite0 have 16, Lite1 and Lite2 21; the best recipe uses 11 of Lite0's.",
+    "class_weight": "balanced: from training labels; reference: the reference report's 0.5/28.5.",
+    "train_flips": "Flip variants of each training image, one per epoch in turn (1: as stored; 2: + "
+    "horizontal; 4: + vertical and both).",
+    "train_augment": "With train_flips > 1: every variant but the first (as stored) is a random draw, per "
+    "image, of the augment job's flips, rotation, zoom and brightness instead of a pure flip (every image's "
+    "borders move, not only the melanoma copies').",
+    "learning_rate": "Phase 1 (head) Adam learning rate; the reference report's 1e-4.",
+    "fine_tune_learning_rate": "Phase 2 Adam learning rate; the reference report's 1e-5, the best "
+    "recipe's 3e-4 (on cached activations).",
+    "lr_decay_patience": "Learning rate x0.3 after this many epochs without a better val AUROC (0 = "
+    "constant, the reference report's).",
+    "max_train_minutes": "Training time budget: no new epoch starts that would not fit (0 = none; the "
+    "task's own timeout is 12 h).",
+    "patience": "Epochs without a better val AUROC before a phase stops.",
+    "label_smoothing": "Label smoothing of the loss's targets (0: none).",
+    "threshold_strategy": "How evaluate picks the threshold on the validation split.",
+    "target_sensitivity": "Used by the 'sensitivity' strategy.",
+    "score_pooling": "lesion: the images of one lesion are scored together (mean logit) before the "
+    "threshold; none: each image alone.",
+    "n_boot": "Lesion bootstrap resamples for the 95% intervals.",
+}
 
+DATA, MODEL, TRAINING, EVALUATION = SECTIONS
+# One row per setting, in the trigger form's order: name, default, title, section, schema, and how
+# it reaches TrainConfig. ``recipe=True``: the recipe gives its value when the Param is left empty.
+# fmt: off
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
-        # Data
-        _s(
-            "drops",
-            [],
-            "Drops",
-            "Data",
-            "Drop ids to process (folder names under the raw root, e.g. ham-2026-03-01). Empty: the drops "
-            "dated in the run's data interval (scheduled/backfill) or every drop not processed yet (manual).",
-            type="array",
-            items=_DROP_ITEMS,
-            uniqueItems=True,
-            maxItems=1000,
-        ),
-        _s(
-            "external_drops",
-            [],
-            "External test drops",
-            "Data",
-            "Drops under the raw root to report as external test sets.",
-            type="array",
-            items=_DROP_ITEMS,
-            uniqueItems=True,
-            maxItems=50,
-        ),
-        _s(
-            "max_train_images",
-            0,
-            "Training images (cap)",
-            "Data",
-            "Cap on training images, whole lesions (0 = all). For quick demo runs.",
-            field="limit_train",
-            convert=_zero_is_none,
-            type="integer",
-            minimum=0,
-            maximum=10_000_000,
-        ),
-        # Model
-        _s(
-            "recipe",
-            "best",
-            "Recipe",
-            "Model",
-            "Named training recipe: best (the best single model measured: dx target, 11 fine-tuned blocks, "
-            "4 augmented variants, phase 2 at 3e-4 with decay, 75 min); reference (the reference report: ResNet50, "
-            "binary, Adam 1e-4 then 1e-5, class weights 0.5/28.5); quick (head only, the demo's). Params "
-            "left empty take the recipe's value; a Param set here overrides it. Empty: Variable melanoma_recipe / "
-            "env MELANOMA_RECIPE (default best).",
-            deployment=True,
-            enum=["best", "reference", "quick"],
-        ),
-        _s(
-            "backbone",
-            "efficientnet_lite0",
-            "Backbone",
-            "Model",
-            "ImageNet backbone under the seed's head. Empty: the recipe's.",
-            field="backbone",
-            recipe=True,
-            enum=list(BACKBONES),
-        ),
-        _s(
-            "weights",
-            "imagenet",
-            "Weights",
-            "Model",
-            "'imagenet' or a weights file path/URI. Never silently random.",
-            field="weights",
-            convert=lambda v: v or None,
-            type="string",
-            minLength=1,
-            maxLength=1000,
-        ),
-        _s(
-            "target",
-            "melanoma",
-            "Training target",
-            "Model",
-            "melanoma: binary training (the seed's); dx: train on the 7 diagnoses, export the melanoma "
-            "probability. Empty: the recipe's.",
-            field="target",
-            recipe=True,
-            enum=["melanoma", "dx"],
-        ),
-        _s(
-            "ensemble_size",
-            1,
-            "Ensemble size",
-            "Model",
-            "Models trained with seeds seed..seed+n-1; the exported model averages their melanoma logits "
-            "(Grad-CAM explains the average). n times the training time.",
-            field="ensemble_size",
-            convert=int,
-            type="integer",
-            minimum=1,
-            maximum=10,
-        ),
-        # Training
-        _s(
-            "epochs",
-            30,
-            "Epochs (phase 1)",
-            "Training",
-            "Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10. Empty: the "
-            "recipe's.",
-            field="epochs",
-            convert=int,
-            recipe=True,
-            type="integer",
-            minimum=1,
-            maximum=500,
-        ),
-        _s(
-            "fine_tune_epochs",
-            0,
-            "Fine-tuning epochs (phase 2)",
-            "Training",
-            "Phase 2 epochs fine-tuning the last blocks at fine_tune_learning_rate (0 = skip). Empty: the "
-            "recipe's.",
-            field="fine_tune_epochs",
-            convert=int,
-            recipe=True,
-            type="integer",
-            minimum=0,
-            maximum=200,
-        ),
-        _s(
-            "fine_tune_blocks",
-            2,
-            "Fine-tuned blocks",
-            "Training",
-            "How many backbone blocks (counted from the top) phase 2 unfreezes: ResNet50 and Lite0 have 16, "
-            "Lite1 and Lite2 21; the best recipe uses 11 of Lite0's. Empty: the recipe's.",
-            field="fine_tune_blocks",
-            convert=int,
-            recipe=True,
-            type="integer",
-            minimum=1,
-            maximum=21,
-        ),
-        _s(
-            "class_weight",
-            "balanced",
-            "Class weights",
-            "Training",
-            "balanced: from training labels; reference: the reference report's 0.5/28.5. Empty: the recipe's.",
-            field="class_weight",
-            recipe=True,
-            enum=list(CLASS_WEIGHTS),
-        ),
-        _s(
-            "train_flips",
-            1,
-            "Flip variants",
-            "Training",
-            "Flip variants of each training image, one per epoch in turn (1: as stored; 2: + horizontal; 4: +"
-            " vertical and both). Empty: the recipe's.",
-            field="train_flips",
-            convert=int,
-            recipe=True,
-            enum=[1, 2, 4],
-        ),
-        _s(
-            "train_augment",
-            False,
-            "Random augmentation",
-            "Training",
-            "With train_flips > 1: every variant but the first (as stored) is a random draw, per image, of "
-            "the augment job's flips, rotation, zoom and brightness instead of a pure flip (every image's "
-            "borders move, not only the melanoma copies'). Empty: the recipe's.",
-            field="train_augment",
-            convert=bool,
-            recipe=True,
-            type="boolean",
-        ),
-        _s(
-            "learning_rate",
-            1e-4,
-            "Learning rate (phase 1)",
-            "Training",
-            "Phase 1 (head) Adam learning rate; the seed's 1e-4. Empty: the recipe's.",
-            field="learning_rate",
-            convert=float,
-            recipe=True,
-            type="number",
-            **FINITE,
-            exclusiveMinimum=0,
-            maximum=0.1,
-        ),
-        _s(
-            "fine_tune_learning_rate",
-            1e-5,
-            "Learning rate (phase 2)",
-            "Training",
-            "Phase 2 Adam learning rate; the seed's 1e-5, the best recipe's 3e-4 (on cached activations). "
-            "Empty: the recipe's.",
-            field="fine_tune_learning_rate",
-            convert=float,
-            recipe=True,
-            type="number",
-            **FINITE,
-            exclusiveMinimum=0,
-            maximum=0.1,
-        ),
-        _s(
-            "lr_decay_patience",
-            0,
-            "Learning-rate decay patience",
-            "Training",
-            "Learning rate x0.3 after this many epochs without a better val AUROC (0 = constant, the seed's). "
-            "Empty: the recipe's.",
-            field="lr_decay_patience",
-            convert=int,
-            recipe=True,
-            type="integer",
-            minimum=0,
-            maximum=50,
-        ),
-        _s(
-            "max_train_minutes",
-            0,
-            "Time budget (minutes)",
-            "Training",
-            "Training time budget: no new epoch starts that would not fit (0 = none; the task's own timeout "
-            "is 12 h). Empty: the recipe's.",
-            field="max_train_seconds",
-            convert=_minutes_to_seconds,
-            recipe=True,
-            type="number",
-            **FINITE,
-            minimum=0,
-            maximum=720,
-        ),
-        _s(
-            "patience",
-            10,
-            "Early-stopping patience",
-            "Training",
-            "Epochs without a better val AUROC before a phase stops.",
-            field="patience",
-            convert=int,
-            param=False,
-            type="integer",
-            minimum=1,
-        ),
-        _s(
-            "label_smoothing",
-            0.0,
-            "Label smoothing",
-            "Training",
-            "Label smoothing of the loss's targets (0: none).",
-            field="label_smoothing",
-            convert=float,
-            param=False,
-            type="number",
-            minimum=0,
-        ),
-        # Evaluation
-        _s(
-            "threshold_strategy",
-            "youden",
-            "Threshold strategy",
-            "Evaluation",
-            "How evaluate picks the threshold on the validation split.",
-            enum=list(THRESHOLD_STRATEGIES),
-        ),
-        _s(
-            "target_sensitivity",
-            0.95,
-            "Target sensitivity",
-            "Evaluation",
-            "Used by the 'sensitivity' strategy.",
-            convert=float,
-            type="number",
-            **FINITE,
-            exclusiveMinimum=0,
-            maximum=1,
-        ),
-        _s(
-            "score_pooling",
-            "lesion",
-            "Score pooling",
-            "Evaluation",
-            "lesion: the images of one lesion are scored together (mean logit) before the threshold; none: "
-            "each image alone.",
-            enum=["lesion", "none"],
-        ),
-        _s(
-            "n_boot",
-            1000,
-            "Bootstrap resamples",
-            "Evaluation",
-            "Lesion bootstrap resamples for the 95% intervals.",
-            type="integer",
-            minimum=100,
-            maximum=20000,
-        ),
+        _s("drops", [], "Drops", DATA, _drop_ids(1000)),
+        _s("external_drops", [], "External test drops", DATA, _drop_ids(50)),
+        _s("max_train_images", 0, "Training images (cap)", DATA, _int(0, 10_000_000),
+           train=("limit_train", _zero_is_none)),
+        _s("recipe", "best", "Recipe", MODEL, _one_of("best", "reference", "quick"), deployment=True),
+        _s("backbone", "efficientnet_lite0", "Backbone", MODEL, _one_of(*BACKBONES), train=True, recipe=True),
+        _s("weights", "imagenet", "Weights", MODEL, {"type": "string", "minLength": 1, "maxLength": 1000},
+           train=_none_if_empty),
+        _s("target", "melanoma", "Training target", MODEL, _one_of("melanoma", "dx"), train=True, recipe=True),
+        _s("ensemble_size", 1, "Ensemble size", MODEL, _int(1, 10), train=int),
+        _s("epochs", 30, "Epochs (phase 1)", TRAINING, _int(1, 500), train=int, recipe=True),
+        _s("fine_tune_epochs", 0, "Fine-tuning epochs (phase 2)", TRAINING, _int(0, 200), train=int,
+           recipe=True),
+        _s("fine_tune_blocks", 2, "Fine-tuned blocks", TRAINING, _int(1, 21), train=int, recipe=True),
+        _s("class_weight", "balanced", "Class weights", TRAINING, _one_of(*CLASS_WEIGHTS), train=True,
+           recipe=True),
+        _s("train_flips", 1, "Flip variants", TRAINING, _one_of(1, 2, 4), train=int, recipe=True),
+        _s("train_augment", False, "Random augmentation", TRAINING, {"type": "boolean"}, train=bool,
+           recipe=True),
+        _s("learning_rate", 1e-4, "Learning rate (phase 1)", TRAINING, _number(above=0, high=0.1),
+           train=float, recipe=True),
+        _s("fine_tune_learning_rate", 1e-5, "Learning rate (phase 2)", TRAINING, _number(above=0, high=0.1),
+           train=float, recipe=True),
+        _s("lr_decay_patience", 0, "Learning-rate decay patience", TRAINING, _int(0, 50), train=int,
+           recipe=True),
+        _s("max_train_minutes", 0, "Time budget (minutes)", TRAINING, _number(low=0, high=720),
+           train=("max_train_seconds", _minutes_to_seconds), recipe=True),
+        _s("patience", 10, "Early-stopping patience", TRAINING, _int(1), train=int, param=False),
+        _s("label_smoothing", 0.0, "Label smoothing", TRAINING, {"type": "number", "minimum": 0},
+           train=float, param=False),
+        _s("threshold_strategy", "youden", "Threshold strategy", EVALUATION, _one_of(*THRESHOLD_STRATEGIES)),
+        _s("target_sensitivity", 0.95, "Target sensitivity", EVALUATION, _number(above=0, high=1)),
+        _s("score_pooling", "lesion", "Score pooling", EVALUATION, _one_of("lesion", "none")),
+        _s("n_boot", 1000, "Bootstrap resamples", EVALUATION, _int(100, 20000)),
     )
 }
+# fmt: on
 
 #: ``quick``: head only on Lite0 (what ``make demo`` runs, and TrainConfig's own defaults).
 QUICK = {name: s.default for name, s in SETTINGS.items() if s.from_recipe}
