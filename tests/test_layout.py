@@ -239,3 +239,32 @@ def test_the_boundary_rule_catches_each_way_of_importing_airflow_side_code(tmp_p
     for name, source in {**bad, **good}.items():
         (tmp_path / "melanoma" / name).write_text(source)
     assert set(airflow_uses(tmp_path)) == {f"melanoma/{name}" for name in bad}
+
+
+#: Product code: what a newcomer reads (tests/ and research/ are not held to it).
+PRODUCT = ("melanoma", "pipeline", "training", "spark_jobs", "dags", "plugins", "benchmarks")
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 80
+
+
+def oversized(source: str) -> list[str]:
+    """What breaks the size rules in one file: its length, and each function that is too long."""
+    lines = source.count("\n") + (not source.endswith("\n") and bool(source))
+    found = [f"{lines} lines"] if lines >= MAX_FILE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{node.name}: {length} lines (line {node.lineno})")
+    return found
+
+
+def test_product_files_and_functions_stay_short():
+    assert len(list((ROOT / "training").glob("*.py"))) > 10  # the scan sees the tree
+    assert findings_in(ROOT, PRODUCT, oversized) == {}
+
+
+def test_the_size_check_sees_long_files_and_long_functions():
+    long_function = "def f():\n" + "    x = 1\n" * 90
+    assert oversized(long_function) == ["f: 91 lines (line 1)"]
+    assert oversized("x = 1\n" * 600) == ["600 lines"]
+    assert oversized("def g():\n    return 1\n") == []
