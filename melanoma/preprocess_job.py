@@ -357,7 +357,8 @@ def run_preprocess(
     started = time.perf_counter()
     raw, out = open_storage(raw_root), open_storage(processed_root)
     previous = latest_manifest(out)
-    root_colour_constancy(previous, colour_constancy)  # refuse a mismatch before any work
+    # Resolved once, before any work (a mismatch with the root's own method is refused here).
+    colour_constancy = root_colour_constancy(previous, colour_constancy)
     todo = pending_drops(raw, previous, drops)
     summary: dict = {
         "drops": todo,
