@@ -80,9 +80,10 @@ def melanoma_train():
     evaluate = training_task("evaluate", execution_timeout=dt.timedelta(hours=2))
     gradcam = training_task("gradcam", execution_timeout=dt.timedelta(hours=2))
     report = training_task("report", execution_timeout=dt.timedelta(minutes=30))
+    promote = training_task("promote", execution_timeout=dt.timedelta(hours=1))
 
     run = plan()
-    run >> should_train(run) >> train >> evaluate >> gradcam >> report
+    run >> should_train(run) >> train >> evaluate >> gradcam >> report >> promote
 
 
 melanoma_train()

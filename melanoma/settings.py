@@ -142,6 +142,10 @@ DESCRIPTIONS = {
     "score_pooling": "lesion: the images of one lesion are scored together (mean logit) before the "
     "threshold; none: each image alone.",
     "n_boot": "Lesion bootstrap resamples for the 95% intervals.",
+    "promote_min_val_auroc": "The floor: a model becomes champion only with at least this validation AUROC "
+    "(and a passing lesion-focus check).",
+    "promote_margin": "A challenger must reach the champion's validation AUROC plus this, the champion "
+    "re-scored on the challenger's validation split (0: as good is enough; the newer model saw more data).",
 }
 
 DATA, MODEL, TRAINING, EVALUATION = SECTIONS
@@ -185,6 +189,8 @@ SETTINGS: dict[str, Setting] = {
         _s("target_sensitivity", 0.95, "Target sensitivity", EVALUATION, _number(above=0, high=1)),
         _s("score_pooling", "lesion", "Score pooling", EVALUATION, _one_of("lesion", "none")),
         _s("n_boot", 1000, "Bootstrap resamples", EVALUATION, _int(100, 20000)),
+        _s("promote_min_val_auroc", 0.85, "Champion floor (val AUROC)", EVALUATION, _number(low=0, high=1)),
+        _s("promote_margin", 0.0, "Champion margin (val AUROC)", EVALUATION, _number(low=0, high=0.5)),
     )
 }
 # fmt: on

@@ -47,8 +47,8 @@ def setting(name: str, default: str) -> str:
 _RUN_TYPES = ("manual", "scheduled", "backfill", "asset_triggered", "asset_materialization")
 #: The per-run record ``plan`` keeps under ``runs/<run_key>/`` (see :func:`resolve_run`).
 PLAN_RECORD = "plan.json"
-#: Written last by the ``report`` task: its presence means the run finished.
-RUN_DONE = "report.html"
+#: Written last by the ``promote`` task (the registry's decision): its presence means the run finished.
+RUN_DONE = "promotion.json"
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -247,7 +247,7 @@ def resolve_run(
     pinned in ``runs/<run_key>/plan.json`` the first time the run sees them, so a retry or a
     cleared rerun of a run that failed after ``preprocess`` still trains on them;
     ``proceed``: whether Spark and training run (False when nothing is new, or the run has
-    already finished: its ``done_marker`` exists, ``report.html`` unless told otherwise);
+    already finished: its ``done_marker`` exists, ``promotion.json`` unless told otherwise);
     ``as_of``: the date the run's training data is taken at (its logical date, else the day it
     ran). ``event_drops``: the drops the triggering asset events name (an asset-triggered
     ingest run takes those when its ``drops`` Param is empty). ``key_prefix`` keeps the run
@@ -326,6 +326,8 @@ def training_settings(
         "target_sensitivity": float(values["target_sensitivity"]),
         "score_pooling": values["score_pooling"],
         "n_boot": int(values["n_boot"]),
+        "promote_min_val_auroc": float(values["promote_min_val_auroc"]),
+        "promote_margin": float(values["promote_margin"]),
         "external": [f"{raw_root}::{d}" for d in values["external_drops"]],
     }
 
@@ -359,6 +361,14 @@ def storage_env(conn_id: str = S3_CONN_ID) -> dict[str, str]:
     if extra.get("region_name"):
         env["AWS_DEFAULT_REGION"] = extra["region_name"]
     return env
+
+
+def tracking_env() -> dict[str, str]:
+    """``MLFLOW_TRACKING_URI`` for the training steps, from Variable ``melanoma_tracking_uri`` / env
+    ``MELANOMA_TRACKING_URI`` (compose: the MLflow server); unset, a local data root's embedded store
+    is used (:func:`training.tracking.tracking_uri`)."""
+    uri = setting("tracking_uri", "")
+    return {"MLFLOW_TRACKING_URI": uri} if uri else {}
 
 
 def parse_result(output: str) -> dict:

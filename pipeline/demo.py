@@ -189,7 +189,23 @@ def main() -> int:
     print(f"  metrics:  {run / 'eval' / 'metrics.json'}")
     print(f"  heatmaps: {run / 'gradcam'}")
     print(f"  report:   {run / 'report.html'}")
+    _show_promotion(run)
     return 0
+
+
+def _show_promotion(run: Path) -> None:
+    """The registry's decision on the demo's model, and where to browse the tracking store."""
+    decision_file = run / "promotion.json"
+    if not decision_file.exists():
+        print(f"demo: no promotion decision in {run} (the promote task did not run)")
+        return
+    decision = json.loads(decision_file.read_text())
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted (kept, labelled rejected)"
+    print(f"demo: registry: {decision['model']} v{decision['version']} {verdict}:")
+    for reason in decision["reasons"]:
+        print(f"    - {reason}")
+    print(f"  tracking store: {decision['tracking_uri']} (MLflow run {decision['mlflow_run_id']})")
+    print(f"  browse it:      mlflow ui --backend-store-uri {decision['tracking_uri']} --host 127.0.0.1")
 
 
 if __name__ == "__main__":

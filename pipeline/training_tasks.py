@@ -27,7 +27,7 @@ from typing import Any
 from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk import BaseOperator
 
-from pipeline.airflow_ops import parse_result, run_cli_locally, setting, storage_env
+from pipeline.airflow_ops import parse_result, run_cli_locally, setting, storage_env, tracking_env
 
 __all__ = [
     "STEPS",
@@ -38,13 +38,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-STEPS = ("train", "evaluate", "gradcam", "report")
+STEPS = ("train", "evaluate", "gradcam", "report", "promote")
 RUNNERS = ("local", "docker")
 
 
 def _args_expression(step: str) -> str:
     """Jinja expression of the step's CLI arguments from ``plan``'s (and ``evaluate``'s) XCom."""
-    threshold = "ti.xcom_pull(task_ids='evaluate')" if step in ("gradcam", "report") else "None"
+    threshold = "ti.xcom_pull(task_ids='evaluate')" if step in ("gradcam", "report", "promote") else "None"
     return f"training_args({step!r}, ti.xcom_pull(task_ids='plan'), {threshold})"
 
 
@@ -79,6 +79,9 @@ def training_args(step: str, run: dict, threshold: dict | None = None) -> list[s
         return ["gradcam", *roots, "--threshold", json.dumps(threshold, sort_keys=True), *as_of]
     if step == "report":
         return ["report", "--run-root", run["run_root"], "--threshold", json.dumps(threshold, sort_keys=True)]
+    if step == "promote":
+        gate = ["--min-val-auroc", str(run["promote_min_val_auroc"]), "--margin", str(run["promote_margin"])]
+        return ["promote", *roots, "--threshold", json.dumps(threshold, sort_keys=True), *gate, *as_of]
     raise ValueError(f"unknown training step {step!r}: one of {STEPS}")
 
 
@@ -96,6 +99,9 @@ def _publish(step: str, result: dict, context) -> dict:
     if step == "report":
         context["ti"].xcom_push(key="report_url", value=result["report_uri"])
         log.info("report: %s", result["report_uri"])
+    if step == "promote":
+        verdict = "promoted to champion" if result["promoted"] else "rejected"
+        log.info("%s v%s %s: %s", result["model"], result["version"], verdict, "; ".join(result["reasons"]))
     return result
 
 
@@ -110,7 +116,9 @@ class TrainingSubprocessOperator(BaseOperator):
         self.cli_args = "{{ %s }}" % _args_expression(step)
 
     def execute(self, context):
-        result = run_cli_locally(_rendered_args(self.cli_args), storage_env(), log=self.log.info)
+        result = run_cli_locally(
+            _rendered_args(self.cli_args), {**storage_env(), **tracking_env()}, log=self.log.info
+        )
         return _publish(self.step, result, context)
 
 
@@ -150,7 +158,7 @@ class TrainingContainerOperator(DockerOperator):
         self.environment = {**(self.environment or {}), "MELANOMA_RUNNER": "docker"}
         # `docker ps --filter label=melanoma.step` finds a run's training containers.
         self.labels = {"melanoma.step": self.step, "melanoma.dag_run": str(context["run_id"])}
-        self._private_environment = {**self._private_environment, **storage_env()}
+        self._private_environment = {**self._private_environment, **storage_env(), **tracking_env()}
         return _publish(self.step, parse_result(str(super().execute(context) or "")), context)
 
 

@@ -527,8 +527,8 @@ def test_a_run_pins_its_drops_so_a_rerun_resumes_and_a_finished_one_is_skipped(r
         resumed["new_drops"] == ["ham-2026-01-02"] and resumed["pending_drops"] == [] and resumed["proceed"]
     )
     assert listing(data) == before  # nothing rewritten
-    # The run finished (report.html is written last): a rerun changes nothing.
-    (data / "runs" / first["run_key"] / "report.html").write_text("<html></html>")
+    # The run finished (promotion.json is written last): a rerun changes nothing.
+    (data / "runs" / first["run_key"] / "promotion.json").write_text("{}")
     before = listing(data)
     again = resolve("scheduled", day(2026, 1, 2))
     assert again["finished"] and not again["proceed"]

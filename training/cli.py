@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from melanoma.settings import RESULT_PREFIX, SETTINGS, THRESHOLD_STRATEGIES
@@ -75,6 +76,41 @@ def _add_report(commands) -> None:
     report.add_argument("--threshold", type=_json_arg, required=True)
 
 
+def _add_promote(commands) -> None:
+    promote = commands.add_parser(
+        "promote", help="register the run's model; make it champion only if it passes the gate"
+    )
+    promote.add_argument("--processed-root", required=True)
+    promote.add_argument("--run-root", required=True)
+    promote.add_argument(
+        "--threshold", type=_json_arg, required=True, help="the evaluate step's XCom payload"
+    )
+    promote.add_argument(
+        "--min-val-auroc", type=float, default=SETTINGS["promote_min_val_auroc"].default, help="the floor"
+    )
+    promote.add_argument(
+        "--margin",
+        type=float,
+        default=SETTINGS["promote_margin"].default,
+        help="over the champion's val AUROC",
+    )
+    promote.add_argument("--as-of", default=None)
+    promote.add_argument(
+        "--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)"
+    )
+
+
+def _add_registry(commands) -> None:
+    registry = commands.add_parser("registry", help="list the registered models; force-promote; roll back")
+    registry.add_argument("action", choices=["list", "force-promote", "rollback"])
+    registry.add_argument("--version", type=int, default=None, help="the model version to make champion")
+    registry.add_argument("--reason", default="", help="kept in the registry's audit tags")
+    registry.add_argument(
+        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else --data-root's"
+    )
+    registry.add_argument("--data-root", default="output/data", help="the embedded store's data root")
+
+
 def _add_ensemble(commands) -> None:
     ensemble = commands.add_parser(
         "ensemble", help="one model averaging the melanoma logits of trained models"
@@ -90,7 +126,15 @@ def _add_ensemble(commands) -> None:
 
 def _add_predict(commands) -> None:
     predict = commands.add_parser("predict", help="score a folder of images with a trained model")
-    predict.add_argument("--model", required=True, help="path or URI of model.keras")
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="champion, models:/melanoma-classifier@<alias> or /<version>, or a path or URI of model.keras",
+    )
+    predict.add_argument(
+        "--tracking-uri", default=None, help="registry; default: MLFLOW_TRACKING_URI, else --data-root's"
+    )
+    predict.add_argument("--data-root", default="output/data", help="the embedded registry's data root")
     predict.add_argument(
         "--input", required=True, help="folder or URI of images (bare, or a drop in either layout)"
     )
@@ -139,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_evaluate,
         _add_gradcam,
         _add_report,
+        _add_promote,
+        _add_registry,
         _add_ensemble,
         _add_predict,
         _add_calibrate_site,
@@ -187,6 +233,10 @@ def run(args: argparse.Namespace) -> dict:
         from training.tasks import report_run
 
         return report_run(args.run_root, args.threshold)
+    if args.command == "promote":
+        return _promote(args)
+    if args.command == "registry":
+        return _registry(args)
     if args.command == "ensemble":
         from training.ensemble import save_ensemble
 
@@ -195,9 +245,10 @@ def run(args: argparse.Namespace) -> dict:
         from training.predict import predict_folder, read_lesion_map
 
         lesion_of = read_lesion_map(args.lesions) if args.lesions else None
+        model_uri, model_name = _model_to_score(args)
         # The interactive command: progress bars on a terminal (log lines elsewhere).
         return predict_folder(
-            args.model,
+            model_uri,
             args.input,
             args.output,
             threshold=args.threshold,
@@ -205,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
             lesion_of=lesion_of,
             site=args.site,
             bar=True,
+            model_name=model_name,
         )
     if args.command == "calibrate-site":
         from training.tasks import calibrate_site_run
@@ -222,6 +274,63 @@ def run(args: argparse.Namespace) -> dict:
     raise AssertionError(args.command)
 
 
+def _store(args: argparse.Namespace) -> str:
+    """The registry's store: --tracking-uri, MLFLOW_TRACKING_URI, else the embedded one of --data-root."""
+    from training.tracking import local_store
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store(args.data_root)[0]
+
+
+def _model_to_score(args: argparse.Namespace) -> tuple[str, str | None]:
+    """``(model file URI, registry name or None)``: a registered model resolves to its run's file."""
+    if args.model != "champion" and not args.model.startswith("models:/"):
+        return args.model, None
+    from training.registry import resolve_registered
+
+    return resolve_registered(args.model, _store(args))
+
+
+def _promote(args: argparse.Namespace) -> dict:
+    from training.registry import promote_run
+    from training.tasks import report_run
+
+    decision = promote_run(
+        args.processed_root,
+        args.run_root,
+        args.threshold,
+        min_val_auroc=args.min_val_auroc,
+        margin=args.margin,
+        as_of=args.as_of,
+        manifest_version=args.manifest_version,
+    )
+    report_run(args.run_root, args.threshold)  # the report shows the decision now
+    return {**decision, "report": _record("report", args.run_root, {})}
+
+
+def _registry(args: argparse.Namespace) -> dict:
+    from training import registry
+
+    uri = _store(args)
+    if args.action == "list":
+        return {"tracking_uri": uri, "versions": registry.registry_versions(uri)}
+    if args.version is None:
+        raise ValueError(f"registry {args.action} needs --version")
+    if args.action == "force-promote":
+        return registry.force_promote(uri, args.version, args.reason)
+    return registry.rollback(uri, args.version, args.reason)
+
+
+def _record(step: str, run_root: str, result: dict) -> dict:
+    """Add the step's outputs to the run's MLflow run (training.tracking)."""
+    from training.tracking import record_step
+
+    return record_step(step, run_root, result)
+
+
+#: The steps of a pipeline run whose outputs go to the tracking store.
+TRACKED = ("train", "evaluate", "gradcam", "report")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Log lines (progress, warnings such as a score shift) go to stderr; stdout keeps the RESULT line.
@@ -230,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = run(args)
+        if args.command in TRACKED:
+            result = {**result, "tracking": _record(args.command, args.run_root, result)}
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         # Expected failures (bad data, missing inputs) get one clear line, not a stack trace.
         print(f"error: {args.command}: {error}", file=sys.stderr)

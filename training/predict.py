@@ -223,12 +223,14 @@ def predict_folder(
     lesion_of: dict[str, str] | None = None,
     site: str | None = None,
     bar: bool = False,
+    model_name: str | None = None,
 ) -> dict:
     """Score every image under ``folder_uri``; write ``predictions.csv`` (and overlays) under ``out_uri``.
 
     Each image goes through :func:`melanoma.imaging.preprocess_image_bytes`, the Spark job's
     own preprocessing. ``predictions.csv``: image_id, key (the file under the folder),
-    probability, label (1 when ``probability >= threshold``), threshold. With ``lesion_of``
+    probability, label (1 when ``probability >= threshold``), threshold, model (``model_name``, e.g. the
+    registry's ``models:/melanoma-classifier/3``, else ``model_uri``). With ``lesion_of``
     (image_id -> lesion_id, every scored image must be in it) the scores are pooled per
     lesion as the pipeline's evaluate step pools them (:func:`training.metrics.lesion_pooled_scores`),
     so a threshold from a lesion-pooled run applies; the file then also has lesion_id and
@@ -255,7 +257,8 @@ def predict_folder(
     if lesion_of is not None:
         _check_lesion_map(scored, lesion_of)  # before scoring: a missing lesion fails fast
     probabilities = predict_probabilities(model, batch, what="predict: scoring", bar=bar)
-    rows, columns = _prediction_table(scored, probabilities, threshold, lesion_of)
+    model_name = model_name or str(model_uri)
+    rows, columns = _prediction_table(scored, probabilities, threshold, lesion_of, model_name)
     shift = _check_shift(context, probabilities, threshold, out)
     out.write_bytes("predictions.csv", rows_to_csv(rows, columns))
     out.write_bytes("rejected.csv", rows_to_csv(rejected, ("image_id", "key", "reason", "detail")))
@@ -276,6 +279,7 @@ def predict_folder(
         "written": written,
         "threshold": threshold,
         "threshold_source": operating_point["source"],
+        "model": model_name,
         "score_shift": shift,
     }
 
@@ -294,8 +298,13 @@ def _prediction_table(
     probabilities: np.ndarray,
     threshold: float,
     lesion_of: dict[str, str] | None,
+    model: str,
 ) -> tuple[list[dict], tuple[str, ...]]:
-    """(rows, columns) of ``predictions.csv``; with ``lesion_of``, scores pooled per lesion."""
+    """(rows, columns) of ``predictions.csv``; with ``lesion_of``, scores pooled per lesion.
+
+    Every row names the model and the threshold that scored it: a file of predictions stays
+    traceable to its model once it is copied elsewhere.
+    """
     columns: tuple[str, ...] = ("image_id", "key", "probability", "label", "threshold")
     rows = [
         {"image_id": image_id, "key": key, "probability": float(p)}
@@ -307,8 +316,8 @@ def _prediction_table(
             row.update(lesion_id=lesion_id, image_probability=row["probability"], probability=float(pooled))
         columns = ("image_id", "key", "lesion_id", "image_probability", "probability", "label", "threshold")
     for row in rows:
-        row.update(label=int(row["probability"] >= threshold), threshold=threshold)
-    return rows, columns
+        row.update(label=int(row["probability"] >= threshold), threshold=threshold, model=model)
+    return rows, (*columns, "model")
 
 
 def _read_folder(

@@ -418,12 +418,28 @@ def _gallery_section(gallery: list[dict], images: dict[str, bytes]) -> str:
     )
 
 
+def _promotion_section(decision: dict | None) -> str:
+    """The registry's decision on this model (the promote step's, after the first report)."""
+    if not decision:
+        return ""
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted (kept, labelled rejected)"
+    before = "none (the first model needs the floor and the focus check)"
+    if decision.get("champion_before") is not None:
+        before = f"v{_e(decision['champion_before'])}, re-scored on this val split: {_num(decision['champion_val_auroc'], 4)}"
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in decision["reasons"])
+    return (
+        f"<h2>Registry: {_e(decision['model'])} v{_e(decision['version'])} {verdict}</h2>"
+        f"<p>Val AUROC {_num(decision['challenger_val_auroc'], 4)}; champion before: {before}.</p><ul>{reasons}</ul>"
+    )
+
+
 def render_report(
     metrics: dict,
     threshold_payload: dict,
     gradcam_summary: dict | None,
     gallery: list[dict],
     images: dict[str, bytes],
+    promotion: dict | None = None,
 ) -> str:
     """The whole report as one HTML string.
 
@@ -432,6 +448,7 @@ def render_report(
     gradcam_summary: ``gradcam_summary.json`` of :func:`training.gradcam.run_gradcam` (or None).
     gallery: its gallery entries; each entry's image is ``images[entry["overlay_key"]]``.
     images: name -> PNG bytes; those not used by the gallery are shown as plots.
+    promotion: the promote step's decision (``promotion.json``), once there is one.
     """
     used = {entry.get("overlay_key", entry.get("image_id")) for entry in gallery}
     plots = {name: png for name, png in images.items() if name not in used}
@@ -449,6 +466,7 @@ def render_report(
             "<h1>Melanoma classifier report</h1>",
             f'<p class="note">{" &middot; ".join(subtitle)}</p>' if subtitle else "",
             warnings,
+            _promotion_section(promotion),
             _threshold_section(metrics, threshold_payload, gradcam_summary),
             _metrics_section(metrics),
             _optimistic_section(metrics),
@@ -477,4 +495,7 @@ def build_report_from_run(run_storage, threshold_payload: dict) -> str:
     gallery = summary.get("gallery") or []
     for entry in gallery:
         images[entry["overlay_key"]] = run_storage.read_bytes(entry["overlay_key"])
-    return render_report(metrics, threshold_payload, summary, gallery, images)
+    promotion = (
+        json.loads(run_storage.read_bytes("promotion.json")) if run_storage.exists("promotion.json") else None
+    )
+    return render_report(metrics, threshold_payload, summary, gallery, images, promotion)
