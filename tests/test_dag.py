@@ -33,7 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 DAG_ID = "melanoma_pipeline"
 UTC = dt.timezone.utc
-CHAIN = ["plan", "has_new_drops", "preprocess", "augment", "train", "evaluate", "gradcam", "report"]
+CHAIN = [
+    "plan",
+    "has_new_drops",
+    "preprocess",
+    "augment",
+    "train",
+    "evaluate",
+    "gradcam",
+    "report",
+    "promote",
+]
 
 
 def day(y: int, m: int, d: int, h: int = 0) -> dt.datetime:

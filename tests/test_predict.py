@@ -249,6 +249,7 @@ def test_predict_pools_scores_per_lesion_with_a_lesion_map(tmp_path, ham10000_di
         "probability",
         "label",
         "threshold",
+        "model",
     ]
     assert [r["lesion_id"] for r in rows] == ["A", "B", "A"]
     np.testing.assert_allclose([float(r["image_probability"]) for r in rows], own, rtol=1e-5, atol=1e-7)

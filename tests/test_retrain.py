@@ -116,6 +116,7 @@ def test_training_runs_on_the_manifest_asset_one_at_a_time_with_the_pipelines_pa
         "evaluate",
         "gradcam",
         "report",
+        "promote",
     ]
     assert isinstance(serialized["melanoma_train"].timetable, AssetTriggeredTimetable)
     assert dag.max_active_runs == 1  # manifest events arriving during a training coalesce into one run
@@ -312,7 +313,7 @@ def test_the_policy_counts_from_the_last_models_data_old_pipeline_runs_included(
 
 def test_a_finished_run_is_not_trained_again(data_root):
     first = train_plan(versions=[4])
-    (data_root / "runs" / first["run_key"] / "report.html").write_text("<html></html>")
+    (data_root / "runs" / first["run_key"] / "promotion.json").write_text("{}")  # promote's, written last
     again = train_plan(versions=[4])
     assert again["finished"] and not again["proceed"] and "finished" in again["reason"]
 

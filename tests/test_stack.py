@@ -45,7 +45,8 @@ SPARK_MASTER_UI = "http://127.0.0.1:8090"
 SPARK_WORKER_UIS = {"spark-worker": "http://127.0.0.1:8091", "spark-worker-2": "http://127.0.0.1:8092"}
 BUCKET = "melanoma"
 TRAINING_IMAGE = "melanoma-training:0.1.0"
-TRAINING_STEPS = {"train", "evaluate", "gradcam", "report"}
+TRAINING_STEPS = {"train", "evaluate", "gradcam", "report", "promote"}
+MLFLOW = "http://127.0.0.1:5000"
 OUTPUT = ROOT / "output" / "stack"
 # Quick Params: the head only, few images, few resamples; the stack's behaviour, not the model's quality.
 QUICK = {"recipe": "quick", "epochs": 40, "max_train_images": 300, "n_boot": 100}
@@ -319,7 +320,12 @@ def stack(tmp_path_factory, figures, ham10000_dir):
     figures["build_seconds"] = round(time.monotonic() - started, 1)
     figures["image_sizes_mb"] = {
         image: round(int(sh("docker", "image", "inspect", "--format", "{{.Size}}", image).stdout) / 1e6)
-        for image in ("melanoma-airflow:0.1.0", "melanoma-spark:0.1.0", TRAINING_IMAGE)
+        for image in (
+            "melanoma-airflow:0.1.0",
+            "melanoma-spark:0.1.0",
+            TRAINING_IMAGE,
+            "melanoma-mlflow:0.1.0",
+        )
     }
     try:
         started = time.monotonic()
@@ -428,6 +434,26 @@ def test_the_dag_runs_end_to_end_in_the_stack(stack, s3, dag_ready, ham10000_dir
         assert response.status == 200 and response.headers.get_content_type() == "text/html"
     assert "<html" in page.lower() and "melanoma" in page.lower()
     (OUTPUT / "report.html").write_text(page)
+    check_tracked(s3, stack, run_id, run_prefix, page)
+
+
+def check_tracked(s3, stack: Stack, run_id: str, run_prefix: str, page: str) -> None:
+    """The run is in the MLflow server (Postgres), its model registered, the decision everywhere."""
+    from mlflow import MlflowClient
+
+    decision = stack.xcom(run_id, "promote")
+    assert read_json(s3, f"{run_prefix}/promotion.json") == decision
+    assert decision["tracking_uri"] == "http://mlflow:5000" and "Registry: melanoma-classifier" in page
+    client = MlflowClient(MLFLOW)
+    tracked = client.get_run(decision["mlflow_run_id"])
+    assert {"val.auroc", "test.auroc.ci_low", "phase1.val_auroc"} <= set(tracked.data.metrics)
+    assert tracked.data.tags["promotion"].endswith(f"v{decision['version']}")
+    version = client.get_model_version("melanoma-classifier", str(decision["version"]))
+    assert version.tags["promotion"] == ("promoted" if decision["promoted"] else "rejected")
+    # Artifacts went through the server into the bucket.
+    assert any(key.endswith("model/model.keras") for key in bucket_keys(s3, "mlflow/")), (
+        "no model in s3://melanoma/mlflow"
+    )
 
 
 def drop_shards(manifest: dict, drop_id: str) -> dict[str, tuple]:

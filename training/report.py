@@ -29,14 +29,12 @@ th, td { border: 1px solid #d6dbe4; padding: .25rem .6rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; } thead th { background: #eef1f6; }
 .note { color: #56607a; font-size: .9rem; }
 .warning { background: #fff4e5; border-left: 4px solid #e08a00; padding: .6rem 1rem; margin: 1rem 0; }
-.optimistic { background: #fdecec; border: 2px dashed #c62828; padding: .6rem 1rem; margin: 1rem 0; }
-.optimistic h3 { color: #c62828; margin-top: 0; }
+.optimistic { background: #fdecec; border: 2px dashed #c62828; padding: .6rem 1rem; margin: 1rem 0; } .optimistic h3 { color: #c62828; margin-top: 0; }
 .plots, .gallery { display: flex; flex-wrap: wrap; gap: 1rem; }
 figure { margin: 0; border: 1px solid #d6dbe4; padding: .5rem; background: #fafbfd; }
 .plots img { max-width: 36rem; } .gallery img { width: 28rem; }
 figcaption { font-size: .85rem; margin-top: .3rem; } figcaption dl { display: grid; grid-template-columns: auto 1fr; gap: 0 .6rem; margin: 0; }
-dt { color: #56607a; } dd { margin: 0; word-break: break-all; }
-.TP, .TN { color: #1b5e20; } .FP, .FN { color: #b71c1c; }
+dt { color: #56607a; } dd { margin: 0; word-break: break-all; } .TP, .TN { color: #1b5e20; } .FP, .FN { color: #b71c1c; }
 """
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -425,7 +423,8 @@ def _promotion_section(decision: dict | None) -> str:
     verdict = "promoted to champion" if decision["promoted"] else "not promoted (kept, labelled rejected)"
     before = "none (the first model needs the floor and the focus check)"
     if decision.get("champion_before") is not None:
-        before = f"v{_e(decision['champion_before'])}, re-scored on this val split: {_num(decision['champion_val_auroc'], 4)}"
+        champion = _num(decision["champion_val_auroc"], 4)
+        before = f"v{_e(decision['champion_before'])}, re-scored on this val split: {champion}"
     reasons = "".join(f"<li>{_e(r)}</li>" for r in decision["reasons"])
     return (
         f"<h2>Registry: {_e(decision['model'])} v{_e(decision['version'])} {verdict}</h2>"
@@ -495,7 +494,6 @@ def build_report_from_run(run_storage, threshold_payload: dict) -> str:
     gallery = summary.get("gallery") or []
     for entry in gallery:
         images[entry["overlay_key"]] = run_storage.read_bytes(entry["overlay_key"])
-    promotion = (
-        json.loads(run_storage.read_bytes("promotion.json")) if run_storage.exists("promotion.json") else None
-    )
+    decided = run_storage.exists("promotion.json")  # the promote step re-renders the report with it
+    promotion = json.loads(run_storage.read_bytes("promotion.json")) if decided else None
     return render_report(metrics, threshold_payload, summary, gallery, images, promotion)
