@@ -48,7 +48,13 @@ def read_json(s3, bucket: str, key: str) -> dict:
 def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
     s3 = boto3.client("s3", endpoint_url=s3_env["MELANOMA_S3_ENDPOINT_URL"])
     chosen = upload_drop(s3, s3_bucket, ham10000_dir)
-    env = airflow_env(tmp_path / "airflow", f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/raw", s3_env)
+    # Runs in a bucket need a tracking store of their own (SQLite cannot live in a bucket): a
+    # deployment names its MLflow server; here, a SQLite file.
+    tracking = {"MELANOMA_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
+    (tmp_path / "mlflow").mkdir()
+    env = airflow_env(
+        tmp_path / "airflow", f"s3://{s3_bucket}/data", f"s3://{s3_bucket}/raw", {**s3_env, **tracking}
+    )
     conf = {"recipe": "quick", "backbone": "efficientnet_lite0", "epochs": 8, "n_boot": 100}
     result = run_dag(env, conf, logical_date="2026-01-01T00:00:00+00:00")
     (tmp_path / "dags_test.log").write_text(result.stdout)
@@ -102,6 +108,8 @@ def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
         "eval/predictions.csv",
         "gradcam/gradcam_summary.json",
         "report.html",
+        "promotion.json",
+        "tracking.json",
     ]:
         assert f"{run_prefix}/{key}" in keys, key
     assert any(k.startswith(f"{run_prefix}/eval/") and k.endswith(".png") for k in keys)
@@ -124,3 +132,17 @@ def test_dag_end_to_end_on_s3(ham10000_dir, s3_env, s3_bucket, tmp_path):
     summary = read_json(s3, s3_bucket, f"{run_prefix}/gradcam/gradcam_summary.json")
     assert summary["threshold"] == pushed["threshold"]
     assert xcoms["gradcam"]["threshold"] == pushed["threshold"]
+
+    # promote registered the model and decided with its reasons (a quick model on ~200 images may
+    # well stay under the default floor: either way the decision is in XCom, the run and the store).
+    decision = xcoms["promote"]
+    assert decision == read_json(s3, s3_bucket, f"{run_prefix}/promotion.json")
+    assert decision["version"] == 1 and decision["champion_before"] is None and decision["reasons"]
+    assert decision["promoted"] == (
+        decision["challenger_val_auroc"] >= decision["min_val_auroc"] and decision["focus_on_lesion"] is True
+    )
+    import mlflow
+
+    version = mlflow.MlflowClient(decision["tracking_uri"]).get_model_version("melanoma-classifier", "1")
+    assert version.tags["run_root"] == f"s3://{s3_bucket}/{run_prefix}"
+    assert version.tags["threshold"] == repr(pushed["threshold"])
