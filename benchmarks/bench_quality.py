@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return ensemble_of_runs(args, command)
     prep = preprocess(args.reprocess)
 
+    from training.tracking import record_document, record_step, tracking_uri
     from training.train import CpuTurns, run_training
 
     run_root = WORK / "runs" / args.name
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)"
     )
     trained = run_training(cfg)
+    record_step("train", str(run_root), trained)
     log(
         f"trained: {json.dumps(trained['best_val_auroc'])} best val AUROC, epochs {trained['epochs_run']}, {trained['train_seconds']:.0f} s"
     )
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
     )
     write_results(result, write_markdown)
+    run_id = record_document(str(run_root), "quality.json", result, {"melanoma.source": "bench_quality"})
+    log(f"tracked: MLflow run {run_id} in {tracking_uri(str(run_root))}")
     log_result(result, total)
     return 0
 

@@ -23,9 +23,10 @@ def evaluate(args: argparse.Namespace, run_root: Path) -> dict:
     """The pipeline's evaluate step on the run (internal + external sets), then Grad-CAM lesion
     focus on the external sets that have lesion masks; returns ``{name: focus summary}``."""
     from training.tasks import evaluate_run, external_focus_run
+    from training.tracking import record_step
 
     specs = external_specs(args.external)
-    evaluate_run(
+    payload = evaluate_run(
         str(PROCESSED),
         str(run_root),
         strategy="youden",
@@ -33,6 +34,7 @@ def evaluate(args: argparse.Namespace, run_root: Path) -> dict:
         pooling=args.pooling,
         external=specs,
     )
+    record_step("evaluate", str(run_root), payload)  # the benchmark's runs are tracked like the DAG's
     focus = {}
     for spec in specs:
         drop = spec.rpartition("::")[2]

@@ -28,7 +28,15 @@ from urllib.parse import urlparse
 
 from melanoma.storage import open_storage
 
-__all__ = ["EXPERIMENT", "tracking_uri", "local_store", "tracking_client", "tracking_run", "record_step"]
+__all__ = [
+    "EXPERIMENT",
+    "tracking_uri",
+    "local_store",
+    "tracking_client",
+    "tracking_run",
+    "record_step",
+    "record_document",
+]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "melanoma"
@@ -220,3 +228,11 @@ def record_step(step: str, run_root: str, result: dict) -> dict:
     _RECORDERS[step](client, run_id, open_storage(run_root), result)
     client.set_terminated(run_id)  # FINISHED after each step; a later step may still add to it
     return {"tracking_uri": tracking_uri(run_root), "mlflow_run_id": run_id}
+
+
+def record_document(run_root: str, name: str, document: dict, tags: dict | None = None) -> str:
+    """A JSON document (a benchmark's result, say) and tags on the run folder's MLflow run; its run id."""
+    client, run_id = tracking_run(run_root)
+    client.log_text(run_id, json.dumps(document, indent=2, sort_keys=True, default=str), name)
+    _log(client, run_id, tags=tags)
+    return run_id
