@@ -17,10 +17,9 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import Asset, Param
 
 from melanoma.drops import DROP_ID_PATTERN
-from melanoma.settings import PARAM_DEFAULTS, SETTINGS, Setting
+from melanoma.settings import SETTINGS, TRAIN_SETTINGS, Setting
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
 from pipeline.airflow_ops import recheck_history_order, setting, storage_env
-from pipeline.retrain import POLICIES
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"
@@ -59,7 +58,7 @@ def _param(setting: Setting) -> Param:
         if "type" in schema:
             schema["type"] = ["null", schema["type"]]
     return Param(
-        PARAM_DEFAULTS[setting.name],
+        setting.param_default,
         title=setting.title,
         description=setting.description,
         section=setting.section,
@@ -70,59 +69,8 @@ def _param(setting: Setting) -> Param:
 #: The pipeline's run Params, in the order (and sections) of their declarations in melanoma.settings.
 PARAMS: dict[str, Param] = {name: _param(s) for name, s in SETTINGS.items() if s.param}
 
-#: The training DAG's own Params: which manifest, and when a new one is worth a retraining.
-TRAIN_PARAMS: dict[str, Param] = {
-    "manifest_version": Param(
-        0,
-        title="Manifest version",
-        type="integer",
-        minimum=0,
-        maximum=999_999,
-        description=(
-            "Train on exactly this manifest (processed/manifest-NNNNNN.json). 0: the one the triggering asset "
-            "event names, else (a manual run) the newest as of the run's date."
-        ),
-        section="Data",
-    ),
-    "retrain_policy": Param(
-        None,
-        title="Retraining policy",
-        type=["null", "string"],
-        enum=[None, *POLICIES],
-        description=(
-            "every: train on every manifest newer than the last model's; min_new: only once at least "
-            "retrain_min_new_images new images or retrain_min_new_melanomas new melanomas have arrived since "
-            "it; always: train regardless. Empty: Variable melanoma_retrain_policy / env MELANOMA_RETRAIN_POLICY "
-            "(default every)."
-        ),
-        section="Retraining",
-    ),
-    "retrain_min_new_images": Param(
-        None,
-        title="New images needed (min_new)",
-        type=["null", "integer"],
-        minimum=0,
-        maximum=100_000_000,
-        description=(
-            "min_new: retrain once this many images arrived since the last model's manifest (0 = not this "
-            "criterion). Empty: Variable melanoma_retrain_min_new_images / env MELANOMA_RETRAIN_MIN_NEW_IMAGES."
-        ),
-        section="Retraining",
-    ),
-    "retrain_min_new_melanomas": Param(
-        None,
-        title="New melanomas needed (min_new)",
-        type=["null", "integer"],
-        minimum=0,
-        maximum=100_000_000,
-        description=(
-            "min_new: retrain once this many melanoma images arrived since the last model's manifest (0 = not "
-            "this criterion). Empty: Variable melanoma_retrain_min_new_melanomas / env "
-            "MELANOMA_RETRAIN_MIN_NEW_MELANOMAS."
-        ),
-        section="Retraining",
-    ),
-}
+#: The training DAG's own Params (melanoma_train only): which manifest, and when a new one is worth a retraining.
+TRAIN_PARAMS: dict[str, Param] = {name: _param(s) for name, s in TRAIN_SETTINGS.items()}
 
 
 def params(*names: str, exclude: tuple[str, ...] = ()) -> dict[str, Param]:
