@@ -24,14 +24,15 @@ import datetime as dt
 from airflow.sdk import AssetOrTimeSchedule, CronDataIntervalTimetable, dag, get_current_context, task
 
 from pipeline import asset_ops
-from pipeline.airflow_ops import resolve_run
 from pipeline.asset_ops import INGEST_DONE, drops_from_events
 from pipeline.dag_parts import (
     DROPS_ASSET,
     MANIFEST_ASSET,
     augment_task,
-    default_args,
+    dag_args,
+    drops_verdict,
     params,
+    plan_drops,
     preprocess_task,
 )
 
@@ -43,37 +44,18 @@ from pipeline.dag_parts import (
     schedule=AssetOrTimeSchedule(
         timetable=CronDataIntervalTimetable("@daily", timezone="UTC"), assets=DROPS_ASSET
     ),
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
-    catchup=False,
-    max_active_runs=1,
     tags=["melanoma", "spark", "ingest"],
-    default_args=default_args(),
     doc_md=__doc__,
     params=params("drops"),
+    **dag_args(),
 )
 def melanoma_ingest():
     @task(execution_timeout=dt.timedelta(minutes=10))
     def plan() -> dict:
         """Resolve roots, run key and the drops this run owns (pinned in runs/ingest-<run_key>/plan.json)."""
-        import os
-
-        from pipeline.airflow_ops import storage_env
-
-        context = get_current_context()
-        dag_run = context["dag_run"]
-        os.environ.update(storage_env())  # plan lists drops and manifests itself
-        events = [e for evs in context["triggering_asset_events"].values() for e in evs]
-        return resolve_run(
-            dict(context["params"]),
-            run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
-            run_id=dag_run.run_id,
-            logical_date=context.get("logical_date"),
-            interval_start=context.get("data_interval_start"),
-            interval_end=context.get("data_interval_end"),
-            run_after=getattr(dag_run, "run_after", None),
-            event_drops=drops_from_events(events),
-            key_prefix="ingest-",
-            done_marker=INGEST_DONE,
+        events = [e for evs in get_current_context()["triggering_asset_events"].values() for e in evs]
+        return plan_drops(
+            event_drops=drops_from_events(events), key_prefix="ingest-", done_marker=INGEST_DONE
         )
 
     # ignore_downstream_trigger_rules=False: only preprocess (and augment through it) is skipped;
@@ -81,17 +63,7 @@ def melanoma_ingest():
     @task.short_circuit(execution_timeout=dt.timedelta(minutes=5), ignore_downstream_trigger_rules=False)
     def has_new_drops(run: dict) -> bool:
         """Skip Spark when this run brings no new drop (or has already been ingested)."""
-        import logging
-
-        logging.getLogger(__name__).info(
-            "drops selected: %s; this run's new drops: %s (not processed yet: %s); ingested before: %s; proceed: %s",
-            run["drops"],
-            run["new_drops"],
-            run["pending_drops"],
-            run["finished"],
-            run["proceed"],
-        )
-        return bool(run["proceed"])
+        return drops_verdict(run, before="ingested")
 
     @task(
         outlets=[MANIFEST_ASSET],

@@ -29,13 +29,10 @@ heavy is imported at parse time.
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import os
 
-from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, dag, task
 
-from pipeline.airflow_ops import resolve_run, storage_env
-from pipeline.dag_parts import augment_task, default_args, params, preprocess_task
+from pipeline.dag_parts import augment_task, dag_args, drops_verdict, params, plan_drops, preprocess_task
 from pipeline.training_tasks import MACROS, training_task
 
 
@@ -44,47 +41,24 @@ from pipeline.training_tasks import MACROS, training_task
     # Data intervals, not trigger times: the run of logical date D covers [D, D+1 day) and
     # starts once that day is over, so it sees every drop dated D.
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
-    catchup=False,
-    max_active_runs=1,
     # Deprecated: never scheduled by surprise beside melanoma_ingest (see the docstring).
     is_paused_upon_creation=True,
     tags=["melanoma", "spark", "keras", "deprecated"],
-    default_args=default_args(),
     doc_md=__doc__,
     user_defined_macros=MACROS,
     params=params(),
+    **dag_args(),
 )
 def melanoma_pipeline():
     @task(execution_timeout=dt.timedelta(minutes=10))
     def plan() -> dict:
         """Resolve roots, run key and the drops this run owns (pinned in runs/<run_key>/plan.json)."""
-        context = get_current_context()
-        dag_run = context["dag_run"]
-        # This task lists drops and manifests itself, so it needs the object-store settings too.
-        os.environ.update(storage_env())
-        return resolve_run(
-            dict(context["params"]),
-            run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
-            run_id=dag_run.run_id,
-            logical_date=context.get("logical_date"),
-            interval_start=context.get("data_interval_start"),
-            interval_end=context.get("data_interval_end"),
-            run_after=getattr(dag_run, "run_after", None),
-        )
+        return plan_drops()
 
     @task.short_circuit(execution_timeout=dt.timedelta(minutes=5))
     def has_new_drops(run: dict) -> bool:
         """Skip Spark and training when this run brings no new drop (or has already finished)."""
-        logging.getLogger(__name__).info(
-            "drops selected: %s; this run's new drops: %s (not processed yet: %s); finished before: %s; proceed: %s",
-            run["drops"],
-            run["new_drops"],
-            run["pending_drops"],
-            run["finished"],
-            run["proceed"],
-        )
-        return bool(run["proceed"])
+        return drops_verdict(run, before="finished")
 
     preprocess, augment = preprocess_task(), augment_task()
 

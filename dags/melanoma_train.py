@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import dag, task
 
 from pipeline.asset_ops import event_manifest_versions
-from pipeline.dag_parts import MANIFEST_ASSET, TRAIN_PARAMS, default_args, params
+from pipeline.dag_parts import MANIFEST_ASSET, TRAIN_PARAMS, dag_args, params, plan_context
 from pipeline.retrain import resolve_training
 from pipeline.training_tasks import MACROS, training_task
 
@@ -28,27 +28,19 @@ from pipeline.training_tasks import MACROS, training_task
 @dag(
     dag_id="melanoma_train",
     schedule=[MANIFEST_ASSET],
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
-    catchup=False,
-    # One training at a time; manifest events arriving meanwhile make one run after it.
-    max_active_runs=1,
     tags=["melanoma", "keras", "train"],
-    default_args=default_args(),
     doc_md=__doc__,
     user_defined_macros=MACROS,
     params={**params(exclude=("drops",)), **TRAIN_PARAMS},
+    # One training at a time (max_active_runs=1); manifest events arriving meanwhile make one run after it.
+    **dag_args(),
 )
 def melanoma_train():
     @task(execution_timeout=dt.timedelta(minutes=10))
     def plan() -> dict:
         """The manifest this run trains on (pinned in runs/train-<run_key>/plan.json) and the policy's verdict."""
-        import os
-
-        from pipeline.airflow_ops import storage_env
-
-        context = get_current_context()
+        context = plan_context()
         dag_run = context["dag_run"]
-        os.environ.update(storage_env())  # plan reads manifests and models itself
         events = list(context["triggering_asset_events"].get(MANIFEST_ASSET, []))
         return resolve_training(
             dict(context["params"]),

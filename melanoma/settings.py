@@ -3,7 +3,8 @@
 The DAG's Params (:mod:`pipeline.dag_parts`), the run plan's defaults and ``train_config``
 (:mod:`pipeline.airflow_ops`), :class:`training.config.TrainConfig`'s defaults, the training
 CLI's choices and ``benchmarks/bench_quality.py``'s flags are all built from :data:`SETTINGS`,
-so a default, a bound or a description cannot drift between them.
+so a default, a bound or a description cannot drift between them. The training DAG's own
+Params (which manifest, the retraining policy) are declared the same way in :data:`TRAIN_SETTINGS`.
 
 Pure Python on purpose: it is imported at DAG parse time and in the training runtime.
 
@@ -24,7 +25,9 @@ RESULT_PREFIX = "RESULT "
 THRESHOLD_STRATEGIES = ("youden", "sensitivity", "f1")
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50")
 CLASS_WEIGHTS = ("balanced", "reference", "none")
-SECTIONS = ("Data", "Model", "Training", "Evaluation")
+#: When a new manifest is worth a retraining (pipeline.retrain applies it).
+POLICIES = ("every", "min_new", "always")
+SECTIONS = ("Data", "Model", "Training", "Evaluation", "Retraining")
 # JSON Schema's bounds are comparisons, and every comparison with NaN is false, so NaN passes
 # "minimum"/"maximum". "not exclusiveMaximum: -max" holds only where x >= -max is true: refuses
 # NaN and -inf (the maximum every number Param has refuses +inf). The inner "type" lets null
@@ -68,6 +71,11 @@ class Setting:
     def config_value(self, value: Any) -> Any:
         return self.to_config(value) if self.to_config else value
 
+    @property
+    def param_default(self) -> Any:
+        """What its DAG Param defaults to: null where the recipe or the deployment decides."""
+        return None if self.from_recipe or self.from_deployment else self.default
+
 
 def _int(low: int, high: int | None = None) -> dict:
     return {"type": "integer", "minimum": low, **({} if high is None else {"maximum": high})}
@@ -96,6 +104,8 @@ def _s(name, default, title, section, schema, *, train=None, recipe=False, param
     else:
         field, convert = train if isinstance(train, tuple) else (name, train)
     description = DESCRIPTIONS[name] + (" Empty: the recipe's." if recipe else "")
+    if deployment:
+        description += f" Empty: Variable melanoma_{name} / env MELANOMA_{name.upper()} (default {default})."
     return Setting(
         name, default, title, section, description, schema, field, convert, recipe, param, deployment
     )
@@ -110,8 +120,7 @@ DESCRIPTIONS = {
     "recipe": "Named training recipe: best (the best single model measured: dx target, 11 fine-tuned "
     "blocks, 4 augmented variants, phase 2 at 3e-4 with decay, 75 min); reference (the reference report: "
     "ResNet50, binary, Adam 1e-4 then 1e-5, class weights 0.5/28.5); quick (head only, the demo's). Params "
-    "left empty take the recipe's value; a Param set here overrides it. Empty: Variable melanoma_recipe / "
-    "env MELANOMA_RECIPE (default best).",
+    "left empty take the recipe's value; a Param set here overrides it.",
     "backbone": "ImageNet backbone under the reference report's head.",
     "weights": "'imagenet' or a weights file path/URI. Never silently random.",
     "target": "melanoma: binary training (the reference report's); dx: train on the 7 diagnoses, export "
@@ -146,9 +155,18 @@ DESCRIPTIONS = {
     "(and a passing lesion-focus check).",
     "promote_margin": "A challenger must reach the champion's validation AUROC plus this, the champion "
     "re-scored on the challenger's validation split (0: as good is enough; the newer model saw more data).",
+    "manifest_version": "Train on exactly this manifest (processed/manifest-NNNNNN.json). 0: the one the "
+    "triggering asset event names, else (a manual run) the newest as of the run's date.",
+    "retrain_policy": "every: train on every manifest newer than the last model's; min_new: only once at "
+    "least retrain_min_new_images new images or retrain_min_new_melanomas new melanomas have arrived since "
+    "it; always: train regardless.",
+    "retrain_min_new_images": "min_new: retrain once this many images arrived since the last model's "
+    "manifest (0 = not this criterion).",
+    "retrain_min_new_melanomas": "min_new: retrain once this many melanoma images arrived since the last "
+    "model's manifest (0 = not this criterion).",
 }
 
-DATA, MODEL, TRAINING, EVALUATION = SECTIONS
+DATA, MODEL, TRAINING, EVALUATION, RETRAINING = SECTIONS
 # One row per setting, in the trigger form's order: name, default, title, section, schema, and how
 # it reaches TrainConfig. ``recipe=True``: the recipe gives its value when the Param is left empty.
 # fmt: off
@@ -193,6 +211,20 @@ SETTINGS: dict[str, Setting] = {
         _s("promote_margin", 0.0, "Champion margin (val AUROC)", EVALUATION, _number(low=0, high=0.5)),
     )
 }
+#: The training DAG's own Params (``melanoma_train`` only): which manifest, and when a new one is
+#: worth a retraining. The policy's defaults are the deployment's (pipeline.retrain.resolve_policy).
+TRAIN_SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        _s("manifest_version", 0, "Manifest version", DATA, _int(0, 999_999)),
+        _s("retrain_policy", "every", "Retraining policy", RETRAINING, {"type": "string", **_one_of(*POLICIES)},
+           deployment=True),
+        _s("retrain_min_new_images", 0, "New images needed (min_new)", RETRAINING, _int(0, 100_000_000),
+           deployment=True),
+        _s("retrain_min_new_melanomas", 0, "New melanomas needed (min_new)", RETRAINING, _int(0, 100_000_000),
+           deployment=True),
+    )
+}
 # fmt: on
 
 #: ``quick``: head only on Lite0 (what ``make demo`` runs, and TrainConfig's own defaults).
@@ -226,11 +258,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 DEFAULT_RECIPE = SETTINGS["recipe"].default
 
 #: What a DAG Param defaults to: null where the recipe or the deployment decides.
-PARAM_DEFAULTS: dict[str, Any] = {
-    name: (None if s.from_recipe or s.from_deployment else s.default)
-    for name, s in SETTINGS.items()
-    if s.param
-}
+PARAM_DEFAULTS: dict[str, Any] = {name: s.param_default for name, s in SETTINGS.items() if s.param}
 
 
 def apply_recipe(values: dict) -> dict:

@@ -1,4 +1,4 @@
-"""What the pipeline's DAG files share: Params, assets, default arguments and the Spark tasks.
+"""What the pipeline's DAG files share: Params, assets, DAG arguments, the ingesting plan and the Spark tasks.
 
 The DAG files (``dags/``) only wire tasks; the pieces more than one of them needs live here so
 that ``melanoma_pipeline`` (deprecated, all in one), ``melanoma_ingest`` and ``melanoma_train``
@@ -9,18 +9,18 @@ nothing heavy.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import sys
 from pathlib import Path
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Asset, Param
+from airflow.sdk import Asset, Param, get_current_context
 
 from melanoma.drops import DROP_ID_PATTERN
-from melanoma.settings import PARAM_DEFAULTS, SETTINGS, Setting
+from melanoma.settings import SETTINGS, TRAIN_SETTINGS, Setting
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
-from pipeline.airflow_ops import recheck_history_order, setting, storage_env
-from pipeline.retrain import POLICIES
+from pipeline.airflow_ops import recheck_history_order, resolve_run, setting, storage_env
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 PLAN = "ti.xcom_pull(task_ids='plan')"
@@ -46,6 +46,56 @@ def default_args() -> dict:
     }
 
 
+def dag_args(**kwargs) -> dict:
+    """The ``@dag`` arguments every melanoma DAG shares, then ``kwargs``.
+
+    One run at a time: drops enter the data set in date order, and manifest events arriving
+    during a training coalesce into one run after it.
+    """
+    return {
+        "start_date": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+        "catchup": False,
+        "max_active_runs": 1,
+        "default_args": default_args(),
+        **kwargs,
+    }
+
+
+def plan_context() -> dict:
+    """A ``plan`` task's context, the object-store settings put into the environment first (plan lists
+    drops, manifests and models itself)."""
+    os.environ.update(storage_env())
+    return get_current_context()
+
+
+def drops_verdict(run: dict, *, before: str) -> bool:
+    """``has_new_drops``: whether the run goes on (``plan``'s ``proceed``), logged with what it rests on;
+    ``before``: what the log line calls a run done before ("ingested", "finished")."""
+    logging.getLogger(__name__).info(
+        "drops selected: %(drops)s; this run's new drops: %(new_drops)s (not processed yet: "
+        f"%(pending_drops)s); {before} before: %(finished)s; proceed: %(proceed)s",
+        run,
+    )
+    return bool(run["proceed"])
+
+
+def plan_drops(**kwargs) -> dict:
+    """``plan`` of the DAGs that ingest: :func:`~pipeline.airflow_ops.resolve_run` for the running DAG run
+    (its Params, type, id, dates and data interval); ``kwargs`` go to it."""
+    context = plan_context()
+    dag_run = context["dag_run"]
+    return resolve_run(
+        dict(context["params"]),
+        run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
+        run_id=dag_run.run_id,
+        logical_date=context.get("logical_date"),
+        interval_start=context.get("data_interval_start"),
+        interval_end=context.get("data_interval_end"),
+        run_after=getattr(dag_run, "run_after", None),
+        **kwargs,
+    )
+
+
 def _param(setting: Setting) -> Param:
     """A run setting as an Airflow Param: its schema, title and section; null allowed where the recipe decides."""
     schema = dict(setting.schema)
@@ -59,7 +109,7 @@ def _param(setting: Setting) -> Param:
         if "type" in schema:
             schema["type"] = ["null", schema["type"]]
     return Param(
-        PARAM_DEFAULTS[setting.name],
+        setting.param_default,
         title=setting.title,
         description=setting.description,
         section=setting.section,
@@ -70,59 +120,8 @@ def _param(setting: Setting) -> Param:
 #: The pipeline's run Params, in the order (and sections) of their declarations in melanoma.settings.
 PARAMS: dict[str, Param] = {name: _param(s) for name, s in SETTINGS.items() if s.param}
 
-#: The training DAG's own Params: which manifest, and when a new one is worth a retraining.
-TRAIN_PARAMS: dict[str, Param] = {
-    "manifest_version": Param(
-        0,
-        title="Manifest version",
-        type="integer",
-        minimum=0,
-        maximum=999_999,
-        description=(
-            "Train on exactly this manifest (processed/manifest-NNNNNN.json). 0: the one the triggering asset "
-            "event names, else (a manual run) the newest as of the run's date."
-        ),
-        section="Data",
-    ),
-    "retrain_policy": Param(
-        None,
-        title="Retraining policy",
-        type=["null", "string"],
-        enum=[None, *POLICIES],
-        description=(
-            "every: train on every manifest newer than the last model's; min_new: only once at least "
-            "retrain_min_new_images new images or retrain_min_new_melanomas new melanomas have arrived since "
-            "it; always: train regardless. Empty: Variable melanoma_retrain_policy / env MELANOMA_RETRAIN_POLICY "
-            "(default every)."
-        ),
-        section="Retraining",
-    ),
-    "retrain_min_new_images": Param(
-        None,
-        title="New images needed (min_new)",
-        type=["null", "integer"],
-        minimum=0,
-        maximum=100_000_000,
-        description=(
-            "min_new: retrain once this many images arrived since the last model's manifest (0 = not this "
-            "criterion). Empty: Variable melanoma_retrain_min_new_images / env MELANOMA_RETRAIN_MIN_NEW_IMAGES."
-        ),
-        section="Retraining",
-    ),
-    "retrain_min_new_melanomas": Param(
-        None,
-        title="New melanomas needed (min_new)",
-        type=["null", "integer"],
-        minimum=0,
-        maximum=100_000_000,
-        description=(
-            "min_new: retrain once this many melanoma images arrived since the last model's manifest (0 = not "
-            "this criterion). Empty: Variable melanoma_retrain_min_new_melanomas / env "
-            "MELANOMA_RETRAIN_MIN_NEW_MELANOMAS."
-        ),
-        section="Retraining",
-    ),
-}
+#: The training DAG's own Params (melanoma_train only): which manifest, and when a new one is worth a retraining.
+TRAIN_PARAMS: dict[str, Param] = {name: _param(s) for name, s in TRAIN_SETTINGS.items()}
 
 
 def params(*names: str, exclude: tuple[str, ...] = ()) -> dict[str, Param]:
@@ -151,13 +150,21 @@ class MelanomaSparkSubmitOperator(SparkSubmitOperator):
         return super().execute(context)
 
 
+def _spark_task(job: str, **kwargs) -> MelanomaSparkSubmitOperator:
+    """Task ``job``: ``spark_jobs/<job>.py`` submitted on the ``spark_default`` connection."""
+    return MelanomaSparkSubmitOperator(
+        task_id=job,
+        conn_id="spark_default",
+        application=str(SPARK_JOBS / f"{job}.py"),
+        name=f"melanoma-{job}",
+        **kwargs,
+    )
+
+
 def preprocess_task() -> MelanomaSparkSubmitOperator:
     """The drops ``plan`` chose, validated and resized into shards; commits a manifest (Spark)."""
-    return MelanomaSparkSubmitOperator(
-        task_id="preprocess",
-        conn_id="spark_default",
-        application=str(SPARK_JOBS / "preprocess.py"),
-        name="melanoma-preprocess",
+    return _spark_task(
+        "preprocess",
         application_args=[
             "--raw-root",
             "{{ %s['raw_root'] }}" % PLAN,
@@ -178,11 +185,8 @@ def preprocess_task() -> MelanomaSparkSubmitOperator:
 
 def augment_task() -> MelanomaSparkSubmitOperator:
     """Seeded augmented copies of the new training melanomas; commits a manifest (Spark)."""
-    return MelanomaSparkSubmitOperator(
-        task_id="augment",
-        conn_id="spark_default",
-        application=str(SPARK_JOBS / "augment.py"),
-        name="melanoma-augment",
+    return _spark_task(
+        "augment",
         # No --logical-date: the augmented manifest keeps the date of the manifest it extends,
         # so a rerun that augments what an earlier attempt left undone cannot move dates.
         application_args=["--processed-root", "{{ %s['data_root'] }}" % PLAN],

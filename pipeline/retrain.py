@@ -12,7 +12,8 @@
 - applies the policy (:data:`POLICIES`): ``every`` new manifest, ``min_new`` (at least N new images
   or M new melanoma images since the last model's manifest), or ``always``.
 
-Policy settings, lowest precedence first: defaults (``every``, 0, 0), the Variables
+Policy settings, lowest precedence first: defaults (``every``, 0, 0: declared in
+:data:`melanoma.settings.TRAIN_SETTINGS`), the Variables
 ``melanoma_retrain_policy``, ``melanoma_retrain_min_new_images``, ``melanoma_retrain_min_new_melanomas``
 (or env ``MELANOMA_RETRAIN_POLICY``...), then the run's Params of the same names. Asset-triggered
 runs carry no conf, so Variables/env are how a deployment sets the policy for them.
@@ -27,6 +28,7 @@ import json
 import logging
 from typing import Any
 
+from melanoma.settings import POLICIES, TRAIN_SETTINGS
 from pipeline.airflow_ops import (
     PARAM_DEFAULTS,
     PLAN_RECORD,
@@ -44,14 +46,8 @@ from pipeline.airflow_ops import (
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("every", "min_new", "always")
 #: The training DAG's Params beyond the pipeline's (which it shares, ``drops`` aside).
-TRAIN_PARAM_DEFAULTS: dict[str, Any] = {
-    "manifest_version": 0,
-    "retrain_policy": None,
-    "retrain_min_new_images": None,
-    "retrain_min_new_melanomas": None,
-}
+TRAIN_PARAM_DEFAULTS: dict[str, Any] = {name: s.param_default for name, s in TRAIN_SETTINGS.items()}
 TRAIN_DEFAULTS = {**{k: v for k, v in PARAM_DEFAULTS.items() if k != "drops"}, **TRAIN_PARAM_DEFAULTS}
 #: Prefix of the training DAG's run folders (``runs/train-<run key>``): never the same folder as
 #: an ingest run's or an old ``melanoma_pipeline`` run's of the same date.
@@ -72,7 +68,7 @@ def resolve_policy(values: dict) -> dict:
 
     def number(name: str) -> int:
         given = values.get(name)
-        raw = given if given is not None else setting(name, "0")
+        raw = given if given is not None else setting(name, str(TRAIN_SETTINGS[name].default))
         try:
             number = int(raw)
         except (TypeError, ValueError):
@@ -83,7 +79,9 @@ def resolve_policy(values: dict) -> dict:
             raise ValueError(f"{name}={number} must be 0 or more")
         return number
 
-    policy = values.get("retrain_policy") or setting("retrain_policy", "every")
+    policy = values.get("retrain_policy") or setting(
+        "retrain_policy", TRAIN_SETTINGS["retrain_policy"].default
+    )
     if policy not in POLICIES:
         raise ValueError(f"retrain_policy={policy!r}: use one of {POLICIES}")
     result = {

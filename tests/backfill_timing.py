@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_data_aware import DAYS, DROPS, INGEST, TRAIN, Standalone, idle  # noqa: E402
+from test_data_aware import DROPS, INGEST, TRAIN, Standalone, idle  # noqa: E402
 from test_runs import stop_process_group  # noqa: E402
 
 from melanoma.synthetic import write_drop  # noqa: E402
@@ -50,18 +50,7 @@ def main() -> int:
     dags = [args.dag] + ([TRAIN] if args.dag == INGEST else [])
     for step in (("db", "migrate"), ("dags", "reserialize"), *(("dags", "unpause", d) for d in dags)):
         server.airflow(*step)
-    server.airflow(
-        "backfill",
-        "create",
-        "--dag-id",
-        args.dag,
-        "--from-date",
-        DAYS[0],
-        "--to-date",
-        DAYS[-1],
-        "--reprocess-behavior",
-        "failed",
-    )
+    server.backfill(args.dag)
     started = time.monotonic()
     server.start()
     try:

@@ -41,6 +41,15 @@ DECODE_REASONS = {
     "undecodable",
     "bad-dimensions",
 }
+#: The notes the bad corpus's convertible images are written with (one image each, at least).
+CONVERSION_NOTES = {
+    "png-content",
+    "alpha-dropped",
+    "grayscale->rgb",
+    "cmyk->rgb",
+    "16bit->8bit",
+    "exif-rotated",
+}
 COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 
 

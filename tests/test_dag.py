@@ -29,6 +29,8 @@ from pipeline.airflow_ops import (  # noqa: E402
     run_key,
 )
 
+from fresh_python import import_dag_file  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
 DAG_ID = "melanoma_pipeline"
@@ -85,25 +87,7 @@ def test_dagbag_loads_the_dags_folder_without_import_errors(dagbag):
 
 def test_dag_file_imports_in_under_a_second_without_tensorflow_or_pyspark():
     """Measured in a fresh interpreter after what any DagBag has already imported (the SDK, the Spark provider)."""
-    script = (
-        "import importlib.util, json, sys, time\n"
-        "import airflow.sdk\n"
-        "import airflow.providers.apache.spark.operators.spark_submit\n"
-        f"spec = importlib.util.spec_from_file_location('melanoma_pipeline_dag', {str(DAGS / 'melanoma_pipeline.py')!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "started = time.perf_counter()\n"
-        "spec.loader.exec_module(module)\n"
-        "seconds = time.perf_counter() - started\n"
-        "heavy = sorted(m for m in ('tensorflow', 'keras', 'pyspark', 'torch', 'cv2', 'sklearn') if m in sys.modules)\n"
-        "print(json.dumps({'seconds': seconds, 'heavy': heavy}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = import_dag_file(DAGS / "melanoma_pipeline.py")
     print(f"DAG file import: {measured['seconds']:.3f} s")
     assert measured["heavy"] == [], f"the DAG file imports {measured['heavy']} at parse time"
     assert measured["seconds"] < 1.0, f"the DAG file took {measured['seconds']:.2f} s to import"

@@ -97,6 +97,22 @@ class Standalone:
         assert result.returncode == 0, result.stdout[-3000:]
         return result
 
+    def backfill(self, dag_id: str) -> subprocess.CompletedProcess:
+        """``airflow backfill create`` of ``dag_id`` over DAYS; ``failed``: the reprocess behaviour a DAG
+        with depends_on_past needs."""
+        return self.airflow(
+            "backfill",
+            "create",
+            "--dag-id",
+            dag_id,
+            "--from-date",
+            DAYS[0],
+            "--to-date",
+            DAYS[-1],
+            "--reprocess-behavior",
+            "failed",
+        )
+
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -235,18 +251,7 @@ def standalone(tmp_path_factory):
         ("dags", "unpause", TRAIN),
     ):
         server.airflow(*step)
-    server.airflow(
-        "backfill",
-        "create",
-        "--dag-id",
-        INGEST,
-        "--from-date",
-        DAYS[0],
-        "--to-date",
-        DAYS[-1],
-        "--reprocess-behavior",
-        "failed",
-    )
+    server.backfill(INGEST)
     server.start()
     try:
         yield server

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from pipeline.demo import PROJECT_ROOT, airflow_env
+
+from fresh_python import run_python
 
 
 def test_embedded_airflow_waits_for_sqlite_locks_longer_than_sqlite_default(tmp_path):
@@ -17,17 +17,8 @@ def test_embedded_airflow_waits_for_sqlite_locks_longer_than_sqlite_default(tmp_
         "import json; from airflow.configuration import conf; "
         "print(json.dumps(conf.getimport('database', 'sql_alchemy_connect_args')))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=PROJECT_ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    connect_args = json.loads(result.stdout.strip().splitlines()[-1])
+    output = run_python(code, env, cwd=PROJECT_ROOT)
+    connect_args = json.loads(output)
     assert connect_args["timeout"] >= 30  # seconds; sqlite3 defaults to 5
 
 
@@ -35,16 +26,7 @@ def test_embedded_airflow_waits_for_the_execution_api_longer_than_a_sqlite_lock(
     """Issue #20: under load the workers' 5 s default timed out (httpx.ReadTimeout) before ``plan`` ran."""
     env = airflow_env(tmp_path / "airflow", str(tmp_path / "data"), str(tmp_path / "raw"))
     code = "from airflow.sdk.api import client; print(client.API_TIMEOUT)"  # what the task SDK's client uses
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        cwd=PROJECT_ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    output = run_python(code, env, cwd=PROJECT_ROOT)
     from pipeline.demo import SQLITE_CONNECT_ARGS
 
-    assert float(result.stdout.strip().splitlines()[-1]) > SQLITE_CONNECT_ARGS["timeout"]
+    assert float(output) > SQLITE_CONNECT_ARGS["timeout"]

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +19,8 @@ from melanoma.storage import open_storage  # noqa: E402
 from pipeline.asset_ops import drops_from_events, event_manifest_versions, manifest_summary, publish_decision  # noqa: E402
 from pipeline.retrain import decide, image_counts, last_model, resolve_policy, resolve_training  # noqa: E402
 from pipeline.training_tasks import training_args  # noqa: E402
+
+from fresh_python import import_dag_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DAGS = ROOT / "dags"
@@ -50,20 +49,7 @@ def serialized(dagbag):
 
 @pytest.mark.parametrize("name", ["melanoma_ingest", "melanoma_train"])
 def test_dag_file_imports_without_tensorflow_or_pyspark(name):
-    script = (
-        "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('dag_module', {str(DAGS / (name + '.py'))!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "print(json.dumps(sorted(m for m in ('tensorflow', 'keras', 'pyspark', 'torch', 'cv2', 'sklearn') if m in sys.modules)))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    assert import_dag_file(DAGS / f"{name}.py")["heavy"] == []
 
 
 def test_the_three_dags_load_and_the_old_one_is_deprecated_and_paused_at_creation(dagbag):

@@ -24,7 +24,7 @@ from melanoma.spark_settings import submit_conf
 from melanoma.splits import assign_split
 from melanoma.storage import LocalStorage, S3Storage
 
-from badcorpus import DECODE_REASONS, SCAN_REASONS, build_bad_drop
+from badcorpus import CONVERSION_NOTES, DECODE_REASONS, SCAN_REASONS, build_bad_drop
 from test_ingest import all_records, entries_for, quarantine_lines, shard_bytes, snapshot, write_ham_drop
 
 pytestmark = pytest.mark.e2e
@@ -132,14 +132,7 @@ def test_every_convertible_input_is_written_with_its_note(runs):
     manifest = manifest_at(runs["all"], 1)
     written = {r["image_id"]: r for r in all_records(runs["all"], manifest)}
     noted = {image_id: note for image_id, note in runs["expected"].items() if note in NOTES}
-    assert set(noted.values()) == {
-        "png-content",
-        "alpha-dropped",
-        "grayscale->rgb",
-        "cmyk->rgb",
-        "16bit->8bit",
-        "exif-rotated",
-    }
+    assert set(noted.values()) == CONVERSION_NOTES
     for image_id, note in noted.items():
         assert note in written[image_id]["conversions"], (image_id, written[image_id]["conversions"])
         assert manifest["accounting"][BAD]["conversions"][note] >= 1

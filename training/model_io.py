@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable, TypeVar
 
 import keras
 
@@ -17,24 +18,38 @@ from melanoma.storage import Storage, split_uri
 
 __all__ = ["load_model", "save_model", "model_bytes", "weights_bytes", "load_weights_bytes"]
 
+T = TypeVar("T")
+
+
+def _via_file(filename: str, save: Callable[[str], object]) -> bytes:
+    """What ``save(path)`` writes to a temporary file named ``filename``, as bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, filename)
+        save(path)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+def _from_file(filename: str, data: bytes, load: Callable[[str], T]) -> T:
+    """``load(path)`` of a temporary file named ``filename`` holding ``data``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, filename)
+        with open(path, "wb") as handle:
+            handle.write(data)
+        return load(path)
+
 
 def load_model(model_uri: str) -> keras.Model:
     """Load a ``.keras`` model from a path or an object-store URI."""
     storage, name = split_uri(model_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, os.path.basename(name) or "model.keras")
-        with open(path, "wb") as handle:
-            handle.write(storage.read_bytes(name))
-        return keras.models.load_model(path)
+    return _from_file(
+        os.path.basename(name) or "model.keras", storage.read_bytes(name), keras.models.load_model
+    )
 
 
 def model_bytes(model: keras.Model) -> bytes:
     """The ``.keras`` file of ``model``, as bytes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.keras")
-        model.save(path)
-        with open(path, "rb") as handle:
-            return handle.read()
+    return _via_file("model.keras", model.save)
 
 
 def save_model(model: keras.Model, target: str | Storage, key: str | None = None) -> str:
@@ -46,17 +61,9 @@ def save_model(model: keras.Model, target: str | Storage, key: str | None = None
 
 def weights_bytes(model: keras.Model) -> bytes:
     """The model's weights as a ``.weights.h5`` file's bytes (checkpoints)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.weights.h5")
-        model.save_weights(path)
-        with open(path, "rb") as handle:
-            return handle.read()
+    return _via_file("w.weights.h5", model.save_weights)
 
 
 def load_weights_bytes(model: keras.Model, data: bytes) -> None:
     """Load weights saved by :func:`weights_bytes` into ``model`` (same architecture)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.weights.h5")
-        with open(path, "wb") as handle:
-            handle.write(data)
-        model.load_weights(path)
+    _from_file("w.weights.h5", data, model.load_weights)

@@ -71,6 +71,19 @@ def _operating_points(metrics: dict) -> list[tuple[str, dict, str, str]]:
     ]
 
 
+def _plot_point(ax, x: float, y: float, *, label: str, color: str, marker: str) -> None:
+    """One operating point: a marker, no line."""
+    ax.plot(x, y, marker=marker, ms=9, color=color, ls="none", label=label)
+
+
+def _unit_square(ax, *, xlabel: str, ylabel: str, title: str) -> None:
+    """Square axes over [0, 1] both ways (0.01 of margin), gridded, with a 10 pt title."""
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.title.set_fontsize(10)
+    ax.set_box_aspect(1)
+    ax.grid(alpha=0.3)
+
+
 def plot_roc(metrics: dict, curves: dict, path: Path) -> Path:
     """ROC curve with AUROC and its CI, the chance line and both operating points; at the
     chosen one, error bars show the bootstrap CIs of sensitivity and specificity."""
@@ -89,14 +102,13 @@ def plot_roc(metrics: dict, curves: dict, path: Path) -> Path:
         if point["sensitivity"] is None or point["specificity"] is None:
             continue
         x, y = 1 - point["specificity"], point["sensitivity"]
-        ax.plot(
+        _plot_point(
+            ax,
             x,
             y,
-            marker=marker,
-            ms=9,
-            color=color,
-            ls="none",
             label=f"{label}: sens {y:.2f}, spec {point['specificity']:.2f}",
+            color=color,
+            marker=marker,
         )
     sens, spec = test["sensitivity"], test["specificity"]
     if sens["ci_low"] is not None and spec["ci_low"] is not None:
@@ -112,16 +124,12 @@ def plot_roc(metrics: dict, curves: dict, path: Path) -> Path:
             xerr=[[max(0.0, x - (1 - spec["ci_high"]))], [max(0.0, (1 - spec["ci_low"]) - x)]],
             yerr=[[max(0.0, y - sens["ci_low"])], [max(0.0, sens["ci_high"] - y)]],
         )
-    ax.set(
-        xlim=(-0.01, 1.01),
-        ylim=(-0.01, 1.01),
+    _unit_square(
+        ax,
         xlabel="false positive rate (1 - specificity)",
         ylabel="true positive rate (sensitivity)",
         title=f"ROC curve, {_set_title(test)}",
     )
-    ax.title.set_fontsize(10)
-    ax.set_box_aspect(1)
-    ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(figure, path)
 
@@ -150,25 +158,20 @@ def plot_pr(metrics: dict, curves: dict, path: Path) -> Path:
     for label, point, color, marker in _operating_points(metrics):
         if point["sensitivity"] is None or point["ppv"] is None:
             continue
-        ax.plot(
+        _plot_point(
+            ax,
             point["sensitivity"],
             point["ppv"],
-            marker=marker,
-            ms=9,
-            color=color,
-            ls="none",
             label=f"{label}: recall {point['sensitivity']:.2f}, precision {point['ppv']:.2f}",
+            color=color,
+            marker=marker,
         )
-    ax.set(
-        xlim=(-0.01, 1.01),
-        ylim=(-0.01, 1.01),
+    _unit_square(
+        ax,
         xlabel="recall (sensitivity)",
         ylabel="precision (PPV)",
         title=f"Precision-recall curve, {_set_title(test)}",
     )
-    ax.title.set_fontsize(10)
-    ax.set_box_aspect(1)
-    ax.grid(alpha=0.3)
     # Below the axes: inside, any corner can hide the curve or the prevalence line.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8)
     return _save(figure, path)
