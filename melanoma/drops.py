@@ -64,6 +64,12 @@ def list_drops(raw: Storage) -> list[str]:
     return sorted(d for d in drops - staged if is_valid_drop_id(d))
 
 
+def unscored_drops(inbox: Storage, scores: Storage) -> list[str]:
+    """Drops of new images under an inbox root (as :func:`list_drops`) without ``<drop>/predictions.csv``
+    under the scores root: what the scoring DAG has still to score."""
+    return [d for d in list_drops(inbox) if not scores.exists(f"{d}/predictions.csv")]
+
+
 # ---------------------------------------------------------------------------------------
 # Late files: a drop is sealed when it is ingested
 

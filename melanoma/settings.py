@@ -162,6 +162,10 @@ DESCRIPTIONS = {
     "it; always: train regardless.",
     "retrain_min_new_images": "min_new: retrain once this many images arrived since the last model's "
     "manifest (0 = not this criterion).",
+    "inbox_drops": "Folders under the inbox root to score (Variable melanoma_inbox_root / env MELANOMA_INBOX_ROOT). "
+    "Empty: those the triggering asset events name, else every folder not scored yet.",
+    "model": "champion (the registry's), models:/melanoma-classifier@<alias> or /<version>, or a run's "
+    "model/model.keras; scored with that model's own validated threshold.",
     "retrain_min_new_melanomas": "min_new: retrain once this many melanoma images arrived since the last "
     "model's manifest (0 = not this criterion).",
 }
@@ -223,6 +227,14 @@ TRAIN_SETTINGS: dict[str, Setting] = {
            deployment=True),
         _s("retrain_min_new_melanomas", 0, "New melanomas needed (min_new)", RETRAINING, _int(0, 100_000_000),
            deployment=True),
+    )
+}
+#: The scoring DAG's own Params (melanoma_score): which inbox folders, which model.
+SCORE_SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        _s("inbox_drops", [], "Inbox folders", DATA, _drop_ids(1000)),
+        _s("model", "champion", "Model", MODEL, {"type": "string", "minLength": 1, "maxLength": 1000}),
     )
 }
 # fmt: on

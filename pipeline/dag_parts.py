@@ -18,7 +18,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import Asset, Param, get_current_context
 
 from melanoma.drops import DROP_ID_PATTERN
-from melanoma.settings import SETTINGS, TRAIN_SETTINGS, Setting
+from melanoma.settings import SCORE_SETTINGS, SETTINGS, TRAIN_SETTINGS, Setting
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS, submit_conf
 from pipeline.airflow_ops import recheck_history_order, resolve_run, setting, storage_env
 
@@ -122,6 +122,9 @@ PARAMS: dict[str, Param] = {name: _param(s) for name, s in SETTINGS.items() if s
 
 #: The training DAG's own Params (melanoma_train only): which manifest, and when a new one is worth a retraining.
 TRAIN_PARAMS: dict[str, Param] = {name: _param(s) for name, s in TRAIN_SETTINGS.items()}
+
+#: The scoring DAG's Params (melanoma_score): which inbox folders, which model.
+SCORE_PARAMS: dict[str, Param] = {name: _param(s) for name, s in SCORE_SETTINGS.items()}
 
 
 def params(*names: str, exclude: tuple[str, ...] = ()) -> dict[str, Param]:

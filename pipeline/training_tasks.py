@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-STEPS = ("train", "evaluate", "gradcam", "report", "promote")
+STEPS = ("train", "evaluate", "gradcam", "report", "promote", "score")
 RUNNERS = ("local", "docker")
 
 
@@ -50,6 +50,12 @@ def _args_expression(step: str) -> str:
 
 def training_args(step: str, run: dict, threshold: dict | None = None) -> list[str]:
     """The training CLI's arguments for one step of the run ``plan`` resolved (a DAG macro)."""
+    if step == "score":  # melanoma_score: the inbox folders plan chose, with the model it names
+        return [
+            "score",
+            *("--inbox-root", run["inbox_root"], "--scores-root", run["scores_root"]),
+            *("--drops", json.dumps(run["drops"]), "--model", run["model"], "--data-root", run["data_root"]),
+        ]
     roots = ["--processed-root", run["data_root"], "--run-root", run["run_root"]]
     as_of = ["--as-of", run["as_of"]] if run.get("as_of") else []
     if run.get("manifest_version"):  # a run pinned to one manifest (melanoma_train): exactly that one

@@ -6,7 +6,9 @@ the MLflow store is the embedded default (SQLite and a folder under the data roo
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 
 import pytest
@@ -19,24 +21,24 @@ from training.registry import gate
 pytestmark = pytest.mark.slow
 
 
-def cli(capsys, *args: str) -> dict:
+def cli(*args: str) -> dict:
     """Run ``python -m training <args>`` in-process; its RESULT line as a dict (exit 0 required)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert code == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1].removeprefix("RESULT "))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    assert code == 0, err.getvalue()[-3000:]
+    return json.loads(out.getvalue().strip().splitlines()[-1].removeprefix("RESULT "))
 
 
-def pipeline_run(capsys, data, run_root, config: dict, gate_args: list[str]) -> dict:
+def pipeline_run(data, run_root, config: dict, gate_args: list[str]) -> dict:
     """train -> evaluate -> gradcam -> report -> promote, as the DAG's tasks run them."""
     roots = ["--processed-root", data, "--run-root", run_root]
-    cli(capsys, "train", *roots, "--config", json.dumps(config))
-    threshold = cli(capsys, "evaluate", *roots, "--n-boot", "100")
+    cli("train", *roots, "--config", json.dumps(config))
+    threshold = cli("evaluate", *roots, "--n-boot", "100")
     threshold.pop("tracking")
-    cli(capsys, "gradcam", *roots, "--threshold", json.dumps(threshold))
-    cli(capsys, "report", "--run-root", run_root, "--threshold", json.dumps(threshold))
-    return cli(capsys, "promote", *roots, "--threshold", json.dumps(threshold), *gate_args)
+    cli("gradcam", *roots, "--threshold", json.dumps(threshold))
+    cli("report", "--run-root", run_root, "--threshold", json.dumps(threshold))
+    return cli("promote", *roots, "--threshold", json.dumps(threshold), *gate_args)
 
 
 def test_the_gate_needs_the_floor_the_focus_check_and_the_champion():
@@ -53,21 +55,29 @@ def test_the_gate_needs_the_floor_the_focus_check_and_the_champion():
     assert not gate(float("nan"), True, min_val_auroc=0.85, margin=0.0)[0]  # NaN never passes
 
 
-def test_better_model_becomes_champion_worse_is_rejected_predict_and_rollback(tmp_path, capsys):
-    import mlflow
-
-    raw, data = tmp_path / "raw", tmp_path / "data"
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A data set with two pipeline runs on it: v1 trained well (the champion), v2 barely trained."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    raw, data = root / "raw", root / "data"
     drop = write_drop(raw, n_images=160, seed=5)
     build_processed(raw, data, drop.name)
     base = {"backbone": "efficientnet_lite0", "weights": "imagenet", "cache_dtype": "float32"}
     gate_args = ["--min-val-auroc", "0.6", "--margin", "0.0"]
     good_root, bad_root = data / "runs" / "good", data / "runs" / "bad"
+    good = pipeline_run(data, good_root, {**base, "epochs": 12, "learning_rate": 1e-3}, gate_args)
+    # The worse model: one epoch at a learning rate that leaves the head where it started.
+    bad = pipeline_run(data, bad_root, {**base, "epochs": 1, "learning_rate": 1e-9}, gate_args)
+    return {"root": root, "data": data, "drop": drop, "good": good, "bad": bad}
 
-    good = pipeline_run(capsys, data, good_root, {**base, "epochs": 12, "learning_rate": 1e-3}, gate_args)
+
+def test_better_model_becomes_champion_worse_is_rejected_predict_and_rollback(registry, tmp_path):
+    import mlflow
+
+    data, drop, good, bad = (registry[k] for k in ("data", "drop", "good", "bad"))
+    good_root, bad_root = data / "runs" / "good", data / "runs" / "bad"
     assert good["promoted"], good["reasons"]
     assert good["version"] == 1 and good["champion_before"] is None
-    # The worse model: one epoch at a learning rate that leaves the head where it started.
-    bad = pipeline_run(capsys, data, bad_root, {**base, "epochs": 1, "learning_rate": 1e-9}, gate_args)
     assert not bad["promoted"] and bad["version"] == 2 and bad["champion_before"] == 1
     # The champion was re-scored on the same validation split: its own evaluation's AUROC.
     assert bad["champion_val_auroc"] == pytest.approx(good["challenger_val_auroc"], abs=1e-3)
@@ -89,7 +99,7 @@ def test_better_model_becomes_champion_worse_is_rejected_predict_and_rollback(tm
     assert [m.step for m in epochs] == list(range(len(epochs))) and len(epochs) >= 2
     artifacts = {a.path for a in client.list_artifacts(good["mlflow_run_id"])}
     assert {"model", "eval", "gradcam", "report.html", "threshold.json"} <= artifacts
-    versions = cli(capsys, "registry", "list", "--data-root", data)["versions"]
+    versions = cli("registry", "list", "--data-root", data)["versions"]
     assert [(v["version"], v["champion"], v["promotion"]) for v in versions] == [
         (2, False, "rejected"),
         (1, True, "promoted"),
@@ -97,7 +107,7 @@ def test_better_model_becomes_champion_worse_is_rejected_predict_and_rollback(tm
 
     # predict --model champion: the champion's own threshold, its version in every row.
     images = drop / "images"
-    scored = cli(capsys, "predict", "--model", "champion", "--data-root", data, "--input", images,
+    scored = cli("predict", "--model", "champion", "--data-root", data, "--input", images,
                  "--output", tmp_path / "scores")  # fmt: skip
     good_threshold = json.loads((good_root / "eval" / "metrics.json").read_text())["threshold"]["value"]
     assert scored["model"] == "models:/melanoma-classifier/1" and scored["threshold"] == good_threshold
@@ -111,11 +121,9 @@ def test_better_model_becomes_champion_worse_is_rejected_predict_and_rollback(tm
         from training.registry import rollback
 
         rollback(store, 2, "not allowed: v2 was never champion")
-    forced = cli(capsys, "registry", "force-promote", "--version", 2, "--reason", "test", "--data-root", data)
+    forced = cli("registry", "force-promote", "--version", 2, "--reason", "test", "--data-root", data)
     assert forced["champion_before"] == 1
-    back = cli(
-        capsys, "registry", "rollback", "--version", 1, "--reason", "v2 was worse", "--data-root", data
-    )
+    back = cli("registry", "rollback", "--version", 1, "--reason", "v2 was worse", "--data-root", data)
     assert back["champion_before"] == 2 and back["action"] == "rollback"
     assert int(client.get_model_version_by_alias("melanoma-classifier", "champion").version) == 1
     audit = client.get_registered_model("melanoma-classifier").tags
@@ -131,3 +139,50 @@ def test_a_bare_model_file_is_refused_without_a_threshold_and_an_unknown_model_i
     assert main(["predict", "--model", "champion", "--data-root", str(tmp_path / "nothing"),
                  "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2  # fmt: skip
     assert "melanoma-classifier" in capsys.readouterr().err
+
+
+def test_new_images_in_the_inbox_are_scored_by_the_champion_through_the_dag(registry):
+    """``airflow dags test melanoma_score``: the inbox folder scored by v1, an unreadable file quarantined."""
+    from pipeline.demo import airflow_env, run_dag
+
+    root, data = registry["root"], registry["data"]
+    inbox = root / "inbox" / "clinic-2026-12-02"
+    inbox.mkdir(parents=True)
+    images = sorted((registry["drop"] / "images").glob("*.jpg"))[:6]
+    for image in images:
+        (inbox / image.name).write_bytes(image.read_bytes())
+    (inbox / "cut-short.jpg").write_bytes(images[0].read_bytes()[:300])
+    env = airflow_env(
+        root / "airflow", str(data), str(root / "raw"), {"MELANOMA_INBOX_ROOT": str(root / "inbox")}
+    )
+    result = run_dag(env, {}, dag_id="melanoma_score")
+    assert result.returncode == 0, result.stdout[-6000:]
+
+    scores = data / "scores" / "clinic-2026-12-02"
+    rows = list(csv.DictReader((scores / "predictions.csv").open()))
+    threshold = json.loads((data / "runs" / "good" / "eval" / "metrics.json").read_text())["threshold"][
+        "value"
+    ]
+    assert sorted(r["image_id"] for r in rows) == sorted(i.stem for i in images)
+    assert {(r["model"], float(r["threshold"])) for r in rows} == {
+        ("models:/melanoma-classifier/1", threshold)
+    }
+    assert all((scores / "overlays" / f"{r['image_id']}.png").stat().st_size > 1000 for r in rows)
+    quarantined = [json.loads(line) for line in (scores / "quarantine.jsonl").read_text().splitlines()]
+    assert quarantined == [
+        {
+            "drop_id": "clinic-2026-12-02",
+            "item": "cut-short.jpg",
+            "reason": "truncated",
+            "detail": quarantined[0]["detail"],
+        }
+    ]
+    page = (scores / "index.html").read_text()
+    assert (
+        "models:/melanoma-classifier/1" in page
+        and "cut-short.jpg: truncated" in page
+        and "<script" not in page
+    )
+    # Scored once: a second run finds nothing new and skips scoring.
+    again = run_dag(env, {}, dag_id="melanoma_score", logical_date="2026-12-03T00:00:00+00:00")
+    assert again.returncode == 0 and "folders to score: []" in again.stdout, again.stdout[-3000:]

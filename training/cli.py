@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from melanoma.settings import RESULT_PREFIX, SETTINGS, THRESHOLD_STRATEGIES
@@ -111,6 +110,26 @@ def _add_registry(commands) -> None:
     registry.add_argument("--data-root", default="output/data", help="the embedded store's data root")
 
 
+def _add_score(commands) -> None:
+    score = commands.add_parser(
+        "score", help="score new images of inbox folders with the champion (or a model)"
+    )
+    score.add_argument(
+        "--inbox-root", required=True, help="folder or URI whose subfolders are drops of new images"
+    )
+    score.add_argument("--scores-root", required=True, help="scores go to <scores root>/<drop>/")
+    score.add_argument(
+        "--drops", type=json.loads, default=None, help="JSON list; default: every unscored folder"
+    )
+    score.add_argument(
+        "--model", default="champion", help="as predict's --model (a run's model.keras, or registered)"
+    )
+    score.add_argument(
+        "--tracking-uri", default=None, help="registry; default: MLFLOW_TRACKING_URI, else --data-root's"
+    )
+    score.add_argument("--data-root", default="output/data", help="the embedded registry's data root")
+
+
 def _add_ensemble(commands) -> None:
     ensemble = commands.add_parser(
         "ensemble", help="one model averaging the melanoma logits of trained models"
@@ -185,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_report,
         _add_promote,
         _add_registry,
+        _add_score,
         _add_ensemble,
         _add_predict,
         _add_calibrate_site,
@@ -237,27 +257,14 @@ def run(args: argparse.Namespace) -> dict:
         return _promote(args)
     if args.command == "registry":
         return _registry(args)
+    if args.command == "score":
+        return _score(args)
     if args.command == "ensemble":
         from training.ensemble import save_ensemble
 
         return save_ensemble(args.member, args.output)
     if args.command == "predict":
-        from training.predict import predict_folder, read_lesion_map
-
-        lesion_of = read_lesion_map(args.lesions) if args.lesions else None
-        model_uri, model_name = _model_to_score(args)
-        # The interactive command: progress bars on a terminal (log lines elsewhere).
-        return predict_folder(
-            model_uri,
-            args.input,
-            args.output,
-            threshold=args.threshold,
-            overlays=args.overlays,
-            lesion_of=lesion_of,
-            site=args.site,
-            bar=True,
-            model_name=model_name,
-        )
+        return _predict(args)
     if args.command == "calibrate-site":
         from training.tasks import calibrate_site_run
 
@@ -276,9 +283,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def _store(args: argparse.Namespace) -> str:
     """The registry's store: --tracking-uri, MLFLOW_TRACKING_URI, else the embedded one of --data-root."""
-    from training.tracking import local_store
+    from training.tracking import store_of_data_root
 
-    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store(args.data_root)[0]
+    return args.tracking_uri or store_of_data_root(args.data_root)
 
 
 def _model_to_score(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -288,6 +295,25 @@ def _model_to_score(args: argparse.Namespace) -> tuple[str, str | None]:
     from training.registry import resolve_registered
 
     return resolve_registered(args.model, _store(args))
+
+
+def _predict(args: argparse.Namespace) -> dict:
+    from training.predict import predict_folder, read_lesion_map
+
+    lesion_of = read_lesion_map(args.lesions) if args.lesions else None
+    model_uri, model_name = _model_to_score(args)
+    # The interactive command: progress bars on a terminal (log lines elsewhere).
+    return predict_folder(
+        model_uri,
+        args.input,
+        args.output,
+        threshold=args.threshold,
+        overlays=args.overlays,
+        lesion_of=lesion_of,
+        site=args.site,
+        bar=True,
+        model_name=model_name,
+    )
 
 
 def _promote(args: argparse.Namespace) -> dict:
@@ -305,6 +331,20 @@ def _promote(args: argparse.Namespace) -> dict:
     )
     report_run(args.run_root, args.threshold)  # the report shows the decision now
     return {**decision, "report": _record("report", args.run_root, {})}
+
+
+def _score(args: argparse.Namespace) -> dict:
+    from melanoma.drops import unscored_drops
+    from melanoma.storage import open_storage
+    from training.scoring import score_drops
+
+    drops = args.drops
+    if drops is None:
+        drops = unscored_drops(open_storage(args.inbox_root), open_storage(args.scores_root))
+    if not drops:
+        return {"model": None, "scores_root": args.scores_root, "drops": {}}
+    model_uri, model_name = _model_to_score(args)
+    return score_drops(args.inbox_root, args.scores_root, drops, model_uri, model_name or model_uri)
 
 
 def _registry(args: argparse.Namespace) -> dict:

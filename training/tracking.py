@@ -31,6 +31,7 @@ from melanoma.storage import open_storage
 __all__ = [
     "EXPERIMENT",
     "tracking_uri",
+    "store_of_data_root",
     "local_store",
     "tracking_client",
     "tracking_run",
@@ -60,18 +61,26 @@ def _data_root_of(run_root: str) -> Path | None:
     return folder.parent.parent if folder.parent.name == "runs" else folder.parent
 
 
-def tracking_uri(run_root: str | None = None) -> str:
-    """The tracking store: ``MLFLOW_TRACKING_URI``, else the embedded one under the run's data root."""
+def store_of_data_root(data_root: str | Path | None, what: str = "") -> str:
+    """The tracking store: ``MLFLOW_TRACKING_URI``, else the embedded one under a local data root."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    data_root = _data_root_of(run_root) if run_root else None
-    if data_root is None:
-        where = f"the run folder {run_root} is in object storage" if run_root else "no run folder is given"
+    parsed = urlparse(str(data_root or ""))
+    if not data_root or parsed.scheme not in ("", "file"):
+        where = what or (f"the data root {data_root} is in object storage" if data_root else "no data root")
         raise ValueError(
             f"no tracking store: {where}; set MLFLOW_TRACKING_URI (the MLflow server: compose's "
             "http://mlflow:5000; or sqlite:///<data root>/mlflow/mlflow.db for the embedded store)"
         )
-    return local_store(data_root)[0]
+    return local_store(parsed.path if parsed.scheme == "file" else data_root)[0]
+
+
+def tracking_uri(run_root: str | None = None) -> str:
+    """The tracking store of a run folder: ``MLFLOW_TRACKING_URI``, else the embedded one of its data root."""
+    data_root = _data_root_of(run_root) if run_root else None
+    return store_of_data_root(
+        data_root, "" if data_root else f"the run folder {run_root} is in object storage"
+    )
 
 
 def tracking_client(uri: str):
