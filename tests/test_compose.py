@@ -479,7 +479,7 @@ def test_the_connections_resolve_in_airflow(services, tmp_path):
 def test_the_settings_the_dag_reads_are_set(compose, services):
     sources = "".join(
         (ROOT / "pipeline" / name).read_text()
-        for name in ("airflow_ops.py", "training_tasks.py", "dag_parts.py", "retrain.py")
+        for name in ("airflow_ops.py", "training_tasks.py", "dag_parts.py", "retrain.py", "score_plan.py")
     )
     sources += "".join(p.read_text() for p in (ROOT / "dags").glob("*.py"))
     settings = set(re.findall(r"\bsetting\(\s*\"([a-z0-9_]+)\"", sources))
