@@ -330,7 +330,8 @@ def _promote(args: argparse.Namespace) -> dict:
         manifest_version=args.manifest_version,
     )
     report_run(args.run_root, args.threshold)  # the report shows the decision now
-    return {**decision, "report": _record("report", args.run_root, {})}
+    _record("report", args.run_root, {})  # and so does the tracked copy
+    return decision
 
 
 def _score(args: argparse.Namespace) -> dict:
