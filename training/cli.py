@@ -99,15 +99,20 @@ def _add_promote(commands) -> None:
     )
 
 
+def _add_store(command) -> None:
+    """Where the registry is: the same two options for every command that reads it."""
+    command.add_argument(
+        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else --data-root's"
+    )
+    command.add_argument("--data-root", default="output/data", help="the embedded store's data root")
+
+
 def _add_registry(commands) -> None:
     registry = commands.add_parser("registry", help="list the registered models; force-promote; roll back")
     registry.add_argument("action", choices=["list", "force-promote", "rollback"])
     registry.add_argument("--version", type=int, default=None, help="the model version to make champion")
     registry.add_argument("--reason", default="", help="kept in the registry's audit tags")
-    registry.add_argument(
-        "--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else --data-root's"
-    )
-    registry.add_argument("--data-root", default="output/data", help="the embedded store's data root")
+    _add_store(registry)
 
 
 def _add_score(commands) -> None:
@@ -124,10 +129,7 @@ def _add_score(commands) -> None:
     score.add_argument(
         "--model", default="champion", help="as predict's --model (a run's model.keras, or registered)"
     )
-    score.add_argument(
-        "--tracking-uri", default=None, help="registry; default: MLFLOW_TRACKING_URI, else --data-root's"
-    )
-    score.add_argument("--data-root", default="output/data", help="the embedded registry's data root")
+    _add_store(score)
 
 
 def _add_ensemble(commands) -> None:
@@ -150,10 +152,7 @@ def _add_predict(commands) -> None:
         required=True,
         help="champion, models:/melanoma-classifier@<alias> or /<version>, or a path or URI of model.keras",
     )
-    predict.add_argument(
-        "--tracking-uri", default=None, help="registry; default: MLFLOW_TRACKING_URI, else --data-root's"
-    )
-    predict.add_argument("--data-root", default="output/data", help="the embedded registry's data root")
+    _add_store(predict)
     predict.add_argument(
         "--input", required=True, help="folder or URI of images (bare, or a drop in either layout)"
     )
