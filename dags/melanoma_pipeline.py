@@ -33,7 +33,7 @@ import datetime as dt
 from airflow.sdk import CronDataIntervalTimetable, dag, task
 
 from pipeline.dag_parts import augment_task, dag_args, drops_verdict, params, plan_drops, preprocess_task
-from pipeline.training_tasks import MACROS, training_task
+from pipeline.training_tasks import MACROS, training_steps
 
 
 @dag(
@@ -62,16 +62,12 @@ def melanoma_pipeline():
 
     preprocess, augment = preprocess_task(), augment_task()
 
-    # The training CLI's steps: subprocesses (local runner) or containers of the training image
-    # (docker runner), their arguments rendered from plan's and evaluate's XCom.
-    train = training_task("train", execution_timeout=dt.timedelta(hours=12))
-    evaluate = training_task("evaluate", execution_timeout=dt.timedelta(hours=2))
-    gradcam = training_task("gradcam", execution_timeout=dt.timedelta(hours=2))
-    report = training_task("report", execution_timeout=dt.timedelta(minutes=30))
-    promote = training_task("promote", execution_timeout=dt.timedelta(hours=1))
+    # train >> evaluate >> gradcam >> report >> promote: the training CLI's steps, subprocesses (local
+    # runner) or containers of the training image (docker runner), arguments rendered from XCom.
+    train, _ = training_steps()
 
     run = plan()
-    run >> has_new_drops(run) >> preprocess >> augment >> train >> evaluate >> gradcam >> report >> promote
+    run >> has_new_drops(run) >> preprocess >> augment >> train
 
 
 melanoma_pipeline()

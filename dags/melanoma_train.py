@@ -22,7 +22,7 @@ from airflow.sdk import dag, task
 from pipeline.asset_ops import event_manifest_versions
 from pipeline.dag_parts import MANIFEST_ASSET, TRAIN_PARAMS, dag_args, params, plan_context
 from pipeline.retrain import resolve_training
-from pipeline.training_tasks import MACROS, training_task
+from pipeline.training_tasks import MACROS, training_steps
 
 
 @dag(
@@ -68,14 +68,12 @@ def melanoma_train():
         )
         return bool(run["proceed"])
 
-    train = training_task("train", execution_timeout=dt.timedelta(hours=12))
-    evaluate = training_task("evaluate", execution_timeout=dt.timedelta(hours=2))
-    gradcam = training_task("gradcam", execution_timeout=dt.timedelta(hours=2))
-    report = training_task("report", execution_timeout=dt.timedelta(minutes=30))
-    promote = training_task("promote", execution_timeout=dt.timedelta(hours=1))
+    # train >> evaluate >> gradcam >> report >> promote: the training CLI's steps, subprocesses (local
+    # runner) or containers of the training image (docker runner), arguments rendered from XCom.
+    train, _ = training_steps()
 
     run = plan()
-    run >> should_train(run) >> train >> evaluate >> gradcam >> report >> promote
+    run >> should_train(run) >> train
 
 
 melanoma_train()

@@ -19,6 +19,7 @@ Imported at DAG parse time: nothing heavy here.
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from pipeline.airflow_ops import parse_result, run_cli_locally, setting, storage
 
 __all__ = [
     "STEPS",
+    "training_steps",
     "training_args",
     "training_task",
     "TrainingSubprocessOperator",
@@ -175,3 +177,21 @@ def training_task(step: str, **kwargs) -> BaseOperator:
         raise ValueError(f"MELANOMA_RUNNER={runner!r}: use one of {RUNNERS}")
     operator = TrainingContainerOperator if runner == "docker" else TrainingSubprocessOperator
     return operator(task_id=step, step=step, **kwargs)
+
+
+#: The model's steps in a training run, in order, with the longest each may take.
+TRAINING_STEPS = {
+    "train": dt.timedelta(hours=12),
+    "evaluate": dt.timedelta(hours=2),
+    "gradcam": dt.timedelta(hours=2),
+    "report": dt.timedelta(minutes=30),
+    "promote": dt.timedelta(hours=1),
+}
+
+
+def training_steps() -> tuple[BaseOperator, BaseOperator]:
+    """train >> evaluate >> gradcam >> report >> promote as tasks (inside a DAG); returns (first, last)."""
+    tasks = [training_task(step, execution_timeout=timeout) for step, timeout in TRAINING_STEPS.items()]
+    for upstream, downstream in zip(tasks, tasks[1:]):
+        upstream >> downstream
+    return tasks[0], tasks[-1]
