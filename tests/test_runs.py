@@ -222,7 +222,8 @@ def test_an_earlier_run_rerun_after_later_data_trains_on_the_data_as_of_its_date
     home, run1 = history["home"], history["run1"]
     run_root = home.data / "runs" / run1["plan"]["run_key"]
     first_provenance = json.loads((run_root / "model" / "provenance.json").read_text())
-    for name in ("report.html", "model", "eval", "gradcam"):
+    first_decision = json.loads((run_root / "promotion.json").read_text())
+    for name in ("report.html", "promotion.json", "model", "eval", "gradcam"):
         target = run_root / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     processed_before = snapshot(home.data / "processed")
@@ -240,6 +241,10 @@ def test_an_earlier_run_rerun_after_later_data_trains_on_the_data_as_of_its_date
     assert json.loads((run_root / "eval" / "metrics.json").read_text())["manifest_version"] == 2
     predictions = (run_root / "eval" / "predictions.csv").read_text()
     assert "SYNA_" in predictions and "SYNB_" not in predictions, "the rerun scored drop 2's images"
+    # Retrained in place: another model file, so a registry version of its own (same MLflow run).
+    decision = json.loads((run_root / "promotion.json").read_text())
+    assert decision["version"] > first_decision["version"]
+    assert decision["mlflow_run_id"] == first_decision["mlflow_run_id"]
 
 
 # --- backfill under a real scheduler ----------------------------------------------------------

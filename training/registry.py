@@ -129,11 +129,16 @@ def _verified_model_uri(version) -> str:
 
 
 def _register(client, run_id: str, run, payload: dict):
-    """This run's version (the existing one on a retry), tagged with what scoring it needs."""
+    """This run's version (the existing one on a retry), tagged with what scoring it needs.
+
+    A run retrained in place (a cleared run) has another model file: it gets a version of its own.
+    """
     from mlflow.exceptions import MlflowException
 
+    sha256 = _sha256(run.read_bytes(MODEL_KEY))
     for version in client.search_model_versions(f"name='{MODEL_NAME}' and run_id='{run_id}'"):
-        return version
+        if version.tags.get("model_sha256") == sha256:
+            return version
     try:
         client.create_registered_model(
             MODEL_NAME, description="Melanoma probability from a dermoscopic image"
@@ -145,7 +150,7 @@ def _register(client, run_id: str, run, payload: dict):
     config = json.loads(run.read_bytes("model/config.json"))
     tags = {
         "run_root": run.root_uri,
-        "model_sha256": _sha256(run.read_bytes(MODEL_KEY)),
+        "model_sha256": sha256,
         "threshold": repr(float(payload["threshold"])),
         "strategy": payload["strategy"],
         "pooling": payload["pooling"],
