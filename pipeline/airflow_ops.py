@@ -173,13 +173,18 @@ def run_date(logical_date: dt.datetime | None, run_after: dt.datetime | None) ->
     return _utc(dated).date().isoformat() if dated is not None else None
 
 
-def run_root(data_root: str, key: str) -> str:
-    """The run's folder ``runs/<key>`` under the data root (an ``s3://`` URI or a local path)."""
+def under_data_root(data_root: str, *parts: str) -> str:
+    """A folder under the data root (an ``s3://`` URI or a local path)."""
     from melanoma.storage import join_key
 
     if data_root.startswith("s3://"):
-        return join_key(data_root, "runs", key)
-    return str(Path(data_root) / "runs" / key)
+        return join_key(data_root, *parts)
+    return str(Path(data_root).joinpath(*parts))
+
+
+def run_root(data_root: str, key: str) -> str:
+    """The run's folder ``runs/<key>`` under the data root."""
+    return under_data_root(data_root, "runs", key)
 
 
 def read_record(processed, key: str) -> dict | None:

@@ -5,12 +5,10 @@ Imported at DAG parse time: nothing heavy here (storage listing only when the ta
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from airflow.sdk import Asset
 
 from melanoma.settings import SCORE_SETTINGS
-from pipeline.airflow_ops import PROJECT_ROOT, setting, storage_roots
+from pipeline.airflow_ops import PROJECT_ROOT, setting, storage_roots, under_data_root
 
 __all__ = ["INBOX_ASSET", "SCORE_PARAM_DEFAULTS", "score_plan"]
 
@@ -28,12 +26,12 @@ def inbox_root() -> str:
 def score_plan(params: dict, event_drops: list[str]) -> dict:
     """The folders this run scores: the Param's, else the events', else every one not scored yet."""
     from melanoma.drops import is_valid_drop_id, unscored_drops
-    from melanoma.storage import join_key, open_storage
+    from melanoma.storage import open_storage
 
     values = {**SCORE_PARAM_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
     data_root, _ = storage_roots()
     inbox = inbox_root()
-    scores = join_key(data_root, "scores") if "://" in data_root else str(Path(data_root) / "scores")
+    scores = under_data_root(data_root, "scores")
     drops = list(values["inbox_drops"]) or list(event_drops)
     bad = [d for d in drops if not is_valid_drop_id(d)]
     if bad:

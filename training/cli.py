@@ -25,6 +25,13 @@ def _json_arg(text: str) -> dict:
     return value
 
 
+def _json_names(text: str) -> list[str]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError("expected a JSON list of folder names")
+    return value
+
+
 def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train (or resume) a run's model")
     train.add_argument("--processed-root", required=True)
@@ -124,7 +131,7 @@ def _add_score(commands) -> None:
     )
     score.add_argument("--scores-root", required=True, help="scores go to <scores root>/<drop>/")
     score.add_argument(
-        "--drops", type=json.loads, default=None, help="JSON list; default: every unscored folder"
+        "--drops", type=_json_names, default=None, help="JSON list; default: every unscored folder"
     )
     score.add_argument(
         "--model", default="champion", help="as predict's --model (a run's model.keras, or registered)"

@@ -19,11 +19,9 @@ move the alias by hand; both are audited (a version tag and a registered-model t
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import getpass
 import hashlib
-import io
 import json
 import logging
 
@@ -32,6 +30,7 @@ import numpy as np
 from melanoma.manifest import load_split, require_manifest
 from melanoma.storage import open_storage
 from training import tracking
+from training.predict import MODEL_KEY
 
 __all__ = [
     "MODEL_NAME",
@@ -47,7 +46,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 MODEL_NAME = "melanoma-classifier"
 ALIAS = "champion"
-MODEL_KEY = "model/model.keras"
 
 
 def gate(challenger_auc: float, focus_on_lesion, *, min_val_auroc: float, margin: float, champion_auc=None):
@@ -77,25 +75,6 @@ def _auroc(labels, scores) -> float:
     from training.metrics import ranking_metrics
 
     return float(ranking_metrics(np.asarray(labels), np.asarray(scores))["auroc"])
-
-
-def _val_auroc_of_run(run) -> float:
-    """The run's own validation AUROC, from evaluate's predictions and pooling (what its threshold used)."""
-    from training.evaluation import decision_scores
-
-    pooling = json.loads(run.read_bytes("eval/metrics.json"))["scores"]["pooling"]
-    rows = [
-        r
-        for r in csv.DictReader(io.StringIO(run.read_bytes("eval/predictions.csv").decode()))
-        if r["split"] == "val"
-    ]
-    scores = decision_scores(
-        [r["image_id"] for r in rows],
-        [float(r["probability"]) for r in rows],
-        [r["lesion_id"] for r in rows],
-        pooling,
-    )
-    return _auroc([int(r["label"]) for r in rows], [scores[r["image_id"]] for r in rows])
 
 
 def _rescore_champion(version, processed_root: str, manifest: dict) -> float:
@@ -200,7 +179,8 @@ def promote_run(
     decision = {
         "model": MODEL_NAME,
         "version": int(version.version),
-        "challenger_val_auroc": _val_auroc_of_run(run),
+        # evaluate's validation AUROC, on the scores its threshold used (pooled as the run pools them)
+        "challenger_val_auroc": json.loads(run.read_bytes("eval/metrics.json"))["threshold"]["val"]["auroc"],
         "focus_on_lesion": focus.get("on_lesion"),
         "min_val_auroc": min_val_auroc,
         "margin": margin,

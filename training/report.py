@@ -36,7 +36,7 @@ figure { margin: 0; border: 1px solid #d6dbe4; padding: .5rem; background: #fafb
 figcaption { font-size: .85rem; margin-top: .3rem; } figcaption dl { display: grid; grid-template-columns: auto 1fr; gap: 0 .6rem; margin: 0; }
 dt { color: #56607a; } dd { margin: 0; word-break: break-all; } .TP, .TN { color: #1b5e20; } .FP, .FN { color: #b71c1c; }
 """
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def _e(value: Any) -> str:
@@ -79,7 +79,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _data_uri(png: bytes) -> str | None:
+def data_uri(png: bytes) -> str | None:
     """A data URI for PNG bytes; anything else is refused (an SVG could carry script)."""
     if not png.startswith(PNG_SIGNATURE):
         return None
@@ -87,7 +87,7 @@ def _data_uri(png: bytes) -> str | None:
 
 
 def _img(png: bytes | None, alt: str) -> str:
-    uri = _data_uri(png) if png is not None else None
+    uri = data_uri(png) if png is not None else None
     if uri is None:
         return f'<p class="note">image {_e(alt)} missing or not a PNG</p>'
     return f'<img src="{uri}" alt="{_e(alt)}">'
@@ -476,7 +476,7 @@ def render_report(
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         "<title>Melanoma classifier report</title>"
         f"<style>{_CSS}</style></head><body>{body}</body></html>\n"
     )

@@ -27,11 +27,9 @@ from training.evaluation import decision_scores, evaluate_predictions, write_eva
 from training.gradcam import gradcam_heatmaps
 from training.lesion_focus import focus_rows, lesion_focus_check, run_gradcam, summarise_focus
 from training.model_io import load_model
-from training.predict import predict_probabilities, prediction_rows, rows_to_csv
+from training.predict import MODEL_KEY, predict_probabilities, prediction_rows, rows_to_csv
 from training.report import build_report_from_run
 from training.shift import calibrate_site, save_site, score_shift, site_key
-
-MODEL_KEY = "model/model.keras"
 
 
 def _load_external(spec: str, colour_constancy: str, *, with_masks: bool = False):

@@ -42,14 +42,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 EXPERIMENT = "melanoma"
 RUN_FILE = "tracking.json"
-#: MLflow caps a param value at 6000 characters; a longer config value is cut, and says so.
+#: MLflow caps a param value at 6000 characters; a longer config value is cut there.
 _PARAM_MAX = 6000
 
 
-def local_store(data_root: str | Path) -> tuple[str, str]:
-    """``(tracking URI, artifact root URI)`` of the embedded store under a local data root."""
-    folder = Path(data_root).resolve() / "mlflow"
-    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
+def local_store(data_root: str | Path) -> str:
+    """The tracking URI of the embedded store under a local data root (its artifacts: see _experiment_id)."""
+    return f"sqlite:///{Path(data_root).resolve() / 'mlflow' / 'mlflow.db'}"
 
 
 def _data_root_of(run_root: str) -> Path | None:
@@ -72,7 +71,7 @@ def store_of_data_root(data_root: str | Path | None, what: str = "") -> str:
             f"no tracking store: {where}; set MLFLOW_TRACKING_URI (the MLflow server: compose's "
             "http://mlflow:5000; or sqlite:///<data root>/mlflow/mlflow.db for the embedded store)"
         )
-    return local_store(parsed.path if parsed.scheme == "file" else data_root)[0]
+    return local_store(parsed.path if parsed.scheme == "file" else data_root)
 
 
 def tracking_uri(run_root: str | None = None) -> str:
