@@ -53,7 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.quality_common import EVAL_RESERVE_S, PROCESSED, RESULTS, WORK, log, rel  # noqa: E402
+from benchmarks.quality_common import EVAL_RESERVE_S, PROCESSED, RESULTS, WORK, log, rel, setup_logging  # noqa: E402
 from benchmarks.quality_ensemble import ensemble_of_runs  # noqa: E402
 from benchmarks.quality_evaluation import evaluate, reevaluate  # noqa: E402
 from benchmarks.quality_external import EXTERNAL_DROPS  # noqa: E402
@@ -225,7 +225,7 @@ def log_result(result: dict, total: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
+    setup_logging()
     started = time.perf_counter()
     command = command_line(argv)
     if args.reevaluate:

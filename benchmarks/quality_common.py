@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
-import time
+import sys
 from pathlib import Path
 
 from benchmarks.machine_info import cpu_model
@@ -18,8 +19,19 @@ TARGET = {"auroc": 0.93, "auprc": 0.65}
 EVAL_RESERVE_S = 240  # evaluate (val + test forward passes, bootstrap) and writing results
 
 
+LOGGER = logging.getLogger("bench-quality")
+
+
+def setup_logging() -> None:
+    """Log lines to stdout, the benchmark's own and the training's: its per-epoch progress (count,
+    rate, ETA) is what shows that a 50-minute training is moving."""
+    logging.basicConfig(
+        level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
+
+
 def log(message: str) -> None:
-    print(f"[bench-quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    LOGGER.info(message)
 
 
 def rel(path: Path | str) -> str:

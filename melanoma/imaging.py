@@ -17,8 +17,10 @@ Steps, in order:
    PNG content under a ``.jpg`` name) into uint8 RGB, returning a note per conversion. JPEGs
    at least twice the target size are decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
    scaling, which is both faster and a proper low-pass before the final resize.
-3. :func:`resize_for_model` squashes the whole image to a square, bilinear.
-4. :func:`melanoma.colour_constancy.shades_of_gray` (colour constancy) divides out each
+3. :func:`match_source_detail` reduces an image sharper than the training data
+   (short side above :data:`SOURCE_SHORT_SIDE`) to that level of detail, INTER_AREA.
+4. :func:`resize_for_model` squashes the whole image to a square, bilinear.
+5. :func:`melanoma.colour_constancy.shades_of_gray` (colour constancy) divides out each
    image's estimated illuminant, so that another clinic's device (a different light and colour
    response) gives the model the colours it learnt on; ``colour_constancy="none"`` skips it
    (models trained before it).
@@ -44,7 +46,23 @@ from melanoma.image_decode import decode_mask, decode_rgb
 from melanoma.image_header import MAX_ASPECT, MAX_PIXELS, MIN_SIDE
 from melanoma.records import IMAGE_SIZE
 
-__all__ = ["PREPROCESSING", "decode_mask", "preprocess_image_bytes", "resize_for_model"]
+__all__ = [
+    "PREPROCESSING",
+    "SOURCE_SHORT_SIDE",
+    "decode_mask",
+    "match_source_detail",
+    "preprocess_image_bytes",
+    "resize_for_model",
+]
+
+#: The level of detail a model learns from, as a short side in pixels: larger inputs are first
+#: reduced to it. 150 is the short side of the HAM10000 copy the shipped recipe trains on
+#: (200x150, itself reduced from 600x450), upsampled to 224 for the model. Without this step,
+#: another device's images (PH2's 768x576, the ISIC archive's up to 3072x2304) reached the
+#: model with detail no training image had: the libjpeg reduction keeps a short side >= 224 and
+#: the bilinear squash keeps its fine texture, while every HAM image is a blurred 150-pixel one.
+#: HAM images are not changed by it (their short side is 150), so it costs HAM nothing.
+SOURCE_SHORT_SIDE = 150
 
 #: Description of this module's preprocessing, for the manifest's ``preprocessing`` field.
 PREPROCESSING = {
@@ -66,7 +84,26 @@ PREPROCESSING = {
     "min_side": MIN_SIDE,
     "max_aspect": MAX_ASPECT,
     "colour_constancy": "shades_of_gray",
+    "source_detail": (
+        f"short side above {SOURCE_SHORT_SIDE} reduced to {SOURCE_SHORT_SIDE} (cv2.INTER_AREA, aspect kept) "
+        "before the squash"
+    ),
 }
+
+
+def match_source_detail(rgb: np.ndarray, short_side: int = SOURCE_SHORT_SIDE) -> np.ndarray:
+    """(H, W, 3) uint8 -> the same image with its short side at most ``short_side`` (INTER_AREA).
+
+    Smaller images are returned as they are: upsampling adds no detail, and the squash that
+    follows enlarges them anyway. The aspect ratio is kept, so a mask squashed from the
+    original stays aligned with the image.
+    """
+    height, width = rgb.shape[:2]
+    if min(height, width) <= short_side:
+        return rgb
+    scale = short_side / min(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
 
 
 def resize_for_model(rgb: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -93,5 +130,5 @@ def preprocess_image_bytes(
     if colour_constancy not in COLOUR_CONSTANCY:
         raise ValueError(f"colour_constancy must be one of {COLOUR_CONSTANCY}, got {colour_constancy!r}")
     rgb, notes = decode_rgb(data, target_size=size)
-    image = resize_for_model(rgb, size)
+    image = resize_for_model(match_source_detail(rgb), size)
     return (shades_of_gray(image) if colour_constancy == "shades_of_gray" else image), notes

@@ -59,7 +59,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREPROCESSING_VERSION = "2"  # 2: colour constancy (recorded per root, see root_colour_constancy)
+PREPROCESSING_VERSION = (
+    "3"  # 2: colour constancy (recorded per root, see root_colour_constancy); 3: source detail
+)
 #: Images per chunk (one Spark task, up to three shards: one per split). 256 images make
 #: ~40 tasks for HAM10000's 10,015 (20 per core on local[2], so the last wave is short) and
 #: keep a task's memory near 200 MB (arrays, masks and the encoded shard).

@@ -18,7 +18,7 @@ from melanoma.colour_constancy import colour_constancy_of, shades_of_gray
 from melanoma.drop_scan import scan_drop
 from melanoma.image_decode import NOTES, decode_mask, decode_rgb, jpeg_scale_factor
 from melanoma.image_header import MAX_PIXELS, REASONS, RejectedImage, read_image_header
-from melanoma.imaging import preprocess_image_bytes, resize_for_model
+from melanoma.imaging import SOURCE_SHORT_SIDE, match_source_detail, preprocess_image_bytes, resize_for_model
 from melanoma.storage import LocalStorage
 
 from badcorpus import (
@@ -363,6 +363,29 @@ def test_preprocess_is_decode_then_resize_then_colour_constancy(lesion):
     assert preprocess_image_bytes(data, size=64)[0].shape == (64, 64, 3)
     with pytest.raises(ValueError, match="colour_constancy"):
         preprocess_image_bytes(data, colour_constancy="grey_world")
+
+
+def test_a_sharper_image_reaches_the_model_at_the_training_data_s_detail():
+    # A 768x576 image (PH2's size) and the same image reduced to 200x150 (HAM's size, the
+    # training data's) must give the model the same input; a HAM-size image is left alone.
+    sharp = synthetic_lesion(768, 576, seed=3)
+    rng = np.random.default_rng(3)
+    sharp = np.clip(sharp.astype(int) + rng.integers(-40, 41, sharp.shape), 0, 255).astype(np.uint8)
+    ham_size = cv2.resize(sharp, (200, 150), interpolation=cv2.INTER_AREA)
+    assert SOURCE_SHORT_SIDE == 150
+    assert np.array_equal(match_source_detail(sharp), ham_size)
+    assert match_source_detail(ham_size) is ham_size
+    assert match_source_detail(sharp[:, :200]).shape == (432, 150, 3)  # portrait 200x576: the width is short
+    from_sharp = preprocess_image_bytes(png_bytes(cv2.cvtColor(sharp, cv2.COLOR_RGB2BGR)))[
+        0
+    ]  # decoded at 1/2 first, then reduced
+    assert np.abs(from_sharp.astype(int) - resize_for_model(ham_size)).mean() < 1.5
+    assert np.array_equal(
+        preprocess_image_bytes(png_bytes(cv2.cvtColor(ham_size, cv2.COLOR_RGB2BGR)))[0],
+        resize_for_model(ham_size),
+    )
+    # Without the step the fine texture would have reached the model.
+    assert np.abs(resize_for_model(sharp).astype(int) - from_sharp).mean() > 5
 
 
 def test_shades_of_gray_removes_a_colour_cast_and_keeps_a_neutral_image():
