@@ -6,7 +6,9 @@
 1. Preprocessing: the real Spark jobs (``spark_jobs/preprocess.py`` then ``augment.py``,
    ``local[2]``) turn ``../shared/data/ham10000`` into shards under
    ``benchmarks/work/quality/data``; processed data whose manifest already records the
-   augmentation is reused (``--reprocess`` forces a fresh run).
+   augmentation and the current preprocessing version is reused (``--reprocess`` forces a
+   fresh run). ``--colour-constancy shades_of_gray`` trains on a root of its own
+   (``data-shades_of_gray``); a run is always evaluated on the root it trained on.
 2. Cached vs uncached (``--speedup-images``, 0 to skip): the same short training, once on
    cached backbone outputs and once running the frozen backbone every epoch, on a subset,
    to measure the per-epoch speed-up and show the two reach the same validation AUROC.
@@ -53,7 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.quality_common import EVAL_RESERVE_S, PROCESSED, RESULTS, WORK, log, rel, setup_logging  # noqa: E402
+from benchmarks.quality_common import EVAL_RESERVE_S, RESULTS, WORK, log, rel, setup_logging  # noqa: E402
 from benchmarks.quality_ensemble import ensemble_of_runs  # noqa: E402
 from benchmarks.quality_evaluation import evaluate, reevaluate  # noqa: E402
 from benchmarks.quality_external import EXTERNAL_DROPS  # noqa: E402
@@ -111,6 +113,7 @@ def add_setting_flag(parser: argparse.ArgumentParser, name: str, default, choice
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from melanoma.colour_constancy import COLOUR_CONSTANCY
     from melanoma.settings import RECIPES, SETTINGS
 
     best = {**{n: s.default for n, s in SETTINGS.items()}, **RECIPES["best"]}
@@ -162,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--reprocess", action="store_true", help="rerun the Spark jobs even if processed data exists"
+    )
+    parser.add_argument(
+        "--colour-constancy",
+        default=COLOUR_CONSTANCY[0],
+        choices=COLOUR_CONSTANCY,
+        help="colour constancy of the processed data to train on (one processed root per method)",
     )
     parser.add_argument("--name", default="bench", help="run folder name under benchmarks/work/quality/runs")
     parser.add_argument("--notes", default="", help="free text added to quality.md (what else was tried)")
@@ -232,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return reevaluate(args, command)
     if args.ensemble_of:
         return ensemble_of_runs(args, command)
-    prep = preprocess(args.reprocess)
+    prep = preprocess(args.reprocess, args.colour_constancy)
+    processed_root = prep.pop("root")
 
     from training.tracking import record_document, record_step, tracking_uri
     from training.train import CpuTurns, run_training
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         continued, settings = None, None
         sp = (
-            speedup(args.speedup_images, args.fine_tune_blocks, args.target)
+            speedup(args.speedup_images, args.fine_tune_blocks, args.target, processed_root)
             if args.speedup_images > 0
             else None
         )
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if continued:
         cfg = continued_config(settings, run_root, train_budget)
     else:
-        cfg = train_config(args, str(PROCESSED), str(run_root), train_budget=train_budget)
+        cfg = train_config(args, str(processed_root), str(run_root), train_budget=train_budget)
     log(
         f"training: {train_budget / 60:.1f} min left for it (budget {args.budget_minutes:.0f} min, {EVAL_RESERVE_S} s kept for evaluation)"
     )

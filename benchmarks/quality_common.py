@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -39,11 +40,25 @@ def rel(path: Path | str) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def processed_manifest() -> dict | None:
+def processed_dir(colour_constancy: str = "none") -> Path:
+    """Where the benchmark keeps HAM10000 processed with the given colour constancy: one root per
+    method (a processed root keeps the method it started with), so switching does not discard
+    the other's data."""
+    return PROCESSED if colour_constancy == "none" else WORK / f"data-{colour_constancy}"
+
+
+def run_processed_root(run_root: Path) -> Path:
+    """The processed root a bench run trained on (its model/config.json), so that it is evaluated
+    on the same data whichever ``--colour-constancy`` the benchmark is called with now."""
+    config = run_root / "model" / "config.json"
+    return Path(json.loads(config.read_text())["processed_root"]) if config.exists() else PROCESSED
+
+
+def processed_manifest(root: Path = PROCESSED) -> dict | None:
     from melanoma.manifest import latest_manifest
     from melanoma.storage import open_storage
 
-    return latest_manifest(open_storage(PROCESSED)) if PROCESSED.is_dir() else None
+    return latest_manifest(open_storage(root)) if root.is_dir() else None
 
 
 def machine() -> dict:

@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.quality_common import WORK, log, machine, processed_manifest, rel
+from benchmarks.quality_common import WORK, log, machine, processed_manifest, rel, run_processed_root
 from benchmarks.quality_evaluation import evaluate, evaluation_fields, split_counts
 from benchmarks.quality_report import write_ensemble_markdown, write_results
 
@@ -49,6 +49,12 @@ def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
     if len(names) < 2 or args.name in names:
         raise SystemExit("--ensemble-of needs two or more finished runs, and a --name of its own")
     members = {name: member_summary(WORK / "runs" / name) for name in names}
+    roots = {run_processed_root(WORK / "runs" / name) for name in names}
+    if len(roots) != 1:
+        raise SystemExit(
+            f"the runs trained on different processed data ({sorted(map(str, roots))}): no ensemble"
+        )
+    processed_root = roots.pop()
     run_root = WORK / "runs" / args.name
     shutil.rmtree(run_root, ignore_errors=True)
     started = time.perf_counter()
@@ -56,9 +62,9 @@ def ensemble_of_runs(args: argparse.Namespace, command: str) -> int:
         [str(WORK / "runs" / name / "model" / "model.keras") for name in names],
         str(run_root / "model" / "model.keras"),
     )
-    focus = evaluate(args, run_root)
+    focus = evaluate(args, run_root, processed_root)
     metrics = json.loads((run_root / "eval" / "metrics.json").read_text())
-    manifest = processed_manifest()
+    manifest = processed_manifest(processed_root)
     test = metrics["test"]
     result = {
         **evaluation_fields(metrics, focus),

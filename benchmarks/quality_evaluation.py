@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.quality_common import PROCESSED, RESULTS, SHARED, TARGET, WORK, log, rel
+from benchmarks.quality_common import RESULTS, SHARED, TARGET, WORK, log, rel, run_processed_root
 from benchmarks.quality_external import external_fields, external_specs
 from benchmarks.quality_report import write_markdown, write_results
 
@@ -19,15 +19,17 @@ def estimate(metrics: dict, name: str) -> dict:
     return {"value": block["value"], "ci_low": block["ci_low"], "ci_high": block["ci_high"]}
 
 
-def evaluate(args: argparse.Namespace, run_root: Path) -> dict:
+def evaluate(args: argparse.Namespace, run_root: Path, processed_root: Path | None = None) -> dict:
     """The pipeline's evaluate step on the run (internal + external sets), then Grad-CAM lesion
-    focus on the external sets that have lesion masks; returns ``{name: focus summary}``."""
+    focus on the external sets that have lesion masks; returns ``{name: focus summary}``.
+    The data: ``processed_root``, else the root the run trained on."""
     from training.tasks import evaluate_run, external_focus_run
     from training.tracking import record_step
 
+    processed = processed_root or run_processed_root(run_root)
     specs = external_specs(args.external)
     payload = evaluate_run(
-        str(PROCESSED),
+        str(processed),
         str(run_root),
         strategy="youden",
         n_boot=args.n_boot,
@@ -39,7 +41,7 @@ def evaluate(args: argparse.Namespace, run_root: Path) -> dict:
     for spec in specs:
         drop = spec.rpartition("::")[2]
         if (SHARED / drop / "masks").is_dir():
-            focus[drop] = external_focus_run(str(PROCESSED), str(run_root), spec)
+            focus[drop] = external_focus_run(str(processed), str(run_root), spec)
             log(f"external {drop}: lesion focus {json.dumps(focus[drop]['check'])}")
     return focus
 

@@ -13,24 +13,48 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.quality_common import PROCESSED, ROOT, SHARED, WORK, log, machine, processed_manifest, rel
+from benchmarks.quality_common import (
+    ROOT,
+    SHARED,
+    WORK,
+    log,
+    machine,
+    processed_dir,
+    processed_manifest,
+    rel,
+    run_processed_root,
+)
 from benchmarks.quality_evaluation import evaluation_fields, split_counts
 
 # --------------------------------------------------------------------------- preprocessing
 
 
-def preprocess(reprocess: bool) -> dict:
-    """Run the two Spark jobs unless augmented processed data is already there."""
-    manifest = processed_manifest()
+def preprocess(reprocess: bool, colour_constancy: str = "none") -> dict:
+    """Run the two Spark jobs unless augmented processed data with this colour constancy and the
+    current preprocessing version is already there; returns what was done and the root."""
+    from melanoma.colour_constancy import colour_constancy_of
+    from melanoma.preprocess_job import PREPROCESSING_VERSION
+
+    root = processed_dir(colour_constancy)
+    manifest = processed_manifest(root)
     if manifest is not None and manifest.get("augmentation") and not reprocess:
-        log(f"reusing processed data {rel(PROCESSED)} (manifest v{manifest['version']})")
-        return {"reused": True, "seconds": 0.0, "manifest_version": manifest["version"]}
+        recorded = manifest["preprocessing"]
+        if colour_constancy_of(recorded) != colour_constancy:
+            raise SystemExit(
+                f"{rel(root)} holds data with another colour constancy: remove it or --reprocess"
+            )
+        if recorded.get("version") == PREPROCESSING_VERSION:
+            log(f"reusing processed data {rel(root)} (manifest v{manifest['version']})")
+            return {"reused": True, "seconds": 0.0, "manifest_version": manifest["version"], "root": root}
+        log(
+            f"{rel(root)} was preprocessed by version {recorded.get('version', '1')}, not {PREPROCESSING_VERSION}: again"
+        )
     if not (SHARED / "ham10000").is_dir():
         raise SystemExit(f"HAM10000 not found at {SHARED / 'ham10000'} (see README: ../shared/data)")
     if shutil.which("java") is None:
         raise SystemExit("java not found: Spark needs Java 17+")
-    if PROCESSED.exists():
-        shutil.rmtree(PROCESSED)
+    if root.exists():
+        shutil.rmtree(root)
     venv_bin = ROOT / ".venv" / "bin"
     env = dict(
         os.environ, SPARK_LOCAL_IP="127.0.0.1", PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -46,9 +70,11 @@ def preprocess(reprocess: bool) -> dict:
             "--drops",
             "ham10000",
             "--processed-root",
-            rel(PROCESSED),
+            rel(root),
+            "--colour-constancy",
+            colour_constancy,
         ],
-        [*common, "spark_jobs/augment.py", "--processed-root", rel(PROCESSED)],
+        [*common, "spark_jobs/augment.py", "--processed-root", rel(root)],
     ]
     started = time.perf_counter()
     for command in commands:
@@ -59,18 +85,19 @@ def preprocess(reprocess: bool) -> dict:
         for line in done.stdout.splitlines():
             if line.startswith(("preprocess:", "augment:")):
                 log(line)
-    manifest = processed_manifest()
+    manifest = processed_manifest(root)
     return {
         "reused": False,
         "seconds": round(time.perf_counter() - started, 1),
         "manifest_version": manifest["version"],
+        "root": root,
     }
 
 
 # --------------------------------------------------------------------------- cached vs uncached
 
 
-def speedup(n_images: int, blocks: int, target: str) -> dict:
+def speedup(n_images: int, blocks: int, target: str, processed_root: Path) -> dict:
     """One short training each way on the first ``n_images`` training images (whole lesions)."""
     from melanoma.storage import open_storage
     from training.train import TrainConfig, run_training
@@ -80,7 +107,7 @@ def speedup(n_images: int, blocks: int, target: str) -> dict:
         root = WORK / "runs" / f"speedup-{'cached' if cached else 'uncached'}"
         shutil.rmtree(root, ignore_errors=True)
         cfg = TrainConfig(
-            str(PROCESSED),
+            str(processed_root),
             str(root),
             epochs=2,
             fine_tune_epochs=1,
@@ -164,7 +191,6 @@ def continued_config(settings: dict, run_root: Path, train_budget: float):
     return TrainConfig.from_dict(
         {
             **settings,
-            "processed_root": str(PROCESSED),
             "run_root": str(run_root),
             "max_train_seconds": train_budget,
             "continue_after_budget": True,
@@ -211,7 +237,7 @@ def run_result(
     metrics = json.loads(run.read_bytes("eval/metrics.json"))
     history = json.loads(run.read_bytes("model/history.json"))
     state = json.loads(run.read_bytes("model/checkpoints/state.json"))
-    manifest = processed_manifest()
+    manifest = processed_manifest(run_processed_root(run_root))
     total = time.perf_counter() - started
     waited = CpuTurns.waited
     p1, p2 = phase_info(history, state, "phase1"), phase_info(history, state, "phase2")
