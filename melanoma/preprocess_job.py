@@ -59,9 +59,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PREPROCESSING_VERSION = (
-    "3"  # 2: colour constancy (recorded per root, see root_colour_constancy); 3: source detail
-)
+#: 2: colour constancy (recorded per root, see root_colour_constancy); 3: images sharper than the
+#: training data reduced to its detail (melanoma.imaging.match_source_detail).
+PREPROCESSING_VERSION = "3"
 #: Images per chunk (one Spark task, up to three shards: one per split). 256 images make
 #: ~40 tasks for HAM10000's 10,015 (20 per core on local[2], so the last wave is short) and
 #: keep a task's memory near 200 MB (arrays, masks and the encoded shard).

@@ -376,9 +376,8 @@ def test_a_sharper_image_reaches_the_model_at_the_training_data_s_detail():
     assert np.array_equal(match_source_detail(sharp), ham_size)
     assert match_source_detail(ham_size) is ham_size
     assert match_source_detail(sharp[:, :200]).shape == (432, 150, 3)  # portrait 200x576: the width is short
-    from_sharp = preprocess_image_bytes(png_bytes(cv2.cvtColor(sharp, cv2.COLOR_RGB2BGR)))[
-        0
-    ]  # decoded at 1/2 first, then reduced
+    # The PNG is decoded at 1/2 first, then reduced: close to, not equal to, one INTER_AREA step.
+    from_sharp = preprocess_image_bytes(png_bytes(cv2.cvtColor(sharp, cv2.COLOR_RGB2BGR)))[0]
     assert np.abs(from_sharp.astype(int) - resize_for_model(ham_size)).mean() < 1.5
     assert np.array_equal(
         preprocess_image_bytes(png_bytes(cv2.cvtColor(ham_size, cv2.COLOR_RGB2BGR)))[0],

@@ -5,6 +5,8 @@ HAM validation cannot tell them apart); this only says how much of the external 
 the images' resolution.
 
     .venv/bin/python research/2026-12-external-validity/detail_ablation.py RUN_ROOT OUT.json
+
+For a run trained without colour constancy (both variants here apply none): others are refused.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from melanoma.colour_constancy import colour_constancy_of  # noqa: E402
 from melanoma.drop_scan import scan_drop  # noqa: E402
 from melanoma.image_decode import decode_rgb  # noqa: E402
 from melanoma.imaging import preprocess_image_bytes, resize_for_model  # noqa: E402
+from melanoma.manifest import latest_manifest  # noqa: E402
 from melanoma.storage import open_storage  # noqa: E402
 from training.metrics import binary_metrics, clipped_logits, ranking_metrics  # noqa: E402
 from training.model_io import load_model  # noqa: E402
@@ -49,6 +53,10 @@ def score_drop(model, drop: str) -> dict:
 def main(run_root: str, out_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run = Path(run_root)
+    processed = json.loads((run / "model" / "config.json").read_text())["processed_root"]
+    manifest = latest_manifest(open_storage(processed))
+    if colour_constancy_of(manifest["preprocessing"]) != "none":
+        raise SystemExit(f"{run} was trained with colour constancy: this ablation applies none")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     threshold = metrics["threshold"]["value"]
     model = load_model(str(run / "model" / "model.keras"))
