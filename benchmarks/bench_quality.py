@@ -85,6 +85,7 @@ RECIPE_FLAGS = (
     "lr_decay_patience",
     "train_flips",
     "train_augment",
+    "train_colour_jitter",
     "label_smoothing",
     "class_weight",
 )

@@ -142,7 +142,8 @@ def training_variants_text(settings: dict) -> str:
     if settings.get("train_augment"):
         return (
             f"training images in {n} variants (stored, then {n - 1} random draws per image of the augment job's flips, "
-            f"rotation, zoom and brightness; epoch e uses variant e mod {n})"
+            f"rotation, zoom and brightness{', hue, saturation and contrast' if settings.get('train_colour_jitter') else ''}; "
+            f"epoch e uses variant e mod {n})"
         )
     return f"training images in {n} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {n})"
 

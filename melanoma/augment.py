@@ -9,6 +9,8 @@ identity) applies to the image only. Version 2 jittered hue (+-8 degrees), satur
 (x0.75-1.25) and contrast (x0.8-1.25) to stand for other dermatoscopes; together with colour
 constancy it cost the best recipe 0.041 HAM validation AUROC (research/2026-12-external-validity),
 so version 3 keeps those ranges at the identity: its images are version 1's, byte for byte.
+Training can still draw version 2's jitter alone (``draw_params(key, colour_jitter=True)``, the
+``train_colour_jitter`` setting) to measure it without colour constancy.
 Pure numpy + OpenCV: it runs inside Spark executors.
 """
 
@@ -40,6 +42,8 @@ AUGMENT_PARAMS = {
     "mask_interpolation": "nearest",
     "augmented_id": "{image_id}_aug{copy_index}",
 }
+#: Version 2's photometric ranges, drawn in their place by ``draw_params(..., colour_jitter=True)``.
+COLOUR_JITTER = {"hue_degrees": [-8.0, 8.0], "saturation": [0.75, 1.25], "contrast": [0.8, 1.25]}
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,10 @@ def sample_params(image_id: str, copy_index: int) -> AugmentParams:
     return draw_params(f"{image_id}:{copy_index}")
 
 
-def draw_params(key: str) -> AugmentParams:
-    """One draw of the transform in :data:`AUGMENT_PARAMS`, a pure function of ``key``."""
+def draw_params(key: str, colour_jitter: bool = False) -> AugmentParams:
+    """One draw of the transform in :data:`AUGMENT_PARAMS`, a pure function of ``key``; with
+    ``colour_jitter``, hue, saturation and contrast from :data:`COLOUR_JITTER` instead."""
+    photometric = {**AUGMENT_PARAMS, **COLOUR_JITTER} if colour_jitter else AUGMENT_PARAMS
     digest = hashlib.sha256(key.encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
     low_rot, high_rot = AUGMENT_PARAMS["rotation_degrees"]
@@ -78,9 +84,9 @@ def draw_params(key: str) -> AugmentParams:
         zoom=float(rng.uniform(*AUGMENT_PARAMS["zoom"])),
         brightness=float(rng.uniform(*AUGMENT_PARAMS["brightness"])),
         # Drawn after the version-1 fields, so those keep their version-1 values.
-        hue=float(rng.uniform(*AUGMENT_PARAMS["hue_degrees"])),
-        saturation=float(rng.uniform(*AUGMENT_PARAMS["saturation"])),
-        contrast=float(rng.uniform(*AUGMENT_PARAMS["contrast"])),
+        hue=float(rng.uniform(*photometric["hue_degrees"])),
+        saturation=float(rng.uniform(*photometric["saturation"])),
+        contrast=float(rng.uniform(*photometric["contrast"])),
     )
 
 

@@ -137,6 +137,8 @@ DESCRIPTIONS = {
     "train_augment": "With train_flips > 1: every variant but the first (as stored) is a random draw, per "
     "image, of the augment job's flips, rotation, zoom and brightness instead of a pure flip (every image's "
     "borders move, not only the melanoma copies').",
+    "train_colour_jitter": "With train_augment: those draws also shift hue (+-8 degrees) and scale saturation "
+    "(x0.75-1.25) and contrast (x0.8-1.25), to stand for other dermatoscopes.",
     "learning_rate": "Phase 1 (head) Adam learning rate; the reference report's 1e-4.",
     "fine_tune_learning_rate": "Phase 2 Adam learning rate; the reference report's 1e-5, the best "
     "recipe's 3e-4 (on cached activations).",
@@ -196,6 +198,8 @@ SETTINGS: dict[str, Setting] = {
         _s("train_flips", 1, "Flip variants", TRAINING, _one_of(1, 2, 4), train=int, recipe=True),
         _s("train_augment", False, "Random augmentation", TRAINING, {"type": "boolean"}, train=bool,
            recipe=True),
+        _s("train_colour_jitter", False, "Colour jitter", TRAINING, {"type": "boolean"}, train=bool,
+           param=False),
         _s("learning_rate", 1e-4, "Learning rate (phase 1)", TRAINING, _number(above=0, high=0.1),
            train=float, recipe=True),
         _s("fine_tune_learning_rate", 1e-5, "Learning rate (phase 2)", TRAINING, _number(above=0, high=0.1),

@@ -149,6 +149,27 @@ def test_train_variants_flip_or_draw_the_augment_transform_per_image_and_seed():
         TrainConfig("p", "r", train_augment=True, fine_tune_cache=False)
 
 
+def test_colour_jitter_recolours_the_augment_draws_and_keeps_their_geometry():
+    from dataclasses import replace
+
+    from melanoma.augment import COLOUR_JITTER, augment_image, draw_params
+
+    images = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    ids = ["ISIC_a", "ISIC_b"]
+    plain, jittered = draw_params("ISIC_b:train-variant:7:2"), draw_params("ISIC_b:train-variant:7:2", True)
+    # Same flips, rotation, zoom and brightness; a hue, saturation and contrast of their own.
+    assert replace(jittered, hue=0.0, saturation=1.0, contrast=1.0) == plain
+    assert (plain.hue, plain.saturation, plain.contrast) == (0.0, 1.0, 1.0)
+    for name, field in (("hue_degrees", "hue"), ("saturation", "saturation"), ("contrast", "contrast")):
+        low, high = COLOUR_JITTER[name]
+        assert low <= getattr(jittered, field) <= high and getattr(jittered, field) != getattr(plain, field)
+    drawn = train_variant(images, ids, 2, augment_seed=7, colour_jitter=True)
+    np.testing.assert_array_equal(drawn[1], augment_image(images[1], jittered))
+    np.testing.assert_array_equal(train_variant(images, ids, 0, augment_seed=7, colour_jitter=True), images)
+    with pytest.raises(ValueError, match="train_augment"):
+        TrainConfig("p", "r", train_colour_jitter=True)
+
+
 def test_resuming_checks_settings_added_since_as_their_defaults(tmp_path):
     run = open_storage(str(tmp_path / "run"))
     older = {

@@ -60,13 +60,15 @@ def cached_activations(
     batch_size: int = 64,
     variant: int = 0,
     augment_seed: int | None = None,
+    colour_jitter: bool = False,
 ) -> dict[str, np.ndarray]:
     """Frozen-network outputs (one per name in ``tensors``) for ``images``, computed in ONE pass
     and kept with the run's checkpoints, so a resumed run reuses them.
 
     A cache is reused only when its layer, weights, dtype and image ids all match
     (``features-<split>-<layer>.npy`` + ``.json``). ``variant`` and ``augment_seed``: the
-    training variant the images are turned into first (:func:`training.variants.train_variant`).
+    training variant the images are turned into first (:func:`training.variants.train_variant`,
+    with ``colour_jitter``).
     """
     out: dict[str, np.ndarray] = {}
     missing = {}
@@ -76,6 +78,8 @@ def cached_activations(
         meta = dict(fingerprint(model, layer, ids, dtypes[name]), flip_variant=variant)
         if augment_seed is not None and variant:
             meta["augment"] = {"seed": augment_seed, "transform_version": augment_version()}
+            if colour_jitter:  # only when on: caches drawn before the setting existed stay valid
+                meta["augment"]["colour_jitter"] = True
         if (
             run.exists(f"{key}.json")
             and json.loads(run.read_bytes(f"{key}.json")) == meta
@@ -85,9 +89,8 @@ def cached_activations(
         else:
             missing[name] = (tensor, key, meta)
     if missing:
-        out.update(
-            _compute(run, split, model, missing, images, ids, dtypes, batch_size, variant, augment_seed)
-        )
+        drawn_as = (variant, augment_seed, colour_jitter)
+        out.update(_compute(run, split, model, missing, images, ids, dtypes, batch_size, drawn_as))
     return out
 
 
@@ -100,10 +103,10 @@ def _compute(
     ids: list[str],
     dtypes: dict[str, str],
     batch_size: int,
-    variant: int,
-    augment_seed: int | None,
+    drawn_as: tuple[int, int | None, bool],
 ) -> dict[str, np.ndarray]:
-    """One forward pass over ``images`` for every missing cache; writes them."""
+    """One forward pass over ``images`` for every missing cache; writes them. ``drawn_as``: the
+    arguments of :func:`train_variant` after the images and ids."""
     names = list(missing)
     layers = ", ".join(missing[n][2]["layer"] for n in names)
     extractor = keras.Model(model.input, [missing[n][0] for n in names])
@@ -113,7 +116,7 @@ def _compute(
     for start in range(0, len(images), CHUNK_IMAGES):  # bounded memory: cast each chunk to its storage dtype
         with CpuTurns.turn():
             chunk = train_variant(
-                images[start : start + CHUNK_IMAGES], ids[start : start + CHUNK_IMAGES], variant, augment_seed
+                images[start : start + CHUNK_IMAGES], ids[start : start + CHUNK_IMAGES], *drawn_as
             )
             outputs = extractor.predict(chunk, batch_size=batch_size, verbose=0)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
@@ -180,6 +183,7 @@ def training_caches(
             dtypes,
             variant=variant,
             augment_seed=augment_seed,
+            colour_jitter=cfg.train_colour_jitter,
         )
         for key, value in outputs.items():
             cache["train"][key].append(value)

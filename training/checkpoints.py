@@ -44,6 +44,7 @@ STRUCTURAL = (
     "target",
     "train_flips",
     "train_augment",
+    "train_colour_jitter",
     "fine_tune_blocks",
     "feature_cache",
     "fine_tune_cache",

@@ -51,6 +51,9 @@ class TrainConfig:
     # changed borders, not only the augmented melanoma copies (a shortcut otherwise open to the
     # model: reflected borders mean melanoma). Drawn once into the activation caches.
     train_augment: bool = D["train_augment"]
+    # With train_augment: those draws also jitter hue, saturation and contrast
+    # (melanoma.augment.COLOUR_JITTER, augment version 2's ranges) to stand for other devices.
+    train_colour_jitter: bool = D["train_colour_jitter"]
     seed: int = 0
     # Members of an ensemble (1: one model). Member k is a full run with seed + k under
     # <run_root>/members/seed-<seed + k>/; model/model.keras averages their logits.
@@ -87,6 +90,8 @@ class TrainConfig:
                 "train_augment draws each training variant once, into the activation caches: "
                 "it needs feature_cache and fine_tune_cache on"
             )
+        if self.train_colour_jitter and not self.train_augment:
+            raise ValueError("train_colour_jitter jitters the train_augment draws: it needs train_augment on")
         if self.cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if not 1 <= self.ensemble_size <= 10:

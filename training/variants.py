@@ -26,13 +26,18 @@ def augment_version() -> int:
 
 
 def train_variant(
-    images: np.ndarray, ids: list[str], variant: int, augment_seed: int | None = None
+    images: np.ndarray,
+    ids: list[str],
+    variant: int,
+    augment_seed: int | None = None,
+    colour_jitter: bool = False,
 ) -> np.ndarray:
     """Training images uint8 (N, H, W, 3) as epoch variant ``variant`` shows them, same shape.
 
     ``augment_seed`` None: :func:`flip_variant`. Otherwise variant 0 is the images as stored and
     variant v >= 1 warps each image by its own draw of the augment job's transform, keyed by
-    (image id, seed, v), so a rerun or a resumed run draws the same images.
+    (image id, seed, v), so a rerun or a resumed run draws the same images; ``colour_jitter``
+    adds hue, saturation and contrast draws (:data:`melanoma.augment.COLOUR_JITTER`).
     """
     if augment_seed is None or variant == 0:
         return flip_variant(images, variant)
@@ -40,7 +45,8 @@ def train_variant(
         raise ValueError(f"{len(images)} images but {len(ids)} ids")
     out = np.empty_like(images)
     for i, image_id in enumerate(ids):
-        out[i] = augment_image(images[i], draw_params(f"{image_id}:train-variant:{augment_seed}:{variant}"))
+        key = f"{image_id}:train-variant:{augment_seed}:{variant}"
+        out[i] = augment_image(images[i], draw_params(key, colour_jitter))
     return out
 
 
