@@ -86,6 +86,7 @@ RECIPE_FLAGS = (
     "train_flips",
     "train_augment",
     "train_colour_jitter",
+    "train_random_crop",
     "label_smoothing",
     "class_weight",
 )

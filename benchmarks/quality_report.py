@@ -140,10 +140,11 @@ def training_variants_text(settings: dict) -> str:
     if n == 1:
         return "training images as stored"
     if settings.get("train_augment"):
+        scale = "a random resized crop" if settings.get("train_random_crop") else "zoom"
+        colour = ", hue, saturation and contrast" if settings.get("train_colour_jitter") else ""
         return (
             f"training images in {n} variants (stored, then {n - 1} random draws per image of the augment job's flips, "
-            f"rotation, zoom and brightness{', hue, saturation and contrast' if settings.get('train_colour_jitter') else ''}; "
-            f"epoch e uses variant e mod {n})"
+            f"rotation, {scale} and brightness{colour}; epoch e uses variant e mod {n})"
         )
     return f"training images in {n} flip variants (stored, left-right, up-down, both; epoch e uses variant e mod {n})"
 

@@ -2,7 +2,7 @@
 
 Each copy's random draw is seeded from ``sha256(f"{image_id}:{copy_index}")``, so a rerun
 of the augment job writes byte-identical shards, and two copies of one image differ. The
-geometric part (flips, rotation, zoom) is one affine warp applied to the image (bilinear)
+geometric part (flips, rotation, zoom or crop) is one affine warp applied to the image (bilinear)
 and to its mask (nearest, so the mask stays in {0, 255}), keeping them aligned; the
 photometric part (brightness; hue, saturation and contrast where their ranges are not the
 identity) applies to the image only. Version 2 jittered hue (+-8 degrees), saturation
@@ -10,14 +10,15 @@ identity) applies to the image only. Version 2 jittered hue (+-8 degrees), satur
 constancy it cost the best recipe 0.041 HAM validation AUROC (research/2026-12-external-validity),
 so version 3 keeps those ranges at the identity: its images are version 1's, byte for byte.
 Training can still draw version 2's jitter alone (``draw_params(key, colour_jitter=True)``, the
-``train_colour_jitter`` setting) to measure it without colour constancy.
+``train_colour_jitter`` setting) to measure it without colour constancy, and random resized
+crops in place of the centred zoom (``random_crop=True``, the ``train_random_crop`` setting).
 Pure numpy + OpenCV: it runs inside Spark executors.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -44,11 +45,19 @@ AUGMENT_PARAMS = {
 }
 #: Version 2's photometric ranges, drawn in their place by ``draw_params(..., colour_jitter=True)``.
 COLOUR_JITTER = {"hue_degrees": [-8.0, 8.0], "saturation": [0.75, 1.25], "contrast": [0.8, 1.25]}
+#: Random resized crops (Szegedy et al. 2015, "Going deeper with convolutions"; torchvision's
+#: RandomResizedCrop), drawn by ``draw_params(..., random_crop=True)`` in place of the centred zoom:
+#: a box of ``area`` times the image's area and width/height ``aspect`` (log-uniform), anywhere in
+#: the rotated image, stretched back to its size. Why: the stored images are squashed to a square
+#: and every lesion sits at one scale and place per image; another device frames them otherwise.
+#: The area starts at 0.5, not torchvision's 0.08, so the crop keeps most of a lesion.
+RANDOM_CROP = {"area": [0.5, 1.0], "aspect": [3 / 4, 4 / 3]}
 
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """One copy's draw: flips, rotation in degrees (counter-clockwise), zoom, brightness factor."""
+    """One copy's draw: flips, rotation in degrees (counter-clockwise), zoom, brightness factor;
+    hue, saturation and contrast; a crop box (x, y, width, height) as fractions of the image."""
 
     hflip: bool
     vflip: bool
@@ -58,6 +67,7 @@ class AugmentParams:
     hue: float = 0.0
     saturation: float = 1.0
     contrast: float = 1.0
+    crop: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 
 
 def augmented_image_id(image_id: str, copy_index: int) -> str:
@@ -70,14 +80,16 @@ def sample_params(image_id: str, copy_index: int) -> AugmentParams:
     return draw_params(f"{image_id}:{copy_index}")
 
 
-def draw_params(key: str, colour_jitter: bool = False) -> AugmentParams:
+def draw_params(key: str, colour_jitter: bool = False, random_crop: bool = False) -> AugmentParams:
     """One draw of the transform in :data:`AUGMENT_PARAMS`, a pure function of ``key``; with
-    ``colour_jitter``, hue, saturation and contrast from :data:`COLOUR_JITTER` instead."""
+    ``colour_jitter``, hue, saturation and contrast from :data:`COLOUR_JITTER` instead; with
+    ``random_crop``, a crop box from :data:`RANDOM_CROP` instead of the zoom. Each option's draws
+    come after the others', so turning one on leaves the others' values as they were."""
     photometric = {**AUGMENT_PARAMS, **COLOUR_JITTER} if colour_jitter else AUGMENT_PARAMS
     digest = hashlib.sha256(key.encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
     low_rot, high_rot = AUGMENT_PARAMS["rotation_degrees"]
-    return AugmentParams(
+    params = AugmentParams(
         hflip=bool(rng.random() < AUGMENT_PARAMS["hflip_probability"]),
         vflip=bool(rng.random() < AUGMENT_PARAMS["vflip_probability"]),
         angle=float(rng.uniform(low_rot, high_rot)),
@@ -88,10 +100,21 @@ def draw_params(key: str, colour_jitter: bool = False) -> AugmentParams:
         saturation=float(rng.uniform(*photometric["saturation"])),
         contrast=float(rng.uniform(*photometric["contrast"])),
     )
+    return replace(params, zoom=1.0, crop=_draw_crop(rng)) if random_crop else params
+
+
+def _draw_crop(rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """A box of :data:`RANDOM_CROP`'s area and aspect at a uniform place, as image fractions."""
+    area = rng.uniform(*RANDOM_CROP["area"])
+    aspect = float(np.exp(rng.uniform(*np.log(RANDOM_CROP["aspect"]))))
+    width, height = min(1.0, float(np.sqrt(area * aspect))), min(1.0, float(np.sqrt(area / aspect)))
+    return (float(rng.uniform(0.0, 1.0 - width)), float(rng.uniform(0.0, 1.0 - height)), width, height)
 
 
 def affine_matrix(params: AugmentParams, width: int, height: int) -> np.ndarray:
-    """(2, 3) source->destination matrix: flips, then rotation and zoom about the centre.
+    """(2, 3) source->destination matrix: flips, then rotation and zoom about the centre, then
+    the crop box stretched to the whole image (skipped when it is the whole image, so the augment
+    job's matrices stay exactly what they were).
 
     Uses pixel-centre coordinates ((w-1)/2, (h-1)/2), so a pure flip maps pixels exactly
     onto pixels.
@@ -105,7 +128,14 @@ def affine_matrix(params: AugmentParams, width: int, height: int) -> np.ndarray:
         ]
     )
     rotate = np.vstack([cv2.getRotationMatrix2D((cx, cy), params.angle, params.zoom), [0.0, 0.0, 1.0]])
-    return (rotate @ flip)[:2]
+    if params.crop == (0.0, 0.0, 1.0, 1.0):
+        return (rotate @ flip)[:2]
+    x, y, w, h = params.crop  # pixel edges: the box [x*W, (x+w)*W) maps onto [0, W)
+    sx, sy = 1.0 / w, 1.0 / h
+    crop = np.array(
+        [[sx, 0.0, (0.5 - x * width) * sx - 0.5], [0.0, sy, (0.5 - y * height) * sy - 0.5], [0.0, 0.0, 1.0]]
+    )
+    return (crop @ rotate @ flip)[:2]
 
 
 def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:

@@ -139,6 +139,8 @@ DESCRIPTIONS = {
     "borders move, not only the melanoma copies').",
     "train_colour_jitter": "With train_augment: those draws also shift hue (+-8 degrees) and scale saturation "
     "(x0.75-1.25) and contrast (x0.8-1.25), to stand for other dermatoscopes.",
+    "train_random_crop": "With train_augment: those draws crop a random box (half to all of the image's "
+    "area, width/height 3/4-4/3, anywhere) and stretch it to the image instead of zooming about the centre.",
     "learning_rate": "Phase 1 (head) Adam learning rate; the reference report's 1e-4.",
     "fine_tune_learning_rate": "Phase 2 Adam learning rate; the reference report's 1e-5, the best "
     "recipe's 3e-4 (on cached activations).",
@@ -199,6 +201,8 @@ SETTINGS: dict[str, Setting] = {
         _s("train_augment", False, "Random augmentation", TRAINING, {"type": "boolean"}, train=bool,
            recipe=True),
         _s("train_colour_jitter", False, "Colour jitter", TRAINING, {"type": "boolean"}, train=bool,
+           param=False),
+        _s("train_random_crop", False, "Random resized crops", TRAINING, {"type": "boolean"}, train=bool,
            param=False),
         _s("learning_rate", 1e-4, "Learning rate (phase 1)", TRAINING, _number(above=0, high=0.1),
            train=float, recipe=True),

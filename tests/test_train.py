@@ -170,6 +170,34 @@ def test_colour_jitter_recolours_the_augment_draws_and_keeps_their_geometry():
         TrainConfig("p", "r", train_colour_jitter=True)
 
 
+def test_random_crop_replaces_the_zoom_with_a_box_stretched_to_the_image():
+    from dataclasses import replace
+
+    from melanoma.augment import RANDOM_CROP, AugmentParams, augment_image, draw_params
+
+    key = "ISIC_b:train-variant:7:2"
+    plain, cropped = draw_params(key), draw_params(key, random_crop=True)
+    # Same flips, rotation, brightness and colour; no zoom; a box of the configured area and aspect.
+    assert replace(cropped, zoom=plain.zoom, crop=plain.crop) == plain and cropped.zoom == 1.0
+    assert replace(draw_params(key, True, True), crop=plain.crop, zoom=plain.zoom) == draw_params(key, True)
+    x, y, w, h = cropped.crop
+    assert 0.0 <= x <= x + w <= 1.0 and 0.0 <= y <= y + h <= 1.0
+    assert RANDOM_CROP["area"][0] - 1e-9 <= w * h <= 1.0 and (w, h) != (1.0, 1.0)
+    # A pure crop of the right half of a left-dark, right-bright image is bright everywhere.
+    image = np.zeros((224, 224, 3), np.uint8)
+    image[:, 100:] = 200  # the box starts at 112: its first column samples 111.75, still bright
+    right_half = AugmentParams(False, False, 0.0, 1.0, 1.0, crop=(0.5, 0.0, 0.5, 1.0))
+    assert augment_image(image, right_half).min() == 200
+    # The whole image as the box is the identity.
+    whole = AugmentParams(False, False, 0.0, 1.0, 1.0)
+    np.testing.assert_array_equal(augment_image(image, whole), image)
+    images = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    drawn = train_variant(images, ["ISIC_a", "ISIC_b"], 2, augment_seed=7, random_crop=True)
+    np.testing.assert_array_equal(drawn[1], augment_image(images[1], cropped))
+    with pytest.raises(ValueError, match="train_augment"):
+        TrainConfig("p", "r", train_random_crop=True)
+
+
 def test_resuming_checks_settings_added_since_as_their_defaults(tmp_path):
     run = open_storage(str(tmp_path / "run"))
     older = {

@@ -61,6 +61,7 @@ def cached_activations(
     variant: int = 0,
     augment_seed: int | None = None,
     colour_jitter: bool = False,
+    random_crop: bool = False,
 ) -> dict[str, np.ndarray]:
     """Frozen-network outputs (one per name in ``tensors``) for ``images``, computed in ONE pass
     and kept with the run's checkpoints, so a resumed run reuses them.
@@ -68,7 +69,7 @@ def cached_activations(
     A cache is reused only when its layer, weights, dtype and image ids all match
     (``features-<split>-<layer>.npy`` + ``.json``). ``variant`` and ``augment_seed``: the
     training variant the images are turned into first (:func:`training.variants.train_variant`,
-    with ``colour_jitter``).
+    with ``colour_jitter`` and ``random_crop``).
     """
     out: dict[str, np.ndarray] = {}
     missing = {}
@@ -80,6 +81,8 @@ def cached_activations(
             meta["augment"] = {"seed": augment_seed, "transform_version": augment_version()}
             if colour_jitter:  # only when on: caches drawn before the setting existed stay valid
                 meta["augment"]["colour_jitter"] = True
+            if random_crop:
+                meta["augment"]["random_crop"] = True
         if (
             run.exists(f"{key}.json")
             and json.loads(run.read_bytes(f"{key}.json")) == meta
@@ -89,7 +92,7 @@ def cached_activations(
         else:
             missing[name] = (tensor, key, meta)
     if missing:
-        drawn_as = (variant, augment_seed, colour_jitter)
+        drawn_as = (variant, augment_seed, colour_jitter, random_crop)
         out.update(_compute(run, split, model, missing, images, ids, dtypes, batch_size, drawn_as))
     return out
 
@@ -103,7 +106,7 @@ def _compute(
     ids: list[str],
     dtypes: dict[str, str],
     batch_size: int,
-    drawn_as: tuple[int, int | None, bool],
+    drawn_as: tuple[int, int | None, bool, bool],
 ) -> dict[str, np.ndarray]:
     """One forward pass over ``images`` for every missing cache; writes them. ``drawn_as``: the
     arguments of :func:`train_variant` after the images and ids."""
@@ -184,6 +187,7 @@ def training_caches(
             variant=variant,
             augment_seed=augment_seed,
             colour_jitter=cfg.train_colour_jitter,
+            random_crop=cfg.train_random_crop,
         )
         for key, value in outputs.items():
             cache["train"][key].append(value)

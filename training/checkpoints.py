@@ -45,6 +45,7 @@ STRUCTURAL = (
     "train_flips",
     "train_augment",
     "train_colour_jitter",
+    "train_random_crop",
     "fine_tune_blocks",
     "feature_cache",
     "fine_tune_cache",

@@ -54,6 +54,9 @@ class TrainConfig:
     # With train_augment: those draws also jitter hue, saturation and contrast
     # (melanoma.augment.COLOUR_JITTER, augment version 2's ranges) to stand for other devices.
     train_colour_jitter: bool = D["train_colour_jitter"]
+    # With train_augment: those draws crop a random box (melanoma.augment.RANDOM_CROP) instead of
+    # zooming about the centre, so lesions appear at other scales, places and aspect ratios.
+    train_random_crop: bool = D["train_random_crop"]
     seed: int = 0
     # Members of an ensemble (1: one model). Member k is a full run with seed + k under
     # <run_root>/members/seed-<seed + k>/; model/model.keras averages their logits.
@@ -92,6 +95,8 @@ class TrainConfig:
             )
         if self.train_colour_jitter and not self.train_augment:
             raise ValueError("train_colour_jitter jitters the train_augment draws: it needs train_augment on")
+        if self.train_random_crop and not self.train_augment:
+            raise ValueError("train_random_crop crops the train_augment draws: it needs train_augment on")
         if self.cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if not 1 <= self.ensemble_size <= 10:

@@ -31,13 +31,15 @@ def train_variant(
     variant: int,
     augment_seed: int | None = None,
     colour_jitter: bool = False,
+    random_crop: bool = False,
 ) -> np.ndarray:
     """Training images uint8 (N, H, W, 3) as epoch variant ``variant`` shows them, same shape.
 
     ``augment_seed`` None: :func:`flip_variant`. Otherwise variant 0 is the images as stored and
     variant v >= 1 warps each image by its own draw of the augment job's transform, keyed by
     (image id, seed, v), so a rerun or a resumed run draws the same images; ``colour_jitter``
-    adds hue, saturation and contrast draws (:data:`melanoma.augment.COLOUR_JITTER`).
+    adds hue, saturation and contrast draws (:data:`melanoma.augment.COLOUR_JITTER`), ``random_crop``
+    a random resized crop in place of the zoom (:data:`melanoma.augment.RANDOM_CROP`).
     """
     if augment_seed is None or variant == 0:
         return flip_variant(images, variant)
@@ -46,7 +48,7 @@ def train_variant(
     out = np.empty_like(images)
     for i, image_id in enumerate(ids):
         key = f"{image_id}:train-variant:{augment_seed}:{variant}"
-        out[i] = augment_image(images[i], draw_params(key, colour_jitter))
+        out[i] = augment_image(images[i], draw_params(key, colour_jitter, random_crop))
     return out
 
 
