@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SETTINGS["score_pooling"].schema["enum"],
         help="decision scores: pooled per lesion or per image",
     )
+    add_setting_flag(parser, "test_time_augmentation", best["test_time_augmentation"])
     parser.add_argument(
         "--ensemble-of",
         default="",

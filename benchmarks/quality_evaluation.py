@@ -35,6 +35,7 @@ def evaluate(args: argparse.Namespace, run_root: Path, processed_root: Path | No
         n_boot=args.n_boot,
         pooling=args.pooling,
         external=specs,
+        test_time_augmentation=args.test_time_augmentation,
     )
     record_step("evaluate", str(run_root), payload)  # the benchmark's runs are tracked like the DAG's
     focus = {}
@@ -60,6 +61,7 @@ def evaluation_fields(metrics: dict, focus: dict | None = None) -> dict:
         "sensitivity_ci": estimate(metrics, "sensitivity"),
         "specificity_ci": estimate(metrics, "specificity"),
         "pooling": scores["pooling"],
+        "views": scores.get("views", 1),
         "per_image": scores.get("per_image"),  # the unpooled figures when pooled
         "threshold_strategy": metrics["threshold"]["strategy"],
         "threshold_chosen_on": metrics["threshold"]["chosen_on"],

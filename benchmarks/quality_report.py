@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks.quality_common import RESULTS, TARGET
+from training.tta import VIEWS_NOTE
 
 
 def write_results(result: dict, write_section) -> None:
@@ -169,7 +170,8 @@ def write_markdown(result: dict, path: Path) -> None:
             "Scores pooled per lesion: each image scored by the sigmoid of the mean logit of its lesion's images (the pipeline's default)."
             if r.get("pooling") == "lesion"
             else "Each image scored on its own."
-        ),
+        )
+        + VIEWS_NOTE[r.get("views", 1)],
         "",
         *test_metric_rows(
             r,

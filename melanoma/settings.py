@@ -154,6 +154,9 @@ DESCRIPTIONS = {
     "target_sensitivity": "Used by the 'sensitivity' strategy.",
     "score_pooling": "lesion: the images of one lesion are scored together (mean logit) before the "
     "threshold; none: each image alone.",
+    "test_time_augmentation": "Score each image as the mean logit of its 8 dihedral views (rotations by "
+    "quarter turns, mirrored or not) rather than once; the threshold is chosen on such scores and the "
+    "model's later scorers use them too. 8x the scoring time.",
     "n_boot": "Lesion bootstrap resamples for the 95% intervals.",
     "promote_min_val_auroc": "The floor: a model becomes champion only with at least this validation AUROC "
     "(and a passing lesion-focus check).",
@@ -218,6 +221,8 @@ SETTINGS: dict[str, Setting] = {
         _s("threshold_strategy", "youden", "Threshold strategy", EVALUATION, _one_of(*THRESHOLD_STRATEGIES)),
         _s("target_sensitivity", 0.95, "Target sensitivity", EVALUATION, _number(above=0, high=1)),
         _s("score_pooling", "lesion", "Score pooling", EVALUATION, _one_of("lesion", "none")),
+        _s("test_time_augmentation", False, "Test-time augmentation", EVALUATION, {"type": "boolean"},
+           recipe=True),
         _s("n_boot", 1000, "Bootstrap resamples", EVALUATION, _int(100, 20000)),
         _s("promote_min_val_auroc", 0.85, "Champion floor (val AUROC)", EVALUATION, _number(low=0, high=1)),
         _s("promote_margin", 0.0, "Champion margin (val AUROC)", EVALUATION, _number(low=0, high=0.5)),

@@ -330,6 +330,7 @@ def training_settings(
         "threshold_strategy": values["threshold_strategy"],
         "target_sensitivity": float(values["target_sensitivity"]),
         "score_pooling": values["score_pooling"],
+        "test_time_augmentation": bool(values["test_time_augmentation"]),
         "n_boot": int(values["n_boot"]),
         "promote_min_val_auroc": float(values["promote_min_val_auroc"]),
         "promote_margin": float(values["promote_margin"]),

@@ -78,6 +78,8 @@ def training_args(step: str, run: dict, threshold: dict | None = None) -> list[s
             run["score_pooling"],
             *as_of,
         ]
+        if run.get("test_time_augmentation"):  # runs recorded before the setting: off
+            args.append("--test-time-augmentation")
         for external in run["external"]:
             args += ["--external", external]
         return args

@@ -253,6 +253,7 @@ def test_xcom_payload(evaluated):
         "target_sensitivity": None,
         "chosen_on": "val",
         "pooling": "none",
+        "views": 1,
         "val": {
             "sensitivity": evaluated["threshold"]["val"]["sensitivity"],
             "specificity": evaluated["threshold"]["val"]["specificity"],

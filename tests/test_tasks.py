@@ -106,3 +106,52 @@ def test_gradcam_outcomes_use_the_pooled_scores_evaluate_thresholded(tmp_path):
     assert counts == {k: at_threshold[k] for k in counts}
     summary = json.loads((run / "gradcam" / "gradcam_summary.json").read_text())
     assert summary["pooling"] == "lesion" and summary["threshold"] == payload["threshold"]
+
+
+def test_test_time_augmentation_is_chosen_at_evaluate_and_followed_by_predict(tmp_path):
+    import keras
+    import numpy as np
+
+    from melanoma.manifest import load_split
+    from training.model_io import load_model
+    from training.predict import predict_folder, predict_probabilities
+    from training.tasks import evaluate_run
+
+    raw, data, run = tmp_path / "raw", tmp_path / "data", tmp_path / "data" / "runs" / "r1"
+    drop = write_drop(raw, n_images=120, seed=4)
+    manifest = build_processed(raw, data, drop.name)
+    # A real Keras model whose score depends on where the brightness lies in the frame (8x8
+    # blocks, random weights), so on the image's orientation.
+    images = keras.Input((224, 224, 3))
+    x = keras.layers.AveragePooling2D(28)(keras.layers.Rescaling(1 / 255)(images))
+    head = keras.layers.Dense(1, activation="sigmoid")
+    classifier = keras.Model(images, head(keras.layers.Flatten()(x)))
+    rng = np.random.default_rng(0)
+    head.set_weights([rng.normal(0, 3.0, (192, 1)).astype("float32"), np.zeros(1, "float32")])
+    (run / "model").mkdir(parents=True)
+    classifier.save(run / "model" / "model.keras")
+
+    payload = evaluate_run(str(data), str(run), n_boot=100, pooling="none", test_time_augmentation=True)
+
+    assert payload["views"] == 8
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["scores"]["views"] == 8
+    model = load_model(str(run / "model" / "model.keras"))
+    test = load_split(open_storage(data), manifest, ["test"])
+    eight, one = predict_probabilities(model, test.images, views=8), predict_probabilities(model, test.images)
+    assert not np.allclose(eight, one, atol=1e-3), "the model should score the views differently"
+    recorded = {
+        r["image_id"]: float(r["probability"])
+        for r in csv.DictReader(io.StringIO((run / "eval" / "predictions.csv").read_text()))
+        if r["split"] == "test"
+    }
+    ids = [r["image_id"] for r in test.records]
+    assert [recorded[i] for i in ids] == pytest.approx(eight.tolist(), abs=1e-6)
+
+    # predict reads the views from the run, so the run's threshold meets the scores it was chosen for.
+    predict_folder(str(run / "model" / "model.keras"), str(drop), str(tmp_path / "scored"))
+    predicted = {
+        r["image_id"]: float(r["probability"])
+        for r in csv.DictReader(io.StringIO((tmp_path / "scored" / "predictions.csv").read_text()))
+    }
+    assert [predicted[i] for i in ids] == pytest.approx(eight.tolist(), abs=1e-5)

@@ -54,6 +54,11 @@ def _add_evaluate(commands) -> None:
         choices=["lesion", "none"],
         help="lesion: score each image by its lesion's pooled score (mean logit of its images)",
     )
+    evaluate.add_argument(
+        "--test-time-augmentation",
+        action="store_true",
+        help=SETTINGS["test_time_augmentation"].description,
+    )
     evaluate.add_argument("--as-of", default=None)
     evaluate.add_argument(
         "--manifest-version", type=int, default=None, help="exactly this manifest (wins over --as-of)"
@@ -242,6 +247,7 @@ def run(args: argparse.Namespace) -> dict:
             external=args.external,
             pooling=args.pooling,
             manifest_version=args.manifest_version,
+            test_time_augmentation=args.test_time_augmentation,
         )
     if args.command == "gradcam":
         from training.tasks import gradcam_run

@@ -23,8 +23,9 @@ cannot be computed. *binary* is the dict of :func:`training.metrics.binary_metri
 ``threshold, n, accuracy, sensitivity, specificity, ppv, npv, f1, tn, fp, fn, tp``.
 
 - ``schema_version``: 2 (2 added ``scores``).
-- ``scores``: ``{"pooling": "none" | "lesion", "rule"}``: what every number below is
-  computed on. ``"lesion"`` replaces each image's probability by its lesion's pooled score
+- ``scores``: ``{"pooling": "none" | "lesion", "rule", "views"}``: what every number below is
+  computed on. ``views``: 1, or 8 when each image's probability is already the mean over its
+  dihedral views (:mod:`training.tta`; scorers of the model read it from here). ``"lesion"`` replaces each image's probability by its lesion's pooled score
   (:func:`training.metrics.lesion_pooled_scores`, within each set) before the threshold is
   chosen and everything is measured; the rows stay one per image. With ``"lesion"`` it
   also holds ``per_image``: ``{"val": {"auroc", "auprc"}, "test": {"auroc", "auprc"}}``
@@ -71,6 +72,7 @@ from training import metrics as m
 from training.evaluation_external import external_set_block
 from training.evaluation_rows import partition_rows, row_counts, set_arrays
 from training.evaluation_set import estimate, evaluate_set, set_ranking, set_ranking_with_ci
+from training.tta import VIEWS
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -245,6 +247,7 @@ def evaluate_predictions(
     seed: int = 0,
     min_subgroup_count: int = 30,
     pooling: str = "none",
+    views: int = 1,
 ) -> dict:
     """Build the metrics document described in the module docstring.
 
@@ -259,6 +262,7 @@ def evaluate_predictions(
     seed : bootstrap seed.
     min_subgroup_count : subgroups smaller than this are flagged ``small``.
     pooling : one of :data:`POOLING`; see ``scores`` in the module docstring.
+    views : how many views the rows' probabilities average (recorded, see ``scores``).
     """
     if pooling not in POOLING:
         raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
@@ -266,7 +270,9 @@ def evaluate_predictions(
     val_rows, test_rows = internal["val"], internal["test"]
     if not val_rows or not test_rows:
         raise ValueError(f"need val and test rows, got {len(val_rows)} val and {len(test_rows)} test")
-    scores_block: dict = {"pooling": pooling, "rule": POOLING_RULES[pooling]}
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views}")
+    scores_block: dict = {"pooling": pooling, "rule": POOLING_RULES[pooling], "views": views}
     if pooling == "lesion":
         scores_block["per_image"], internal, externals = _pool_by_lesion(
             internal, externals, n_boot=n_boot, seed=seed
@@ -316,7 +322,7 @@ def xcom_payload(metrics: dict, metrics_uri: str) -> dict:
     """The small summary handed to downstream Airflow tasks; the full document stays at
     ``metrics_uri``.
 
-    Returns ``{"threshold", "strategy", "target_sensitivity", "chosen_on", "pooling", "val":
+    Returns ``{"threshold", "strategy", "target_sensitivity", "chosen_on", "pooling", "views", "val":
     {"sensitivity", "specificity"}, "test": {"auroc", "auprc", "sensitivity",
     "specificity"}, "metrics_uri"}``; test sensitivity/specificity are at the validation
     threshold.
@@ -329,6 +335,7 @@ def xcom_payload(metrics: dict, metrics_uri: str) -> dict:
         "target_sensitivity": choice["target_sensitivity"],
         "chosen_on": choice["chosen_on"],
         "pooling": metrics["scores"]["pooling"],
+        "views": metrics["scores"].get("views", 1),
         "val": {key: choice["val"][key] for key in ("sensitivity", "specificity")},
         "test": {key: test[key]["value"] for key in ("auroc", "auprc", "sensitivity", "specificity")},
         "metrics_uri": metrics_uri,

@@ -32,6 +32,7 @@ from training.lesion_focus import safe_name
 from training.metrics import lesion_pooled_scores
 from training.model_io import load_model
 from training.shift import load_site, score_shift
+from training.tta import mean_over_views
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +47,36 @@ PREDICT_BATCHES_PER_STEP = 16
 
 
 def predict_probabilities(
-    model, images: np.ndarray, batch_size: int = 64, *, what: str = "scoring", bar: bool = False
+    model,
+    images: np.ndarray,
+    batch_size: int = 64,
+    *,
+    what: str = "scoring",
+    bar: bool = False,
+    views: int = 1,
 ) -> np.ndarray:
-    """images uint8 (N,224,224,3) -> melanoma probabilities float (N,); progress is logged as ``what``."""
+    """images uint8 (N,224,224,3) -> melanoma probabilities float (N,); progress is logged as ``what``.
+
+    ``views``: 1, or 8 for the mean over the dihedral views (:mod:`training.tta`); a run's
+    evaluation records which (:meth:`RunContext.views`).
+    """
     if len(images) == 0:
         return np.zeros((0,), np.float64)
     step = batch_size * PREDICT_BATCHES_PER_STEP
-    progress = Progress(len(images), what, log.info, bar=bar)
-    parts = []
-    for start in range(0, len(images), step):
-        parts.append(
-            model.predict(images[start : start + step], batch_size=batch_size, verbose=0).reshape(-1)
-        )
-        progress.advance(len(parts[-1]))
+    progress = Progress(len(images) * views, what, log.info, bar=bar)
+
+    def score(batch: np.ndarray) -> np.ndarray:
+        parts = []
+        for start in range(0, len(batch), step):
+            parts.append(
+                model.predict(batch[start : start + step], batch_size=batch_size, verbose=0).reshape(-1)
+            )
+            progress.advance(len(parts[-1]))
+        return np.concatenate(parts).astype(np.float64)
+
+    probabilities = mean_over_views(score, images, views)
     progress.close()
-    return np.concatenate(parts).astype(np.float64)
+    return probabilities
 
 
 def prediction_rows(
@@ -165,6 +181,14 @@ class RunContext:
             "source": "run (chosen on validation)",
         }
 
+    def views(self) -> int:
+        """The views each score averages (:mod:`training.tta`), as the run's evaluation scored validation.
+
+        1 for a bare model file, a run not evaluated yet, or one evaluated before views were recorded.
+        """
+        metrics = self._json("eval/metrics.json")
+        return int(metrics["scores"].get("views", 1)) if metrics else 1
+
     def site(self, name: str) -> dict:
         if self.run is None:
             raise ValueError(
@@ -256,7 +280,9 @@ def predict_folder(
     )
     if lesion_of is not None:
         _check_lesion_map(scored, lesion_of)  # before scoring: a missing lesion fails fast
-    probabilities = predict_probabilities(model, batch, what="predict: scoring", bar=bar)
+    probabilities = predict_probabilities(
+        model, batch, what="predict: scoring", bar=bar, views=context.views()
+    )
     model_name = model_name or str(model_uri)
     rows, columns = _prediction_table(scored, probabilities, threshold, lesion_of, model_name)
     shift = _check_shift(context, probabilities, threshold, out)

@@ -78,7 +78,7 @@ def _auroc(labels, scores) -> float:
 
 
 def _rescore_champion(version, processed_root: str, manifest: dict) -> float:
-    """The champion's validation AUROC on this manifest's validation split, with its own pooling."""
+    """The champion's validation AUROC on this manifest's validation split, with its own pooling and views."""
     from training.evaluation import decision_scores
     from training.model_io import load_model
     from training.predict import predict_probabilities
@@ -86,7 +86,10 @@ def _rescore_champion(version, processed_root: str, manifest: dict) -> float:
     model_uri = _verified_model_uri(version)
     val = load_split(open_storage(processed_root), manifest, ["val"])
     probabilities = predict_probabilities(
-        load_model(model_uri), val.images, what=f"promote: re-scoring champion v{version.version} on val"
+        load_model(model_uri),
+        val.images,
+        what=f"promote: re-scoring champion v{version.version} on val",
+        views=int(version.tags.get("views", "1")),  # versions registered before views: 1
     )
     ids = [r["image_id"] for r in val.records]
     scores = decision_scores(
@@ -133,6 +136,7 @@ def _register(client, run_id: str, run, payload: dict):
         "threshold": repr(float(payload["threshold"])),
         "strategy": payload["strategy"],
         "pooling": payload["pooling"],
+        "views": str(payload.get("views", 1)),
         "manifest_version": str(provenance.get("manifest_version", config.get("manifest_version"))),
         "backbone": str(config.get("backbone")),
     }

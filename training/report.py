@@ -1,13 +1,11 @@
 """One self-contained HTML report of a run: metrics with intervals, threshold, plots, Grad-CAM.
 
-The file must open anywhere (a laptop, an S3 console download, an e-mail attachment), so
-images are inlined as ``data:`` URIs, the CSS is inline, and nothing is fetched. A
-Content-Security-Policy meta tag forbids scripts and remote loads as a second line of
-defence; the first is that every string coming from data (image ids, diagnoses, subgroup
-values, set names, dict keys) goes through :func:`html.escape`.
+The file must open anywhere (a laptop, an S3 console download, an e-mail attachment), so images
+are inlined as ``data:`` URIs, the CSS is inline, and nothing is fetched. A Content-Security-Policy
+meta tag forbids scripts and remote loads as a second line of defence; the first is that every
+string from data (image ids, diagnoses, subgroup values, set names, keys) goes through html.escape.
 
-Inputs follow the documents written by :mod:`training.evaluation` (``metrics.json``) and
-:func:`training.gradcam.run_gradcam` (``gradcam_summary.json`` and its gallery).
+Inputs: :mod:`training.evaluation`'s ``metrics.json``, :func:`training.gradcam.run_gradcam`'s summary.
 """
 
 from __future__ import annotations
@@ -16,6 +14,8 @@ import base64
 import html
 import json
 from typing import Any, Iterable
+
+from training.tta import VIEWS_NOTE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVAL_PREFIX = "eval"
@@ -50,8 +50,6 @@ def _num(value: Any, digits: int = 3) -> str:
         return "&ndash;"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int):
-        return _e(value)
     if isinstance(value, float):
         return _e(f"{value:.{digits}f}")
     return _e(value)
@@ -202,13 +200,14 @@ def _external_section(metrics: dict) -> str:
 def _scores_note(metrics: dict) -> str:
     """What the scores are: per image, or pooled per lesion (then the per-image AUROC/AUPRC too)."""
     scores = metrics.get("scores") or {}
+    views = _e(VIEWS_NOTE[scores.get("views", 1)])
     if scores.get("pooling", "none") == "none":
-        return '<p class="note">Scores: each image on its own.</p>'
+        return f'<p class="note">Scores: each image on its own.{views}</p>'
     per_image = (scores.get("per_image") or {}).get("test") or {}
     return (
         f'<p class="note">Scores: {_e(scores.get("rule", scores.get("pooling")))}. Every number below uses '
         f"them, the threshold included. Per image, unpooled, test AUROC {_estimate(per_image.get('auroc'))}, "
-        f"AUPRC {_estimate(per_image.get('auprc'))}.</p>"
+        f"AUPRC {_estimate(per_image.get('auprc'))}.{views}</p>"
     )
 
 

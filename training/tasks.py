@@ -85,11 +85,13 @@ def _load_external(spec: str, colour_constancy: str, *, with_masks: bool = False
     return Shard(batch, stacked_masks, records), unscored
 
 
-def _external_rows(model, spec: str, colour_constancy: str) -> tuple[list[dict], list[dict]]:
+def _external_rows(model, spec: str, colour_constancy: str, views: int) -> tuple[list[dict], list[dict]]:
     """Prediction rows of an external drop, and its unscorable inputs (see :func:`_load_external`)."""
     shard, unscored = _load_external(spec, colour_constancy)
     drop_id = spec.rpartition("::")[2]
-    probabilities = predict_probabilities(model, shard.images, what=f"scoring external {drop_id}")
+    probabilities = predict_probabilities(
+        model, shard.images, what=f"scoring external {drop_id}", views=views
+    )
     return prediction_rows(shard.records, probabilities, split="external", source=drop_id), unscored
 
 
@@ -106,7 +108,7 @@ def external_focus_run(processed_root: str, run_root: str, spec: str, *, as_of: 
     shard, unscored = _load_external(
         spec, colour_constancy_of(manifest.get("preprocessing")), with_masks=True
     )
-    probabilities = predict_probabilities(model, shard.images)
+    probabilities = predict_probabilities(model, shard.images, views=metrics["scores"].get("views", 1))
     ids = [r["image_id"] for r in shard.records]
     scores = decision_scores(
         ids,
@@ -143,8 +145,13 @@ def evaluate_run(
     external: list[str] | None = None,
     pooling: str = "lesion",
     manifest_version: int | None = None,
+    test_time_augmentation: bool = False,
 ) -> dict:
     """Score val and test, choose the threshold on val, write eval/ and return the XCom payload.
+
+    With ``test_time_augmentation`` every probability is the mean over the image's 8 dihedral
+    views (:mod:`training.tta`), validation's included, so the threshold is chosen for such
+    scores; ``eval/metrics.json`` records it and the model's later scorers follow it.
 
     ``eval/predictions.csv`` keeps the model's per-image probabilities; with ``pooling="lesion"``
     the metrics, the threshold and Grad-CAM's outcomes use the lesion-pooled scores
@@ -153,17 +160,20 @@ def evaluate_run(
     storage, run = open_storage(processed_root), open_storage(run_root)
     manifest = require_manifest(storage, as_of=as_of, version=manifest_version)
     model = load_model(run.uri(MODEL_KEY))
+    views = 8 if test_time_augmentation else 1
     rows: list[dict] = []
     for split in ("val", "test"):
         shard = load_split(storage, manifest, [split])
-        probabilities = predict_probabilities(model, shard.images, what=f"evaluate: scoring {split}")
+        probabilities = predict_probabilities(
+            model, shard.images, what=f"evaluate: scoring {split}", views=views
+        )
         rows += prediction_rows(shard.records, probabilities, split=split)
     external_sets, unscored = {}, {}
     for spec in external or []:
         name = spec.rpartition("::")[2]
         # External images get the preprocessing the model's training data had.
         colour = colour_constancy_of(manifest.get("preprocessing"))
-        external_sets[name], unscored[name] = _external_rows(model, spec, colour)
+        external_sets[name], unscored[name] = _external_rows(model, spec, colour, views)
         rows += external_sets[name]
     run.write_bytes("eval/predictions.csv", rows_to_csv(rows))
     internal = [r for r in rows if r["split"] in ("val", "test")]
@@ -174,6 +184,7 @@ def evaluate_run(
         n_boot=n_boot,
         external=external_sets or None,
         pooling=pooling,
+        views=views,
     )
     metrics["manifest_version"] = manifest["version"]
     if unscored:
@@ -217,7 +228,12 @@ def calibrate_site_run(
     metrics = json.loads(run.read_bytes("eval/metrics.json"))
     pooling, strategy = metrics["scores"]["pooling"], strategy or metrics["threshold"]["strategy"]
     model = load_model(run.uri(MODEL_KEY))
-    rows, unscored = _external_rows(model, labelled_drop, colour_constancy_of(manifest.get("preprocessing")))
+    rows, unscored = _external_rows(
+        model,
+        labelled_drop,
+        colour_constancy_of(manifest.get("preprocessing")),
+        metrics["scores"].get("views", 1),  # validation's threshold was chosen on such scores
+    )
     if not rows:
         raise ValueError(f"{labelled_drop}: no scorable image ({len(unscored)} unscorable)")
     ids, lesions = [r["image_id"] for r in rows], [str(r["lesion_id"]) for r in rows]

@@ -201,7 +201,11 @@ def _record_evaluate(client, run_id: str, run, result: dict) -> None:
     values.update(_ci_metrics("test", metrics["test"]), threshold=choice["value"])
     for name, block in (metrics.get("external") or {}).items():
         values.update(_ci_metrics(f"external.{name}", block))
-    tags = {"threshold.strategy": choice["strategy"], "pooling": metrics["scores"]["pooling"]}
+    tags = {
+        "threshold.strategy": choice["strategy"],
+        "pooling": metrics["scores"]["pooling"],
+        "views": str(metrics["scores"].get("views", 1)),
+    }
     _log(client, run_id, metrics=values, tags=tags)
     plots = [key for key in run.list_keys("eval/") if key.endswith(".png")]
     _log_files(client, run_id, run, ["eval/metrics.json", *plots])
