@@ -430,6 +430,18 @@ def test_a_param_overrides_the_recipe_and_an_empty_one_takes_it(roots, serialize
     assert explicit["train_config"]["fine_tune_blocks"] == 11  # the rest still the recipe's
 
 
+def test_the_best_recipe_evaluates_with_test_time_augmentation_and_a_param_turns_it_off(roots):
+    from pipeline.training_tasks import training_args
+
+    best = resolve("manual", params={"recipe": "best"})
+    assert best["test_time_augmentation"] is True
+    assert "--test-time-augmentation" in training_args("evaluate", best)
+    off = resolve("manual", params={"recipe": "best", "test_time_augmentation": False})
+    assert "--test-time-augmentation" not in training_args("evaluate", off)
+    quick = resolve("manual", params={"recipe": "quick"})
+    assert "--test-time-augmentation" not in training_args("evaluate", quick)
+
+
 def test_an_unknown_recipe_is_refused(serialized_dag):
     from airflow.sdk.exceptions import ParamValidationError
 
