@@ -76,10 +76,10 @@ def training_args(step: str, run: dict, threshold: dict | None = None) -> list[s
             str(run["n_boot"]),
             "--pooling",
             run["score_pooling"],
+            # Runs recorded before the setting: off.
+            *(["--test-time-augmentation"] if run.get("test_time_augmentation") else []),
             *as_of,
         ]
-        if run.get("test_time_augmentation"):  # runs recorded before the setting: off
-            args.append("--test-time-augmentation")
         for external in run["external"]:
             args += ["--external", external]
         return args

@@ -337,7 +337,7 @@ def test_lesion_pooling_scores_every_image_by_its_lesion(dataset):
     )
     assert per_image["val"]["auprc"] == plain_doc["threshold"]["val"]["auprc"]
     assert pooled_doc["test"]["auroc"]["value"] != plain_doc["test"]["auroc"]["value"]
-    assert plain_doc["scores"] == {"pooling": "none", "rule": ev.POOLING_RULES["none"]}
+    assert plain_doc["scores"] == {"pooling": "none", "rule": ev.POOLING_RULES["none"], "views": 1}
     assert ev.xcom_payload(pooled_doc, "x")["pooling"] == "lesion"
 
 
