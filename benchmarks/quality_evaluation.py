@@ -12,6 +12,7 @@ from pathlib import Path
 from benchmarks.quality_common import RESULTS, SHARED, TARGET, WORK, log, rel, run_processed_root
 from benchmarks.quality_external import external_fields, external_specs
 from benchmarks.quality_report import write_markdown, write_results
+from training.tta import views_of
 
 
 def estimate(metrics: dict, name: str) -> dict:
@@ -61,7 +62,7 @@ def evaluation_fields(metrics: dict, focus: dict | None = None) -> dict:
         "sensitivity_ci": estimate(metrics, "sensitivity"),
         "specificity_ci": estimate(metrics, "specificity"),
         "pooling": scores["pooling"],
-        "views": scores.get("views", 1),
+        "views": views_of(metrics),
         "per_image": scores.get("per_image"),  # the unpooled figures when pooled
         "threshold_strategy": metrics["threshold"]["strategy"],
         "threshold_chosen_on": metrics["threshold"]["chosen_on"],

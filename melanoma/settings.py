@@ -118,7 +118,8 @@ DESCRIPTIONS = {
     "external_drops": "Drops under the raw root to report as external test sets.",
     "max_train_images": "Cap on training images, whole lesions (0 = all). For quick demo runs.",
     "recipe": "Named training recipe: best (the best single model measured: dx target, 11 fine-tuned "
-    "blocks, 4 augmented variants, phase 2 at 3e-4 with decay, 75 min, scores over 8 views); reference (the reference report: "
+    "blocks, 4 augmented variants, phase 2 at 3e-4 with decay, 75 min, scores over 8 views); "
+    "reference (the reference report: "
     "ResNet50, binary, Adam 1e-4 then 1e-5, class weights 0.5/28.5); quick (head only, the demo's). Params "
     "left empty take the recipe's value; a Param set here overrides it.",
     "backbone": "ImageNet backbone under the reference report's head.",

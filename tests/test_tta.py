@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.metrics import clipped_logits
-from training.tta import dihedral_view, mean_over_views
+from training.tta import dihedral_view, mean_over_views, views_of
 
 
 def images(n: int = 3, size: int = 6) -> np.ndarray:
@@ -52,3 +52,11 @@ def test_the_score_is_the_sigmoid_of_the_mean_logit_over_views():
     assert mean_over_views(mean_colour, x, 8) == pytest.approx(mean_colour(x))
     with pytest.raises(ValueError, match="views"):
         mean_over_views(top_left, x, 4)
+
+
+def test_a_runs_views_come_from_its_evaluation_and_default_to_one():
+    assert views_of({"scores": {"pooling": "lesion", "views": 8}}) == 8
+    # Evaluated before views were recorded, not evaluated yet, or a bare model file: one view.
+    assert views_of({"scores": {"pooling": "lesion"}}) == 1
+    assert views_of({}) == 1
+    assert views_of(None) == 1

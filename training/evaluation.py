@@ -25,7 +25,8 @@ cannot be computed. *binary* is the dict of :func:`training.metrics.binary_metri
 - ``schema_version``: 2 (2 added ``scores``).
 - ``scores``: ``{"pooling": "none" | "lesion", "rule", "views"}``: what every number below is
   computed on. ``views``: 1, or 8 when each image's probability is already the mean over its
-  dihedral views (:mod:`training.tta`; scorers of the model read it from here). ``"lesion"`` replaces each image's probability by its lesion's pooled score
+  dihedral views (:mod:`training.tta`; scorers of the model read it from here).
+  ``"lesion"`` replaces each image's probability by its lesion's pooled score
   (:func:`training.metrics.lesion_pooled_scores`, within each set) before the threshold is
   chosen and everything is measured; the rows stay one per image. With ``"lesion"`` it
   also holds ``per_image``: ``{"val": {"auroc", "auprc"}, "test": {"auroc", "auprc"}}``
@@ -72,7 +73,7 @@ from training import metrics as m
 from training.evaluation_external import external_set_block
 from training.evaluation_rows import partition_rows, row_counts, set_arrays
 from training.evaluation_set import estimate, evaluate_set, set_ranking, set_ranking_with_ci
-from training.tta import VIEWS
+from training.tta import VIEWS, views_of
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -335,7 +336,7 @@ def xcom_payload(metrics: dict, metrics_uri: str) -> dict:
         "target_sensitivity": choice["target_sensitivity"],
         "chosen_on": choice["chosen_on"],
         "pooling": metrics["scores"]["pooling"],
-        "views": metrics["scores"].get("views", 1),
+        "views": views_of(metrics),
         "val": {key: choice["val"][key] for key in ("sensitivity", "specificity")},
         "test": {key: test[key]["value"] for key in ("auroc", "auprc", "sensitivity", "specificity")},
         "metrics_uri": metrics_uri,

@@ -32,7 +32,7 @@ from training.lesion_focus import safe_name
 from training.metrics import lesion_pooled_scores
 from training.model_io import load_model
 from training.shift import load_site, score_shift
-from training.tta import mean_over_views
+from training.tta import mean_over_views, views_of
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ class RunContext:
 
         1 for a bare model file, a run not evaluated yet, or one evaluated before views were recorded.
         """
-        metrics = self._json("eval/metrics.json")
-        return int(metrics["scores"].get("views", 1)) if metrics else 1
+        return views_of(self._json("eval/metrics.json"))
 
     def site(self, name: str) -> dict:
         if self.run is None:

@@ -15,7 +15,7 @@ import html
 import json
 from typing import Any, Iterable
 
-from training.tta import VIEWS_NOTE
+from training.tta import VIEWS_NOTE, views_of
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVAL_PREFIX = "eval"
@@ -200,7 +200,7 @@ def _external_section(metrics: dict) -> str:
 def _scores_note(metrics: dict) -> str:
     """What the scores are: per image, or pooled per lesion (then the per-image AUROC/AUPRC too)."""
     scores = metrics.get("scores") or {}
-    views = _e(VIEWS_NOTE[scores.get("views", 1)])
+    views = _e(VIEWS_NOTE[views_of(metrics)])
     if scores.get("pooling", "none") == "none":
         return f'<p class="note">Scores: each image on its own.{views}</p>'
     per_image = (scores.get("per_image") or {}).get("test") or {}

@@ -30,6 +30,7 @@ from training.model_io import load_model
 from training.predict import MODEL_KEY, predict_probabilities, prediction_rows, rows_to_csv
 from training.report import build_report_from_run
 from training.shift import calibrate_site, save_site, score_shift, site_key
+from training.tta import views_of
 
 
 def _load_external(spec: str, colour_constancy: str, *, with_masks: bool = False):
@@ -108,7 +109,7 @@ def external_focus_run(processed_root: str, run_root: str, spec: str, *, as_of: 
     shard, unscored = _load_external(
         spec, colour_constancy_of(manifest.get("preprocessing")), with_masks=True
     )
-    probabilities = predict_probabilities(model, shard.images, views=metrics["scores"].get("views", 1))
+    probabilities = predict_probabilities(model, shard.images, views=views_of(metrics))
     ids = [r["image_id"] for r in shard.records]
     scores = decision_scores(
         ids,
@@ -232,7 +233,7 @@ def calibrate_site_run(
         model,
         labelled_drop,
         colour_constancy_of(manifest.get("preprocessing")),
-        metrics["scores"].get("views", 1),  # validation's threshold was chosen on such scores
+        views_of(metrics),  # validation's threshold was chosen on such scores
     )
     if not rows:
         raise ValueError(f"{labelled_drop}: no scorable image ({len(unscored)} unscorable)")

@@ -195,6 +195,8 @@ def _ci_metrics(prefix: str, block: dict) -> dict:
 
 
 def _record_evaluate(client, run_id: str, run, result: dict) -> None:
+    from training.tta import views_of  # numpy and scikit-learn: not at this module's import
+
     metrics = json.loads(run.read_bytes("eval/metrics.json"))
     choice = metrics["threshold"]
     values = {f"val.{k}": choice["val"].get(k) for k in ("auroc", "auprc", "sensitivity", "specificity")}
@@ -204,7 +206,7 @@ def _record_evaluate(client, run_id: str, run, result: dict) -> None:
     tags = {
         "threshold.strategy": choice["strategy"],
         "pooling": metrics["scores"]["pooling"],
-        "views": str(metrics["scores"].get("views", 1)),
+        "views": str(views_of(metrics)),
     }
     _log(client, run_id, metrics=values, tags=tags)
     plots = [key for key in run.list_keys("eval/") if key.endswith(".png")]

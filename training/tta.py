@@ -27,7 +27,7 @@ import numpy as np
 
 from training.metrics import clipped_logits
 
-__all__ = ["VIEWS", "VIEWS_NOTE", "dihedral_view", "mean_over_views"]
+__all__ = ["VIEWS", "VIEWS_NOTE", "dihedral_view", "mean_over_views", "views_of"]
 
 #: The score's views: 1 (the image as given) or 8 (the dihedral group).
 VIEWS = (1, 8)
@@ -37,6 +37,13 @@ VIEWS_NOTE = {
     8: " Each image's probability is the mean logit of its 8 dihedral views (rotations by quarter turns, "
     "mirrored or not: test-time augmentation); Grad-CAM explains the image as given.",
 }
+
+
+def views_of(metrics: dict | None) -> int:
+    """The views a run's scores average, from its ``eval/metrics.json`` (validation's threshold was
+    chosen on such scores, so every later scorer of the model follows them). 1 when there is no
+    evaluation, or for one recorded before views were (``scores`` without ``views``)."""
+    return int(((metrics or {}).get("scores") or {}).get("views", 1))
 
 
 def dihedral_view(images: np.ndarray, index: int) -> np.ndarray:
