@@ -87,6 +87,7 @@ RECIPE_FLAGS = (
     "train_augment",
     "train_colour_jitter",
     "train_random_crop",
+    "fine_tune_interpolation",
     "label_smoothing",
     "class_weight",
 )

@@ -140,6 +140,8 @@ DESCRIPTIONS = {
     "borders move, not only the melanoma copies').",
     "train_colour_jitter": "With train_augment: those draws also shift hue (+-8 degrees) and scale saturation "
     "(x0.75-1.25) and contrast (x0.8-1.25), to stand for other dermatoscopes.",
+    "fine_tune_interpolation": "Weight a of the fine-tuned model in the exported one: (1 - a) x phase 1's "
+    "weights + a x phase 2's (WiSE-FT, training/weight_interpolation.py); 1: the fine-tuned model as it is.",
     "train_random_crop": "With train_augment: those draws crop a random box (half to all of the image's "
     "area, width/height 3/4-4/3, anywhere) and stretch it to the image instead of zooming about the centre.",
     "learning_rate": "Phase 1 (head) Adam learning rate; the reference report's 1e-4.",
@@ -208,6 +210,8 @@ SETTINGS: dict[str, Setting] = {
            param=False),
         _s("train_random_crop", False, "Random resized crops", TRAINING, {"type": "boolean"}, train=bool,
            param=False),
+        _s("fine_tune_interpolation", 1.0, "Fine-tuned weight share", TRAINING, _number(low=0, high=1),
+           train=float, param=False),
         _s("learning_rate", 1e-4, "Learning rate (phase 1)", TRAINING, _number(above=0, high=0.1),
            train=float, recipe=True),
         _s("fine_tune_learning_rate", 1e-5, "Learning rate (phase 2)", TRAINING, _number(above=0, high=0.1),

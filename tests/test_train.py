@@ -600,3 +600,57 @@ def test_smoothed_sparse_crossentropy_is_the_cross_entropy_against_smoothed_targ
     np.testing.assert_allclose(
         np.asarray(smoothed_sparse_crossentropy(0.0, 7)(labels, logits)), np.asarray(plain), rtol=1e-5
     )
+
+
+def test_weight_interpolation_mixes_two_ends_of_one_architecture():
+    from training.weight_interpolation import interpolate_weights
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.BatchNormalization()])
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()]
+    end = [rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()]
+    for alpha in (0.0, 0.25, 1.0):
+        interpolate_weights(model, start, end, alpha)
+        for got, s, e in zip(model.get_weights(), start, end):
+            np.testing.assert_allclose(got, (1 - alpha) * s + alpha * e, rtol=1e-6)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        interpolate_weights(model, start, end, 1.5)
+    with pytest.raises(ValueError, match="not one architecture"):
+        interpolate_weights(model, start[:-1], end, 0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        interpolate_weights(model, [w.T for w in start], end, 0.5)
+
+
+def test_fine_tune_interpolation_is_checked():
+    with pytest.raises(ValueError, match="fine_tune_interpolation must be in"):
+        TrainConfig("p", "r", fine_tune_epochs=2, fine_tune_interpolation=1.2)
+    with pytest.raises(ValueError, match="needs fine_tune_epochs"):
+        TrainConfig("p", "r", fine_tune_epochs=0, fine_tune_interpolation=0.5)
+
+
+@pytest.mark.slow
+def test_the_exported_model_interpolates_phase_1_and_phase_2_weights(processed_root, tmp_path):
+    from training.model_io import load_model, load_weights_bytes
+
+    run_root = str(tmp_path / "run")
+    config = dict(
+        epochs=2, fine_tune_epochs=2, fine_tune_blocks=1, limit_train=60, fine_tune_learning_rate=1e-3
+    )
+    run_training(TrainConfig(processed_root, run_root, fine_tune_interpolation=0.5, **config))
+    run = open_storage(run_root)
+    exported = load_model(run.uri("model/model.keras"))
+    ends = {}
+    for phase in (1, 2):
+        load_weights_bytes(exported, run.read_bytes(f"{CHECKPOINTS}/phase{phase}-final.weights.h5"))
+        ends[phase] = exported.get_weights()
+    moved = [i for i, (a, b) in enumerate(zip(ends[1], ends[2])) if not np.array_equal(a, b)]
+    assert moved, "phase 2 changed no weight: nothing to interpolate"
+    got = load_model(run.uri("model/model.keras")).get_weights()
+    for a, b, w in zip(ends[1], ends[2], got):
+        np.testing.assert_allclose(w, 0.5 * a + 0.5 * b, rtol=1e-5, atol=1e-6)
+    assert json.loads(run.read_bytes("model/provenance.json"))["fine_tune_interpolation"] == 0.5
+
+    # Applied at export: the finished run exported again with 1 is phase 2's model itself.
+    run_training(TrainConfig(processed_root, run_root, **config))
+    for b, w in zip(ends[2], load_model(run.uri("model/model.keras")).get_weights()):
+        np.testing.assert_array_equal(w, b)

@@ -57,6 +57,9 @@ class TrainConfig:
     # With train_augment: those draws crop a random box (melanoma.augment.RANDOM_CROP) instead of
     # zooming about the centre, so lesions appear at other scales, places and aspect ratios.
     train_random_crop: bool = D["train_random_crop"]
+    # The exported weights: (1 - a) * phase 1's + a * phase 2's (training.weight_interpolation);
+    # 1 exports the fine-tuned model as it is. Applied at export, so a finished run can change it.
+    fine_tune_interpolation: float = D["fine_tune_interpolation"]
     seed: int = 0
     # Members of an ensemble (1: one model). Member k is a full run with seed + k under
     # <run_root>/members/seed-<seed + k>/; model/model.keras averages their logits.
@@ -101,6 +104,12 @@ class TrainConfig:
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
         if not 1 <= self.ensemble_size <= 10:
             raise ValueError(f"ensemble_size must be in [1, 10], got {self.ensemble_size}")
+        if not 0.0 <= self.fine_tune_interpolation <= 1.0:
+            raise ValueError(f"fine_tune_interpolation must be in [0, 1], got {self.fine_tune_interpolation}")
+        if self.fine_tune_interpolation < 1.0 and self.fine_tune_epochs == 0:
+            raise ValueError(
+                "fine_tune_interpolation mixes phase 1's and phase 2's weights: it needs fine_tune_epochs"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.batch_size < 1 or self.epochs < 0 or self.fine_tune_epochs < 0 or self.patience < 1:

@@ -25,10 +25,13 @@ scikit-learn), stop early on it (patience 10 by default) and restore the best we
 starts from phase 1's weights and keeps them if no fine-tuning epoch beats them. After every
 epoch the trained weights, the optimizer state and the early-stopping state go to
 ``<run_root>/model/checkpoints/``; a rerun of the same run continues from the next epoch.
+With ``fine_tune_interpolation`` a < 1 the exported weights are (1 - a) x phase 1's + a x phase
+2's (:mod:`training.weight_interpolation`).
 
 The parts live in their own modules: :mod:`training.config` (settings),
 :mod:`training.checkpoints`, :mod:`training.activation_cache`, :mod:`training.variants`,
-:mod:`training.phases` and :mod:`training.cpu_turns`; this one runs them in order.
+:mod:`training.phases`, :mod:`training.weight_interpolation` and :mod:`training.cpu_turns`; this
+one runs them in order.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from training.ensemble import build_ensemble
 from training.model import build_classifier, weights_provenance
 from training.model_io import load_model, load_weights_bytes, save_model
 from training.phases import train_phase1, train_phase2
+from training.weight_interpolation import interpolate_weights
 
 # TrainConfig and CpuTurns are also imported from here by the DAG's tests and the benchmarks.
 __all__ = ["CpuTurns", "TrainConfig", "run_ensemble_training", "run_training"]
@@ -142,6 +146,14 @@ def _train_phases(
     return history, stop_reason, cache_seconds
 
 
+def _interpolate_with_phase1(model, run: Storage, alpha: float) -> None:
+    """The model (phase 2's best weights) moved to (1 - alpha) * phase 1's final weights + alpha * its own."""
+    end = model.get_weights()
+    load_weights_bytes(model, run.read_bytes(f"{CHECKPOINTS}/phase1-final.weights.h5"))
+    interpolate_weights(model, model.get_weights(), end, alpha)
+    log.info("exported weights: %.2f x phase 2's + %.2f x phase 1's (WiSE-FT)", alpha, 1.0 - alpha)
+
+
 def _export(
     model, cfg: TrainConfig, run: Storage, manifest: dict, train: SplitArrays, val: SplitArrays, history: dict
 ) -> dict:
@@ -160,6 +172,7 @@ def _export(
                 "train_images": len(train),
                 "val_images": len(val),
                 "target": cfg.target,
+                "fine_tune_interpolation": cfg.fine_tune_interpolation,
                 "classes": list(DX_CLASSES) if cfg.target == "dx" else ["other", "melanoma"],
             },
             indent=2,
@@ -197,6 +210,8 @@ def run_training(cfg: TrainConfig) -> dict:
     history, stop_reason, cache_seconds = _train_phases(
         model, cfg, run, storage, manifest, train, val, weights, _resume_state(cfg, run), deadline
     )
+    if cfg.fine_tune_interpolation < 1.0:
+        _interpolate_with_phase1(model, run, cfg.fine_tune_interpolation)
     provenance = _export(model, cfg, run, manifest, train, val, history)
     best = {phase: max(h.get("val_auroc", [float("nan")]) or [float("nan")]) for phase, h in history.items()}
     return {
