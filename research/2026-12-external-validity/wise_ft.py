@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quality_common import WORK  # noqa: E402
 from benchmarks.quality_evaluation import evaluate, evaluation_fields  # noqa: E402
 from benchmarks.quality_external import EXTERNAL_DROPS  # noqa: E402
+from melanoma.settings import SETTINGS  # noqa: E402
 from training.checkpoints import CHECKPOINTS  # noqa: E402
 from training.model_io import load_model, load_weights_bytes, save_model  # noqa: E402
 from training.weight_interpolation import interpolate_weights  # noqa: E402
@@ -75,8 +76,8 @@ def main() -> None:
     runs = interpolated_runs(args.name)
     evaluation = argparse.Namespace(
         external="none" if args.stage == "choose" else EXTERNAL_DROPS,
-        n_boot=1000,
-        pooling="lesion",
+        n_boot=SETTINGS["n_boot"].default,
+        pooling=SETTINGS["score_pooling"].default,
         test_time_augmentation=False,
     )
     results = {}
