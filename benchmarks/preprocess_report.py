@@ -12,8 +12,8 @@ from pathlib import Path
 
 import cv2
 
-from benchmarks.machine_info import cpu_model
 from melanoma.spark_settings import DRIVER_JAVA_OPTIONS
+from training.machine import cpu_model
 
 TARGET_IMAGES_PER_S = 300
 TARGET_SPEEDUP = 1.7

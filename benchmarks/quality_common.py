@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-from benchmarks.machine_info import cpu_model, cpu_vector_flags, numerics_fingerprint
+from training.machine import numerics
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MELANOMA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -66,13 +66,10 @@ def machine() -> dict:
     import tensorflow as tf
 
     return {
-        "cpu": cpu_model(),
-        "cpu_vector_flags": cpu_vector_flags(),
+        **numerics(),
         "cores": os.cpu_count(),
         "gpu": bool(tf.config.list_physical_devices("GPU")),
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "platform": platform.platform(),
-        "numerics_fingerprint": numerics_fingerprint(),
     }

@@ -30,6 +30,7 @@ from melanoma.storage import open_storage  # noqa: E402
 from training.checkpoints import CHECKPOINTS, check_resumable, read_state  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import DX_CLASSES, class_weights, load_arrays, target_class_weights  # noqa: E402
+from training.machine import numerics_fingerprint  # noqa: E402
 from training.model import fine_tune_cut  # noqa: E402
 from training.train import run_training  # noqa: E402
 from training.variants import epoch_order, train_variant  # noqa: E402
@@ -334,6 +335,7 @@ def test_training_end_to_end_writes_artifacts(processed_root, tmp_path):
     provenance = json.loads(run.read_bytes("model/provenance.json"))
     assert provenance["weights"] == "imagenet" and len(provenance["weights_sha256"]) == 64
     assert provenance["classes"] == list(DX_CLASSES)
+    assert provenance["machine"]["numerics_fingerprint"] == numerics_fingerprint()
     assert result["epochs_run"] == {"phase1": 4, "phase2": 2}
     state = read_state(run)
     assert state["phase"] == 2 and state["done"]

@@ -51,6 +51,7 @@ from training.config import TrainConfig
 from training.cpu_turns import CpuTurns
 from training.data import DX_CLASSES, SplitArrays, class_weights, load_arrays, target_class_weights
 from training.ensemble import build_ensemble
+from training.machine import numerics
 from training.model import build_classifier, weights_provenance
 from training.model_io import load_model, load_weights_bytes, save_model
 from training.phases import train_phase1, train_phase2
@@ -173,6 +174,7 @@ def _export(
                 "val_images": len(val),
                 "target": cfg.target,
                 "fine_tune_interpolation": cfg.fine_tune_interpolation,
+                "machine": numerics(),
                 "classes": list(DX_CLASSES) if cfg.target == "dx" else ["other", "melanoma"],
             },
             indent=2,

@@ -1,4 +1,4 @@
-"""What the benchmarks record about their machine: its vector extensions and numerics fingerprint."""
+"""What a run records about its machine: the vector extensions and the numerics fingerprint."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from benchmarks.machine_info import VECTOR_FLAGS, cpu_vector_flags, numerics_fingerprint
 from tests.fresh_python import run_python
+from training.machine import VECTOR_FLAGS, cpu_vector_flags, numerics_fingerprint
 
-FINGERPRINT = "from benchmarks.machine_info import numerics_fingerprint; print(numerics_fingerprint())"
+FINGERPRINT = "from training.machine import numerics_fingerprint; print(numerics_fingerprint())"
 
 
 def test_vector_flags_are_known_ones_in_order():

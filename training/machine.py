@@ -1,4 +1,9 @@
-"""What the benchmarks record about the machine they ran on (shared by the bench_* scripts)."""
+"""The machine a model was trained or measured on, as far as it decides the numbers.
+
+Recorded in each run's ``provenance.json`` and by the benchmarks: the same code, data and seed
+train bit for bit alike on machines whose arithmetic agrees (:func:`numerics_fingerprint`), and may
+part from the first epoch on where it does not.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import contextlib
 import hashlib
 import platform
 from pathlib import Path
+
+__all__ = ["VECTOR_FLAGS", "cpu_model", "cpu_vector_flags", "numerics", "numerics_fingerprint"]
 
 #: The vector extensions that decide which kernels TensorFlow's CPU code runs (and so how it rounds).
 VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -51,3 +58,15 @@ def numerics_fingerprint() -> str:
     y = tf.nn.relu6(tf.nn.depthwise_conv2d(y, depthwise, strides=[1, 1, 1, 1], padding="SAME"))
     y = tf.matmul(tf.reduce_mean(y, axis=[1, 2]), dense)
     return hashlib.sha256(y.numpy().tobytes()).hexdigest()[:16]
+
+
+def numerics() -> dict:
+    """What a run's provenance records about the machine's arithmetic."""
+    import tensorflow as tf
+
+    return {
+        "cpu": cpu_model(),
+        "cpu_vector_flags": cpu_vector_flags(),
+        "tensorflow": tf.__version__,
+        "numerics_fingerprint": numerics_fingerprint(),
+    }
