@@ -87,13 +87,27 @@ def external_target_lines(r: dict) -> list[str]:
     ]
 
 
+def command_line(r: dict) -> str:
+    """The command, date and machine of a result; its vector extensions and numerics fingerprint where
+    recorded (results before 2026-12-03 lack them): equal fingerprints train alike."""
+    m = r["machine"]
+    arithmetic = (
+        f"; {'/'.join(m['cpu_vector_flags']) or 'no AVX'}, numerics fingerprint {m['numerics_fingerprint']}"
+        if "numerics_fingerprint" in m
+        else ""
+    )
+    return (
+        f"Command: `{r['command']}` — {r['date']}, {m['cpu']}, {m['cores']} cores, no GPU "
+        f"(TensorFlow {m['tensorflow']}, Keras {m['keras']}{arithmetic})."
+    )
+
+
 def write_ensemble_markdown(result: dict, path: Path) -> None:
     r = result
     lines = [
         "## Model quality (HAM10000, ensemble of EfficientNet-Lite0 runs, CPU)",
         "",
-        f"Command: `{r['command']}` — {r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, no GPU "
-        f"(TensorFlow {r['machine']['tensorflow']}, Keras {r['machine']['keras']}).",
+        command_line(r),
         "",
         f"One model averaging the melanoma logits of {len(r['ensemble_of'])} bench-quality runs (the model a run with "
         f"`ensemble_size={len(r['ensemble_of'])}` exports). Lesion-grouped split: {r['counts']['train']} train images "
@@ -159,8 +173,7 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         f"## Model quality (HAM10000, {VARIANTS[s.get('backbone', 'efficientnet_lite0')].title}, CPU)",
         "",
-        f"Command: `{r['command']}` — {r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, no GPU "
-        f"(TensorFlow {r['machine']['tensorflow']}, Keras {r['machine']['keras']}).",
+        command_line(r),
         "",
         f"Data: all of HAM10000 through the Spark jobs ({'reused' if r['preprocess']['reused'] else 'run'}: "
         f"{r['preprocess']['seconds']:.0f} s), lesion-grouped split: {r['counts']['train']} train images "
