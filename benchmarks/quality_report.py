@@ -92,7 +92,7 @@ def command_line(r: dict) -> str:
     recorded (results before 2026-12-03 lack them): equal fingerprints train alike."""
     m = r["machine"]
     arithmetic = (
-        f"; {'/'.join(m['cpu_vector_flags']) or 'no AVX'}, numerics fingerprint {m['numerics_fingerprint']}"
+        f"; {'/'.join(m['cpu_vector_flags']) or 'no vector extensions listed'}, numerics fingerprint {m['numerics_fingerprint']}"
         if "numerics_fingerprint" in m
         else ""
     )

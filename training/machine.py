@@ -18,23 +18,24 @@ __all__ = ["VECTOR_FLAGS", "cpu_model", "cpu_vector_flags", "numerics", "numeric
 VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (e.g. "AMD EPYC"), else what ``platform`` knows."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` of /proc/cpuinfo, None where it is missing or cannot be read."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (e.g. "AMD EPYC"), else what ``platform`` knows."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_vector_flags() -> list[str]:
     """Which of :data:`VECTOR_FLAGS` /proc/cpuinfo lists (empty where it cannot be read)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [flag for flag in VECTOR_FLAGS if flag in present]
-    return []
+    present = set((_cpuinfo("flags") or "").split())
+    return [flag for flag in VECTOR_FLAGS if flag in present]
 
 
 def numerics_fingerprint() -> str:
