@@ -10,7 +10,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-fast test-stack test-chaos lint bench-preprocess bench-quality bench-gradcam clean
+.PHONY: venv demo test test-fast test-stack stack-images test-chaos lint bench-preprocess bench-quality bench-gradcam clean
 
 venv: $(STAMP)
 
@@ -32,11 +32,17 @@ test: venv
 # missing (as root), builds local stand-ins for the public base images, then the project's images,
 # runs the DAG in `docker compose`, and tears everything down. .ci/run runs it after `make test`.
 test-stack: venv
+	$(MAKE) --no-print-directory stack-images && $(PY) -m pytest -q -rs -m stack tests/test_stack.py; \
+		status=$$?; bash docker/local/engine.sh stop; exit $$status
+
+# What test-stack needs before its test: the engine, the base-image stand-ins, a browser for the UI
+# test and the project's images (each step keeps what is already there). CI runs it beside `make test`.
+stack-images: venv
 	bash docker/local/engine.sh
 	bash docker/local/base-images.sh
 	command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null)
-	$(PY) -m pytest -q -rs -m stack tests/test_stack.py; status=$$?; bash docker/local/engine.sh stop; exit $$status
+	$(PY) tests/stack_compose.py build
 
 # Fault injection into real runs (tests/test_chaos.py, also part of `make test`): object store down
 # and frozen (moto behind a proxy), training killed, Spark worker killed, disk full (a tmpfs, root).
