@@ -18,7 +18,10 @@ def member_summary(run_root: Path) -> dict:
     """Training figures of one finished run, from its own files."""
     config = json.loads((run_root / "model" / "config.json").read_text())
     history = json.loads((run_root / "model" / "history.json").read_text())
-    state = json.loads((run_root / "model" / "checkpoints" / "state.json").read_text())
+    # The checkpoints (GBs of cached activations) are a training-time folder a user may prune once
+    # the run is finished; only the stop reason lives there, so a pruned member says it is unknown.
+    state_path = run_root / "model" / "checkpoints" / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
     phases = {}
     for phase, h in history.items():
         seconds = h.get("epoch_seconds", [])
@@ -37,7 +40,7 @@ def member_summary(run_root: Path) -> dict:
         "train_augment": config.get("train_augment", False),
         "budget_seconds": config.get("max_train_seconds"),
         "phases": phases,
-        "phase2_stop_reason": state.get("stop_reason"),
+        "phase2_stop_reason": state.get("stop_reason", "not recorded: checkpoints pruned"),
     }
 
 
