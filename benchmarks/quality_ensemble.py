@@ -21,7 +21,10 @@ def member_summary(run_root: Path) -> dict:
     # The checkpoints (GBs of cached activations) are a training-time folder a user may prune once
     # the run is finished; only the stop reason lives there, so a pruned member says it is unknown.
     state_path = run_root / "model" / "checkpoints" / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state_path.exists():
+        stop_reason = json.loads(state_path.read_text()).get("stop_reason")
+    else:
+        stop_reason = "not recorded: checkpoints pruned"
     phases = {}
     for phase, h in history.items():
         seconds = h.get("epoch_seconds", [])
@@ -40,7 +43,7 @@ def member_summary(run_root: Path) -> dict:
         "train_augment": config.get("train_augment", False),
         "budget_seconds": config.get("max_train_seconds"),
         "phases": phases,
-        "phase2_stop_reason": state.get("stop_reason", "not recorded: checkpoints pruned"),
+        "phase2_stop_reason": stop_reason,
     }
 
 
