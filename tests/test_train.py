@@ -32,7 +32,7 @@ from training.config import TrainConfig  # noqa: E402
 from training.data import DX_CLASSES, class_weights, load_arrays, target_class_weights  # noqa: E402
 from training.machine import numerics_fingerprint  # noqa: E402
 from training.model import fine_tune_cut  # noqa: E402
-from training.train import run_training  # noqa: E402
+from training.train import ensemble_members, run_training  # noqa: E402
 from training.variants import epoch_order, train_variant  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -570,6 +570,62 @@ def test_ensemble_training_trains_each_seed_and_exports_their_average(processed_
     assert {name: m["epochs_run"] for name, m in again["members"].items()} == {
         name: m["epochs_run"] for name, m in result["members"].items()
     }
+
+
+def test_colour_mixed_ensemble_trains_each_seed_with_and_without_jitter():
+    cfg = TrainConfig(
+        "p", "r", train_flips=2, train_augment=True, ensemble_size=2, ensemble_colour_mix=True, seed=4
+    )
+    members = ensemble_members(cfg)
+    assert [name for name, _ in members] == ["seed-4", "seed-5", "seed-4-jitter", "seed-5-jitter"]
+    assert [(m.seed, m.train_colour_jitter) for _, m in members] == [
+        (4, False),
+        (5, False),
+        (4, True),
+        (5, True),
+    ]
+    assert all(m.ensemble_size == 1 and not m.ensemble_colour_mix for _, m in members)
+    plain = TrainConfig(
+        "p", "r", train_flips=2, train_augment=True, train_colour_jitter=True, ensemble_size=2
+    )
+    assert [(name, m.train_colour_jitter) for name, m in ensemble_members(plain)] == [
+        ("seed-0", True),
+        ("seed-1", True),
+    ]
+    with pytest.raises(ValueError, match="ensemble_colour_mix"):
+        TrainConfig("p", "r", ensemble_colour_mix=True)  # no train_augment draws to jitter
+    with pytest.raises(ValueError, match="ensemble_colour_mix"):
+        TrainConfig("p", "r", train_augment=True, train_colour_jitter=True, ensemble_colour_mix=True)
+
+
+@pytest.mark.slow
+def test_colour_mixed_ensemble_exports_a_plain_and_a_jittered_member(processed_root, tmp_path):
+    run_root = str(tmp_path / "run")
+    config = TrainConfig(
+        processed_root,
+        run_root,
+        epochs=2,
+        limit_train=60,
+        train_flips=2,
+        train_augment=True,
+        ensemble_colour_mix=True,
+        seed=3,
+    )
+    result = run_training(config)
+    assert sorted(result["members"]) == ["seed-3", "seed-3-jitter"] and result["ensemble_colour_mix"]
+    run = open_storage(run_root)
+    jitter_drawn = {}
+    for name in ("seed-3", "seed-3-jitter"):
+        metas = [
+            json.loads(run.read_bytes(key))
+            for key in run.list_keys(f"members/{name}/{CHECKPOINTS}")
+            if "/features-train-aug1-" in key and key.endswith(".json")
+        ]
+        assert metas and all(meta["augment"]["seed"] == 3 for meta in metas)
+        jitter_drawn[name] = {meta["augment"].get("colour_jitter", False) for meta in metas}
+    assert jitter_drawn == {"seed-3": {False}, "seed-3-jitter": {True}}
+    provenance = json.loads(run.read_bytes("model/provenance.json"))
+    assert sorted(provenance["ensemble_of"]) == ["seed-3", "seed-3-jitter"]
 
 
 def test_ensemble_size_is_checked():

@@ -64,6 +64,9 @@ class TrainConfig:
     # Members of an ensemble (1: one model). Member k is a full run with seed + k under
     # <run_root>/members/seed-<seed + k>/; model/model.keras averages their logits.
     ensemble_size: int = D["ensemble_size"]
+    # Each of those seeds also trained with train_colour_jitter on, under seed-<s>-jitter/: 2n
+    # members. The jitter buys other devices' images with HAM's own (issue #24); a mix holds both.
+    ensemble_colour_mix: bool = D["ensemble_colour_mix"]
     # Wall-clock budget of the whole run_training call: no new epoch starts when the mean epoch
     # so far would not fit in what is left (None: no limit). The state records the stop.
     max_train_seconds: float | None = D["max_train_seconds"]
@@ -102,6 +105,11 @@ class TrainConfig:
             raise ValueError("train_random_crop crops the train_augment draws: it needs train_augment on")
         if self.cache_dtype not in ("float16", "float32"):
             raise ValueError(f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}")
+        if self.ensemble_colour_mix and (self.train_colour_jitter or not self.train_augment):
+            raise ValueError(
+                "ensemble_colour_mix trains each seed with and without colour jitter: it needs "
+                "train_augment on and train_colour_jitter off"
+            )
         if not 1 <= self.ensemble_size <= 10:
             raise ValueError(f"ensemble_size must be in [1, 10], got {self.ensemble_size}")
         if not 0.0 <= self.fine_tune_interpolation <= 1.0:

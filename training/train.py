@@ -58,7 +58,7 @@ from training.phases import train_phase1, train_phase2
 from training.weight_interpolation import interpolate_weights
 
 # TrainConfig and CpuTurns are also imported from here by the DAG's tests and the benchmarks.
-__all__ = ["CpuTurns", "TrainConfig", "run_ensemble_training", "run_training"]
+__all__ = ["CpuTurns", "TrainConfig", "ensemble_members", "run_ensemble_training", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _export(
 
 def run_training(cfg: TrainConfig) -> dict:
     """Train (or resume) one run; writes model.keras, history.json, config.json, provenance.json."""
-    if cfg.ensemble_size > 1:
+    if cfg.ensemble_size > 1 or cfg.ensemble_colour_mix:
         return run_ensemble_training(cfg)
     started = time.perf_counter()
     keras.utils.set_random_seed(cfg.seed)
@@ -231,43 +231,47 @@ def run_training(cfg: TrainConfig) -> dict:
     }
 
 
-def run_ensemble_training(cfg: TrainConfig) -> dict:
-    """Train (or resume) ``cfg.ensemble_size`` members, then export their ensemble.
+def ensemble_members(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """(name, config) of each member: seeds ``seed..seed+n-1`` (``seed-<s>``), then with
+    ``ensemble_colour_mix`` the same seeds again with colour jitter on (``seed-<s>-jitter``)."""
+    plain = [
+        (f"seed-{cfg.seed + k}", cfg.seed + k, cfg.train_colour_jitter) for k in range(cfg.ensemble_size)
+    ]
+    jittered = [(f"{name}-jitter", seed, True) for name, seed, _ in plain] if cfg.ensemble_colour_mix else []
+    return [
+        (
+            name,
+            dataclasses.replace(
+                cfg, seed=seed, train_colour_jitter=jitter, ensemble_size=1, ensemble_colour_mix=False
+            ),
+        )
+        for name, seed, jitter in plain + jittered
+    ]
 
-    Member k is :func:`run_training` with ``seed + k`` under ``<run_root>/members/seed-<seed + k>``
-    (each resumes on its own); a time budget is shared out as the members go (each gets an
-    equal share of what is left). ``model/model.keras`` is :func:`training.ensemble.build_ensemble`
-    of the members; ``model/history.json`` and ``provenance.json`` list them.
+
+def run_ensemble_training(cfg: TrainConfig) -> dict:
+    """Train (or resume) every member of :func:`ensemble_members`, then export their ensemble.
+
+    Each member is :func:`run_training` under ``<run_root>/members/<name>`` (each resumes on its
+    own); a time budget is shared out as the members go (each gets an equal share of what is
+    left). ``model/model.keras`` is :func:`training.ensemble.build_ensemble` of the members;
+    ``model/history.json`` and ``provenance.json`` list them.
     """
     started = time.perf_counter()
     run = open_storage(cfg.run_root)
+    specs = ensemble_members(cfg)
     members = []
-    for index in range(cfg.ensemble_size):
+    for index, (name, spec) in enumerate(specs):
         budget = None
         if cfg.max_train_seconds:
-            budget = max(0.0, cfg.max_train_seconds - (time.perf_counter() - started)) / (
-                cfg.ensemble_size - index
-            )
-        seed = cfg.seed + index
-        member_cfg = dataclasses.replace(
-            cfg,
-            run_root=run.uri(f"members/seed-{seed}"),
-            seed=seed,
-            ensemble_size=1,
-            max_train_seconds=budget,
-        )
-        log.info(
-            "ensemble member %d/%d (seed %d) under %s",
-            index + 1,
-            cfg.ensemble_size,
-            seed,
-            member_cfg.run_root,
-        )
+            budget = max(0.0, cfg.max_train_seconds - (time.perf_counter() - started)) / (len(specs) - index)
+        member_cfg = dataclasses.replace(spec, run_root=run.uri(f"members/{name}"), max_train_seconds=budget)
+        log.info("ensemble member %d/%d (%s) under %s", index + 1, len(specs), name, member_cfg.run_root)
         members.append(run_training(member_cfg))
     save_model(
         build_ensemble([load_model(member["model_uri"]) for member in members]), run, "model/model.keras"
     )
-    by_member = {f"seed-{cfg.seed + index}": member for index, member in enumerate(members)}
+    by_member = {name: member for (name, _), member in zip(specs, members)}
     run.write_bytes("model/config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str).encode())
     run.write_bytes(
         "model/history.json",
@@ -289,6 +293,7 @@ def run_ensemble_training(cfg: TrainConfig) -> dict:
         "backbone": cfg.backbone,
         "target": cfg.target,
         "ensemble_size": cfg.ensemble_size,
+        "ensemble_colour_mix": cfg.ensemble_colour_mix,
         "members": {
             name: {
                 key: member[key]
