@@ -480,19 +480,13 @@ def test_a_run_stopped_by_its_time_budget_continues_only_when_asked(processed_ro
     assert read_state(open_storage(run_root))["stop_reason"] == "epochs done"
 
 
+#: A small run whose second training variant is an augment draw (seed 3).
+SMALL_AUGMENTED = dict(epochs=2, limit_train=60, train_flips=2, train_augment=True, seed=3)
+
+
 def test_augmented_training_variants_are_cached_once_per_variant(processed_root, tmp_path):
     run_root = str(tmp_path / "run")
-    config = TrainConfig(
-        processed_root,
-        run_root,
-        epochs=2,
-        fine_tune_epochs=1,
-        fine_tune_blocks=1,
-        limit_train=60,
-        train_flips=2,
-        train_augment=True,
-        seed=3,
-    )
+    config = TrainConfig(processed_root, run_root, fine_tune_epochs=1, fine_tune_blocks=1, **SMALL_AUGMENTED)
     result = run_training(config)
     assert result["epochs_run"] == {"phase1": 2, "phase2": 1}
     run = open_storage(run_root)
@@ -601,17 +595,7 @@ def test_colour_mixed_ensemble_trains_each_seed_with_and_without_jitter():
 @pytest.mark.slow
 def test_colour_mixed_ensemble_exports_a_plain_and_a_jittered_member(processed_root, tmp_path):
     run_root = str(tmp_path / "run")
-    config = TrainConfig(
-        processed_root,
-        run_root,
-        epochs=2,
-        limit_train=60,
-        train_flips=2,
-        train_augment=True,
-        ensemble_colour_mix=True,
-        seed=3,
-    )
-    result = run_training(config)
+    result = run_training(TrainConfig(processed_root, run_root, ensemble_colour_mix=True, **SMALL_AUGMENTED))
     assert sorted(result["members"]) == ["seed-3", "seed-3-jitter"] and result["ensemble_colour_mix"]
     run = open_storage(run_root)
     jitter_drawn = {}
