@@ -129,8 +129,8 @@ DESCRIPTIONS = {
     "ensemble_size": "Models trained with seeds seed..seed+n-1; the exported model averages their melanoma "
     "logits (Grad-CAM explains the average). n times the training time.",
     "ensemble_colour_mix": "With train_augment: each of the ensemble's n seeds is trained twice, without and "
-    "with train_colour_jitter (2n members, 2n times the training time). Off: it costs HAM validation 0.007 "
-    "AUROC and gives PH² 0.861 / sensitivity 0.70 (README, Other clinics).",
+    "with train_colour_jitter (2n members, 2n times the training time). Off by default: it trades HAM "
+    "validation for other devices' images (README, Other clinics).",
     "epochs": "Phase 1 (frozen backbone) epoch budget; early stopping on val AUROC, patience 10.",
     "fine_tune_epochs": "Phase 2 epochs fine-tuning the last blocks at fine_tune_learning_rate (0 = skip).",
     "fine_tune_blocks": "How many backbone blocks (counted from the top) phase 2 unfreezes: ResNet50 and "

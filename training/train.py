@@ -234,18 +234,17 @@ def run_training(cfg: TrainConfig) -> dict:
 def ensemble_members(cfg: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """(name, config) of each member: seeds ``seed..seed+n-1`` (``seed-<s>``), then with
     ``ensemble_colour_mix`` the same seeds again with colour jitter on (``seed-<s>-jitter``)."""
-    plain = [
-        (f"seed-{cfg.seed + k}", cfg.seed + k, cfg.train_colour_jitter) for k in range(cfg.ensemble_size)
-    ]
-    jittered = [(f"{name}-jitter", seed, True) for name, seed, _ in plain] if cfg.ensemble_colour_mix else []
+    seeds = range(cfg.seed, cfg.seed + cfg.ensemble_size)
+    kinds = [("", cfg.train_colour_jitter)] + ([("-jitter", True)] if cfg.ensemble_colour_mix else [])
     return [
         (
-            name,
+            f"seed-{seed}{suffix}",
             dataclasses.replace(
                 cfg, seed=seed, train_colour_jitter=jitter, ensemble_size=1, ensemble_colour_mix=False
             ),
         )
-        for name, seed, jitter in plain + jittered
+        for suffix, jitter in kinds
+        for seed in seeds
     ]
 
 

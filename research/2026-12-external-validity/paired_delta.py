@@ -1,8 +1,8 @@
 """Paired lesion-bootstrap interval of the AUROC difference between two scored runs.
 
 How far apart are two models on the same images, beyond the noise of 151 validation melanomas?
-Each resample draws lesions with replacement and scores both models on the same draw (DeLong-free,
-the same resampling unit as every interval in this project). Reads the ``eval/predictions.csv`` of
+Each resample draws lesions with replacement and scores both models on the same draw (lesions:
+the resampling unit of every interval in this project). Reads the ``eval/predictions.csv`` of
 two ``bench_quality.py`` runs; HAM scores are lesion-pooled, as the rule reads them.
 
     python research/2026-12-external-validity/paired_delta.py RUNS_DIR ens-mix ens-res --out delta.json
@@ -39,14 +39,14 @@ def paired_delta(labels, a, b, lesions, n_boot: int) -> dict:
         rows = rows.astype(int)
         return roc_auc_score(y, a[rows]) - roc_auc_score(y, b[rows])
 
-    rows = np.arange(len(a), dtype=float)
-    ci = lesion_bootstrap_ci(labels, rows, lesions, delta, n_boot=n_boot)
+    ci = lesion_bootstrap_ci(labels, np.arange(len(a), dtype=float), lesions, delta, n_boot=n_boot)
+    auroc_a, auroc_b = roc_auc_score(labels, a), roc_auc_score(labels, b)
     return {
-        "delta_auroc": roc_auc_score(labels, a) - roc_auc_score(labels, b),
+        "delta_auroc": auroc_a - auroc_b,
         "ci_low": ci.low,
         "ci_high": ci.high,
-        "auroc_a": roc_auc_score(labels, a),
-        "auroc_b": roc_auc_score(labels, b),
+        "auroc_a": auroc_a,
+        "auroc_b": auroc_b,
     }
 
 
